@@ -1,0 +1,47 @@
+"""Triton plumbing shared by every kernel.
+
+- ``is_interpreter()``: whether kernels are being decorated for the Triton interpreter
+  (``TRITON_INTERPRET=1``, read at decoration time exactly as Triton does).
+- ``autotune(configs, key)``: real autotuning on the GPU; a single config under the interpreter,
+  where multi-config autotuning fails without a driver. Never use it on kernels that write into
+  their inputs (autotuning replays the kernel): those take a fixed config.
+- Conventions every kernel follows: loads are cast to float32 right after ``tl.load`` (bf16
+  arithmetic is wrong under the interpreter and imprecise on the GPU); offsets that can exceed
+  2^31 are formed from ``tl.int64`` values (``program_id(...).to(tl.int64)`` and 64-bit strides).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import triton
+
+
+def is_interpreter() -> bool:
+    """True when Triton kernels run under the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune(configs: Sequence[triton.Config], key: Sequence[str], **kwargs):
+    """``triton.autotune`` on the GPU; the first config only under the interpreter."""
+    configs = list(configs)
+    if is_interpreter():
+        configs = configs[:1]
+    return triton.autotune(configs=configs, key=list(key), **kwargs)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (and >= 16, the smallest ``tl.dot`` dimension on GPUs)."""
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+
+def compute_dtype(torch_dtype):
+    """Triton accumulation dtype for inputs of ``torch_dtype``: float64 for float64 inputs (so
+    gradcheck sees float64 arithmetic), float32 for everything else. Pass it to kernels as a
+    ``tl.constexpr`` (conventionally named ``ACC``) and cast after every load: ``x.to(ACC)``."""
+    import torch
+    import triton.language as tl
+
+    return tl.float64 if torch_dtype == torch.float64 else tl.float32
