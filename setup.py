@@ -113,6 +113,7 @@ setup(
         "gka_kernels.gdn",
         "gka_kernels.mamba2",
         "gka_kernels.gka",
+        "gka_kernels.gla",
         "gka_kernels.cuda",
         "gka_kernels.layers",
         "gka_kernels.hybrid",

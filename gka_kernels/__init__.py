@@ -16,7 +16,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("common", "reference", "gdn", "mamba2", "gka", "cuda", "layers", "hybrid")
+_SUBMODULES = ("common", "reference", "gla", "gdn", "mamba2", "gka", "cuda", "layers", "hybrid")
 
 
 def cuda_available() -> bool:

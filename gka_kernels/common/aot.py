@@ -24,6 +24,7 @@ KERNEL_MODULES = (
     "gka_kernels.gdn",
     "gka_kernels.mamba2",
     "gka_kernels.gka",
+    "gka_kernels.gla",
 )
 
 
