@@ -133,7 +133,7 @@ setup(
         "einops",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "transformers>=5,<6", "safetensors"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "transformers>=5,<6", "safetensors"],
         "hybrid": ["transformers>=5,<6", "safetensors"],
         "bench": ["matplotlib"],
     },

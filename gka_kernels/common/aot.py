@@ -68,7 +68,8 @@ def _jit_function(kernel: Any) -> Any:
 
 
 def compile_spec(spec: AotSpec, arch: int = 90) -> dict[str, Any]:
-    """Compile one spec for ``sm_<arch>``; returns shared memory bytes, registers and spills."""
+    """Compile one spec for ``sm_<arch>``; returns shared memory bytes and per-thread registers,
+    stack and local memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -87,14 +88,34 @@ def compile_spec(spec: AotSpec, arch: int = 90) -> dict[str, Any]:
     src = ASTSource(fn=fn, signature=signature, constexprs=dict(spec.constexprs))
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
-    meta = compiled.metadata
-    return {
-        "name": spec.name,
-        "arch": arch,
-        "shared": int(getattr(meta, "shared", 0)),
-        "registers": int(getattr(compiled, "n_regs", 0) or 0),
-        "spills": int(getattr(compiled, "n_spills", 0) or 0),
-    }
+    info = {"name": spec.name, "arch": arch, "shared": int(getattr(compiled.metadata, "shared", 0))}
+    info.update(_resource_usage(compiled.asm["cubin"]))
+    return info
+
+
+def _resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers, stack and local memory per thread from ``cuobjdump --dump-resource-usage``
+    (the copy shipped in the Triton wheel); empty when the tool is unavailable."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    usage = {}
+    for key, field_name in (("REG", "registers"), ("STACK", "stack"), ("LOCAL", "local")):
+        m = re.search(rf"\b{key}:(\d+)", out)
+        if m:
+            usage[field_name] = int(m.group(1))
+    return usage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for mod in KERNEL_MODULES:
         importlib.import_module(mod)
-    specs = [s for s in registered_specs() if args.filter in s.name]
+    # Under `python -m` this file runs as __main__; the kernel modules registered into the
+    # importable module of the same name, so read the registry from there.
+    registry = importlib.import_module("gka_kernels.common.aot")
+    specs = [s for s in registry.registered_specs() if args.filter in s.name]
     if not specs:
         print("no AOT specs registered", file=sys.stderr)
         return 1
@@ -121,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             info["seconds"] = round(time.perf_counter() - t0, 2)
             results.append(info)
-            print(f"ok   sm_{arch} {spec.name}: shared={info['shared']}B regs={info['registers']} "
-                  f"spills={info['spills']} ({info['seconds']}s)")
+            print(f"ok   sm_{arch} {spec.name}: shared={info['shared']}B regs={info.get('registers')} "
+                  f"stack={info.get('stack')} local={info.get('local')} ({info['seconds']}s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
