@@ -1,0 +1,28 @@
+"""Ceilings measured on the card in the same run: device-to-device copy bandwidth (bytes read +
+written) and dense bf16 matmul rate."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.timing import time_ms
+
+
+def copy_bandwidth_bytes_per_s(nbytes: int = 2 * 2**30) -> float:
+    """Bandwidth of a large device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms, _ = time_ms(lambda: dst.copy_(src), warmup=10, rep=50)
+    return 2 * src.numel() * 4 / (ms * 1e-3)
+
+
+def bf16_matmul_flops_per_s(n: int = 8192) -> float:
+    """Rate of an n x n x n bf16 matmul on random data."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms, _ = time_ms(lambda: a @ b, warmup=10, rep=50)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def measure() -> dict[str, float]:
+    return {"copy_bytes_per_s": copy_bandwidth_bytes_per_s(), "bf16_flops_per_s": bf16_matmul_flops_per_s()}

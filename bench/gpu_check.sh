@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: build the CUDA extension, run the GPU tests, run the benchmarks,
+# and write everything (card, versions, every number) to $OUT (if set) and bench/results/.
+#
+#   bash bench/gpu_check.sh [build] [tests] [bench] [layers] [e2e]     (no argument: all of them)
+#
+# Offline machines: bring peers along in .whl/ (see README, "GPU workflow"): wheels in .whl/*.whl are
+# installed into /tmp/site, and .whl/mamba_src/ (an unpacked mamba_ssm source tree) is used for
+# mamba_ssm's Triton ops. Environment: BENCH_OPS, BENCH_SHAPES restrict the kernel suite;
+# PYTEST_ARGS adds pytest arguments (e.g. "-k gdn").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stages="${*:-build tests bench layers e2e}"
+results="bench/results"
+out="${OUT:-$results}"
+mkdir -p "$results" "$out"
+stamp=$(date +%Y%m%d-%H%M%S)
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+status=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+[ -d .whl/mamba_src/mamba_ssm ] && export GKA_BENCH_MAMBA_SRC="$PWD/.whl/mamba_src"
+
+python3 - <<'PY' | tee "$out/env-$stamp.json"
+import json, platform, subprocess, torch, triton
+p = torch.cuda.get_device_properties(0)
+nvcc = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:]
+print(json.dumps({"card": p.name, "sm": f"{p.major}{p.minor}", "sms": p.multi_processor_count,
+                  "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                  "nvcc": nvcc, "python": platform.python_version()}, indent=1))
+PY
+
+if [[ " $stages " == *" build "* ]]; then
+  echo "== build (GKA_KERNELS_BUILD_CUDA=on, sm 90)"
+  GKA_KERNELS_BUILD_CUDA=on GKA_KERNELS_CUDA_ARCHS="${GKA_KERNELS_CUDA_ARCHS:-90}" \
+    python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build-$stamp.log" 2>&1 || { status=1; tail -30 "$out/build-$stamp.log"; }
+  python3 -c "import gka_kernels; print('cuda_available:', gka_kernels.cuda_available())"
+fi
+
+if [[ " $stages " == *" tests "* ]]; then
+  echo "== pytest -m gpu"
+  python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --junitxml="$out/gpu-tests-$stamp.xml" ${PYTEST_ARGS:-} tests \
+    2>&1 | tail -40
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if [[ " $stages " == *" bench "* ]]; then
+  echo "== kernel benchmarks"
+  python3 -m bench --out "$results" --ops "${BENCH_OPS:-gdn,gla,mamba2,gka,attention}" \
+    --shapes "${BENCH_SHAPES:-train-4k,long-32k,decode-64,decode-1}" --tag "$stamp" || status=1
+  cp "$results"/kernels-*"$stamp".json "$results"/kernels-*"$stamp".md "$out"/ 2>/dev/null
+fi
+
+if [[ " $stages " == *" layers "* ]] && [ -f bench/bench_layers.py ]; then
+  echo "== layer benchmarks"
+  python3 -m bench.bench_layers --out "$results" || status=1
+fi
+
+if [[ " $stages " == *" e2e "* ]] && [ -f bench/bench_e2e.py ]; then
+  echo "== end-to-end decode benchmark"
+  python3 -m bench.bench_e2e --out "$results" || status=1
+fi
+exit $status
