@@ -1,4 +1,5 @@
-// Shared helpers for the gka_kernels._C decode kernels: error checks, dtype tags, loads.
+// Shared helpers for the gka_kernels._C decode kernels: error checks, dtype tags and dispatch,
+// scalar/index loads, warp reductions, cp.async.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -12,11 +13,18 @@ namespace gka {
 // Element type tags shared with Python (gka_kernels/cuda/_dtypes.py keeps the same numbers).
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+// Most tokens per sequence in one decode step (speculative decoding drafts up to 8).
+constexpr int kMaxDecodeTokens = 8;
+
 inline void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string(what) + " launch failed: " + cudaGetErrorString(err));
   }
+}
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
 }
 
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
@@ -42,5 +50,87 @@ inline void dispatch_dtype(int dtype, Body&& body) {
     default: throw std::invalid_argument("unsupported dtype tag " + std::to_string(dtype));
   }
 }
+
+// C++17 form for generic lambdas: calls `body(TypeTag<T>{})`.
+template <typename T> struct TypeTag { using type = T; };
+
+template <typename Body>
+inline void dispatch_tag(int dtype, Body&& body) {
+  switch (dtype) {
+    case kFloat32: body(TypeTag<float>{}); break;
+    case kFloat16: body(TypeTag<__half>{}); break;
+    case kBFloat16: body(TypeTag<__nv_bfloat16>{}); break;
+    default: throw std::invalid_argument("unsupported dtype tag " + std::to_string(dtype));
+  }
+}
+
+// Element i of a scalar array whose dtype is only known at run time (gates, per-head parameters).
+__device__ __forceinline__ float load_scalar(const void* p, int dtype, int64_t i) {
+  if (dtype == kFloat32) return static_cast<const float*>(p)[i];
+  if (dtype == kFloat16) return __half2float(static_cast<const __half*>(p)[i]);
+  return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+}
+
+// Element i of a slot-index array stored as int32 or int64.
+__device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t i) {
+  return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
+}
+
+__device__ __forceinline__ float4 fma4(float a, float4 x, float4 y) {  // a * x + y
+  return make_float4(fmaf(a, x.x, y.x), fmaf(a, x.y, y.y), fmaf(a, x.z, y.z), fmaf(a, x.w, y.w));
+}
+__device__ __forceinline__ float4 scale4(float a, float4 x) {
+  return make_float4(a * x.x, a * x.y, a * x.z, a * x.w);
+}
+__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
+  return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc))));
+}
+
+__device__ __forceinline__ float warp_allreduce(float v) {
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sums each of the M values of `v` over the W lanes {base + S * j : j < W} of a warp (M, W powers
+// of two; the lanes differ in lane bits log2(S) .. log2(S * W) - 1). log2(min(M, W)) halving stages
+// exchange half of the remaining values each, so the cost is about M + log2(W) shuffles instead of
+// M * log2(W). Afterwards v[0 .. max(M / W, 1)) hold the totals of values
+// butterfly_first<M, W, S>(lane) + e; W / M lanes (when W > M) hold the same totals.
+template <int M, int W, int S>
+__device__ __forceinline__ void butterfly_reduce(float (&v)[M]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = W / 2, h = M / 2; o >= 1; o >>= 1, h >>= 1) {
+    if (h >= 1) {
+      const bool upper = (lane & (o * S)) != 0;
+#pragma unroll
+      for (int j = 0; j < h; ++j) {
+        const float send = upper ? v[j] : v[j + h];
+        const float keep = upper ? v[j + h] : v[j];
+        v[j] = keep + __shfl_xor_sync(0xffffffffu, send, o * S);
+      }
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], o * S);
+    }
+  }
+}
+
+template <int M, int W, int S>
+__device__ __forceinline__ int butterfly_first(int lane) {
+  int idx = 0;
+#pragma unroll
+  for (int o = W / 2, h = M / 2; o >= 1 && h >= 1; o >>= 1, h >>= 1)
+    if (lane & (o * S)) idx += h;
+  return idx;
+}
+
+// 16-byte asynchronous global -> shared copies (sm_80+), completed by cp_async_wait_all().
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 }  // namespace gka
