@@ -6,7 +6,7 @@
 #
 # Offline machines: bring peers along in .whl/ (see README, "GPU workflow"): wheels in .whl/*.whl are
 # installed into /tmp/site, and .whl/mamba_src/ (an unpacked mamba_ssm source tree) is used for
-# mamba_ssm's Triton ops. Environment: BENCH_OPS, BENCH_SHAPES restrict the kernel suite;
+# mamba_ssm's Triton ops. Environment: BENCH_OPS, BENCH_SHAPES, BENCH_IMPLS restrict the kernel suite;
 # PYTEST_ARGS adds pytest arguments (e.g. "-k gdn").
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,7 +51,7 @@ fi
 if [[ " $stages " == *" bench "* ]]; then
   echo "== kernel benchmarks"
   python3 -m bench --out "$results" --ops "${BENCH_OPS:-gdn,gla,mamba2,gka,attention}" \
-    --shapes "${BENCH_SHAPES:-train-4k,long-32k,decode-64,decode-1}" --tag "$stamp" || status=1
+    --shapes "${BENCH_SHAPES:-train-4k,long-32k,decode-64,decode-1}" --impls "${BENCH_IMPLS:-}" --tag "$stamp" || status=1
 fi
 
 if [[ " $stages " == *" layers "* ]] && [ -f bench/bench_layers.py ]; then
