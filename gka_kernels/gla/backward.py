@@ -1,0 +1,354 @@
+"""Backward of chunked simple GLA: value gradients, and query/key/decay gradients.
+
+Per chunk, with start state ``h``, ``dh`` = dL/d(state at the chunk's end), chunk-local
+cumulative log-decays ``G`` (last valid row ``L``), ``M_ij = [i >= j] exp(G_i - G_j)`` and
+``v_eff = v * vs``:
+
+    dv_eff = (k exp(G_L - G)) @ dh + scale * (M * (q @ k^T))^T @ do
+    dq     = scale * exp(G) (do @ h^T)  + scale * (M * (do @ v_eff^T)) @ k
+    dk     = exp(G_L - G) (v_eff @ dh^T) + scale * (M * (do @ v_eff^T))^T @ q
+    dG_i   = q_i . dq_i - k_i . dk_i  (+ exp(G_L) <h, dh> + sum_j k_j . dk_j^inter on row L)
+    dg     = reverse cumulative sum of dG within the chunk
+
+(``dk^inter`` is the ``dh`` term of ``dk``.) Heads that share a query/key/value head are reduced
+inside one program, in a fixed order, so the result is deterministic (no atomics). The optional
+``vs`` row scale and ``D`` skip connection of the forward (Mamba-2) get their gradients here too:
+``dv = vs * dv_eff + D * do``, ``dvs = sum_V dv_eff * v``, ``dD`` partial sums of ``do * v``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gka_kernels.common.aot import AotSpec, register_aot
+from gka_kernels.common.triton_utils import autotune
+
+
+#: Smallest value block of the dv kernel's configs: sizes the buffer of partial sums over V blocks.
+_DV_MIN_BV = 64
+
+
+@autotune(
+    configs=[
+        triton.Config({"BK": BK, "BV": BV}, num_warps=w, num_stages=s)
+        for BK in (64, 128) for BV in (_DV_MIN_BV, 128) for w in (4, 8) for s in (2, 3)
+    ],
+    key=["H", "HV", "K", "V", "BT", "HAS_VS", "HAS_D", "DT"],
+    reset_to_zero=["dvs"],
+)
+@triton.jit
+def chunk_bwd_dv_kernel(
+    q, k, v, vs, gc, dhs, do, D, dv, dvs, dD, cu_seqlens, chunk_indices, T, TT, scale,
+    H: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_VS: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid (V/BV, chunks, B*HV): one program owns a [BT, BV] tile of one value head and loops
+    over the H/HV heads reading it. dv: [B,T,HV,V]; dvs: [NV,B,T,H] float32 partial sums over
+    V blocks (TT = B*T); dD: [NT_total,H,V] float32 partial sums over the chunk's rows."""
+    i_v = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bhv = tl.program_id(2)
+    i_b = i_bhv // HV
+    i_hv = i_bhv % HV
+    NV = tl.cdiv(V, BV)
+    if IS_VARLEN:
+        i_tg = i_t.to(tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+        bos = i_b.to(tl.int64) * T
+        seq_len = T
+    GV: tl.constexpr = H // HV
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < seq_len
+    last = tl.minimum(i_t * BT + BT, seq_len) - 1
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    m_tv = m_t[:, None] & m_v[None, :]
+    causal_t = (o_t[:, None] <= o_t[None, :]) & m_t[None, :]  # [j, i]: i >= j
+    if HAS_VS or HAS_D:
+        bv = tl.load(v + ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv,
+                     other=0).to(ACC)
+
+    dv_acc = tl.zeros([BT, BV], dtype=ACC)
+    for i_g in range(GV):
+        i_h = i_hv * GV + i_g
+        i_hq = i_h // (H // HQ)
+        i_hk = i_h // (H // HK)
+        dh_base = dhs + (i_tg * H + i_h) * K * V
+        acc_at = tl.zeros([BT, BT], dtype=ACC)
+        b_dv = tl.zeros([BT, BV], dtype=ACC)
+        for i_k in range(tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            bk = tl.load(k + ((bos + o_t[:, None]) * HK + i_hk) * K + o_k[None, :],
+                         mask=m_t[:, None] & m_k[None, :], other=0).to(ACC)
+            bqt = tl.load(q + ((bos + o_t[None, :]) * HQ + i_hq) * K + o_k[:, None],
+                          mask=m_k[:, None] & m_t[None, :], other=0).to(ACC)
+            bdh = tl.load(dh_base + o_k[:, None] * V + o_v[None, :],
+                          mask=m_k[:, None] & m_v[None, :], other=0).to(ACC)
+            acc_at += tl.dot(bk.to(DT), bqt.to(DT), out_dtype=ACC, input_precision=PREC)
+            b_dv += tl.dot(bk.to(DT), bdh.to(DT), out_dtype=ACC, input_precision=PREC)
+        G = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
+        G_last = tl.load(gc + (bos + last) * H + i_h).to(ACC)
+        b_dv *= tl.where(m_t, tl.exp(G_last - G), 0)[:, None]
+        acc_at = tl.where(causal_t, acc_at * tl.exp(G[None, :] - G[:, None]), 0) * scale
+        out_off = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        bdo = tl.load(do + out_off, mask=m_tv, other=0).to(ACC)
+        b_dv += tl.dot(acc_at.to(DT), bdo.to(DT), out_dtype=ACC, input_precision=PREC)
+        if HAS_VS:
+            tl.store(dvs + ((i_v.to(tl.int64) * TT + bos + o_t) * H + i_h), tl.sum(b_dv * bv, axis=1), mask=m_t)
+            b_dv *= tl.load(vs + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)[:, None]
+        if HAS_D:
+            if D_PER_V:
+                b_dv += bdo * tl.load(D + i_h * V + o_v, mask=m_v, other=0).to(ACC)[None, :]
+            else:
+                b_dv += bdo * tl.load(D + i_h).to(ACC)
+            tl.store(dD + (i_tg * H + i_h) * V + o_v, tl.sum(bdo * bv, axis=0), mask=m_v)
+        dv_acc += b_dv
+    tl.store(dv + ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :],
+             dv_acc.to(dv.dtype.element_ty), mask=m_tv)
+
+
+@autotune(
+    configs=[
+        triton.Config({"BV": BV}, num_warps=w, num_stages=s)
+        for BV in (64, 32, 128) for w in (4, 8) for s in (2, 3)
+    ],
+    key=["H", "NG", "K", "V", "BT", "BK", "HAS_VS", "DT"],
+)
+@triton.jit
+def chunk_bwd_dqkg_kernel(
+    q, k, v, vs, gc, hs, dhs, do, dq, dk, dg, cu_seqlens, chunk_indices, T, TT, scale,
+    H: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr, NG: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    Q_ACC: tl.constexpr, K_ACC: tl.constexpr, HAS_VS: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid (K/BK, chunks, B*H/NG): one program owns a [BT, BK] tile and NG consecutive heads.
+    Q_ACC (K_ACC): the NG heads share one query (key) head, whose gradient is summed in registers
+    and stored once into dq [B,T,HQ,K] (dk [B,T,HK,K]); otherwise every head's gradient goes to
+    its own slot of dq [B,T,H,K] (dk [B,T,H,K]). dg: [NK,B,T,H] float32 (partial over K blocks; TT = B*T)."""
+    i_k = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bg = tl.program_id(2)
+    i_b = i_bg // (H // NG)
+    i_hg = i_bg % (H // NG)
+    if IS_VARLEN:
+        i_tg = i_t.to(tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+        bos = i_b.to(tl.int64) * T
+        seq_len = T
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < seq_len
+    last = tl.minimum(i_t * BT + BT, seq_len) - 1
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    causal = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
+
+    dq_acc = tl.zeros([BT, BK], dtype=ACC)
+    dk_acc = tl.zeros([BT, BK], dtype=ACC)
+    for i_g in range(NG):
+        i_h = i_hg * NG + i_g
+        i_hq = i_h // (H // HQ)
+        i_hk = i_h // (H // HK)
+        i_hv = i_h // (H // HV)
+        h_base = hs + (i_tg * H + i_h) * K * V
+        dh_base = dhs + (i_tg * H + i_h) * K * V
+        if HAS_VS:
+            bs = tl.load(vs + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
+        b_da = tl.zeros([BT, BT], dtype=ACC)
+        b_dq = tl.zeros([BT, BK], dtype=ACC)
+        b_dk = tl.zeros([BT, BK], dtype=ACC)
+        b_hdh = tl.zeros([BK], dtype=ACC)
+        for i_v in range(tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_tv = m_t[:, None] & m_v[None, :]
+            bv = tl.load(v + ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv,
+                         other=0).to(ACC)
+            if HAS_VS:
+                bv *= bs[:, None]
+            bdo = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv,
+                          other=0).to(ACC)
+            # [BV, BK] tiles of h^T and dh^T
+            m_vk = m_v[:, None] & m_k[None, :]
+            bht = tl.load(h_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
+            bdht = tl.load(dh_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
+            b_da += tl.dot(bdo.to(DT), tl.trans(bv.to(DT)), out_dtype=ACC, input_precision=PREC)
+            b_dq += tl.dot(bdo.to(DT), bht.to(DT), out_dtype=ACC, input_precision=PREC)
+            b_dk += tl.dot(bv.to(DT), bdht.to(DT), out_dtype=ACC, input_precision=PREC)
+            b_hdh += tl.sum(bht * bdht, axis=0)
+        bq = tl.load(q + ((bos + o_t[:, None]) * HQ + i_hq) * K + o_k[None, :], mask=m_tk,
+                     other=0).to(ACC)
+        bk = tl.load(k + ((bos + o_t[:, None]) * HK + i_hk) * K + o_k[None, :], mask=m_tk,
+                     other=0).to(ACC)
+        G = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
+        G_last = tl.load(gc + (bos + last) * H + i_h).to(ACC)
+        b_dq *= (tl.exp(G) * scale)[:, None]
+        b_dk *= tl.where(m_t, tl.exp(G_last - G), 0)[:, None]
+        dg_last = tl.sum(b_hdh, axis=0) * tl.exp(G_last) + tl.sum(tl.sum(b_dk * bk, axis=1), axis=0)
+        b_da = tl.where(causal, b_da * tl.exp(G[:, None] - G[None, :]), 0) * scale
+        b_dq += tl.dot(b_da.to(DT), bk.to(DT), out_dtype=ACC, input_precision=PREC)
+        b_dk += tl.dot(tl.trans(b_da).to(DT), bq.to(DT), out_dtype=ACC, input_precision=PREC)
+        b_dgi = tl.sum(bq * b_dq, axis=1) - tl.sum(bk * b_dk, axis=1)
+        b_dgi += tl.where(o_t == last, dg_last, 0)
+        b_dgi = tl.where(m_t, b_dgi, 0)
+        b_dg = tl.sum(b_dgi, axis=0) - tl.cumsum(b_dgi, axis=0) + b_dgi
+        tl.store(dg + ((i_k.to(tl.int64) * TT + bos + o_t) * H + i_h), b_dg.to(dg.dtype.element_ty), mask=m_t)
+        if Q_ACC:
+            dq_acc += b_dq
+        else:
+            tl.store(dq + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :],
+                     b_dq.to(dq.dtype.element_ty), mask=m_tk)
+        if K_ACC:
+            dk_acc += b_dk
+        else:
+            tl.store(dk + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :],
+                     b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    if Q_ACC:
+        i_hq0 = (i_hg * NG) // (H // HQ)
+        tl.store(dq + ((bos + o_t[:, None]) * HQ + i_hq0) * K + o_k[None, :],
+                 dq_acc.to(dq.dtype.element_ty), mask=m_tk)
+    if K_ACC:
+        i_hk0 = (i_hg * NG) // (H // HK)
+        tl.store(dk + ((bos + o_t[:, None]) * HK + i_hk0) * K + o_k[None, :],
+                 dk_acc.to(dk.dtype.element_ty), mask=m_tk)
+
+
+def chunk_bwd_dv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gc: torch.Tensor,
+    dhs: torch.Tensor,
+    do: torch.Tensor,
+    *,
+    scale: float,
+    BT: int,
+    num_chunks: int,
+    v_scale: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_indices: torch.Tensor | None = None,
+    acc,
+    dot_dtype,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Returns ``dv [B,T,HV,V]`` (v's dtype), ``dvs [B,T,H]`` (float32) when ``v_scale`` is given,
+    ``dD`` (D's shape, float32) when ``D`` is given."""
+    Bsz, T, HQ, K = q.shape
+    H = gc.shape[2]
+    HK, HV, V = k.shape[2], v.shape[2], v.shape[3]
+    fdt = torch.float64 if acc == tl.float64 else torch.float32
+    dv = torch.empty_like(v)
+    # partial sums over V blocks; blocks beyond the chosen BV's count stay zero
+    dvs = v.new_zeros(triton.cdiv(V, _DV_MIN_BV), Bsz, T, H, dtype=fdt) if v_scale is not None else None
+    dD = v.new_empty(num_chunks, H, V, dtype=fdt) if D is not None else None
+    chunks = num_chunks if cu_seqlens is not None else triton.cdiv(T, BT)
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), chunks, (Bsz * HV if cu_seqlens is None else HV))  # noqa: E731
+    chunk_bwd_dv_kernel[grid](
+        q, k, v, v_scale, gc, dhs, do, D, dv, dvs, dD, cu_seqlens, chunk_indices, T, Bsz * T, scale,
+        H=H, HQ=HQ, HK=HK, HV=HV, K=K, V=V, BT=BT,
+        HAS_VS=v_scale is not None, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2,
+        IS_VARLEN=cu_seqlens is not None, ACC=acc, DT=dot_dtype, PREC=precision,
+    )
+    if dvs is not None:
+        dvs = dvs.sum(0)
+    if dD is not None:
+        dD = dD.sum(0)
+        if D.dim() == 1:
+            dD = dD.sum(-1)
+    return dv, dvs, dD
+
+
+def chunk_bwd_dqkg(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gc: torch.Tensor,
+    hs: torch.Tensor,
+    dhs: torch.Tensor,
+    do: torch.Tensor,
+    *,
+    scale: float,
+    BT: int,
+    num_chunks: int,
+    v_scale: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_indices: torch.Tensor | None = None,
+    acc,
+    dot_dtype,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``dq`` (q's shape and dtype), ``dk`` (k's), ``dg [B,T,H]`` float32 (float64 under
+    gradcheck)."""
+    Bsz, T, HQ, K = q.shape
+    H = gc.shape[2]
+    HK, HV, V = k.shape[2], v.shape[2], v.shape[3]
+    fdt = torch.float64 if acc == tl.float64 else torch.float32
+    gq, gk = H // HQ, H // HK
+    NG = max(gq, gk)
+    q_acc, k_acc = gq == NG, gk == NG
+    # A gradient not reduced in registers goes per head to a buffer, then is summed over the
+    # heads of its group (float32, fixed order) unless every head has its own.
+    dq = torch.empty_like(q) if q_acc else q.new_empty(Bsz, T, H, K, dtype=q.dtype if gq == 1 else fdt)
+    dk = torch.empty_like(k) if k_acc else k.new_empty(Bsz, T, H, K, dtype=k.dtype if gk == 1 else fdt)
+    BK = min(64, max(16, triton.next_power_of_2(K)))
+    NK = triton.cdiv(K, BK)
+    dg = q.new_empty(NK, Bsz, T, H, dtype=fdt)
+    chunks = num_chunks if cu_seqlens is not None else triton.cdiv(T, BT)
+    grid = (NK, chunks, (Bsz if cu_seqlens is None else 1) * (H // NG))
+    chunk_bwd_dqkg_kernel[grid](
+        q, k, v, v_scale, gc, hs, dhs, do, dq, dk, dg, cu_seqlens, chunk_indices, T, Bsz * T, scale,
+        H=H, HQ=HQ, HK=HK, HV=HV, NG=NG, K=K, V=V, BT=BT, BK=BK,
+        Q_ACC=q_acc, K_ACC=k_acc, HAS_VS=v_scale is not None,
+        IS_VARLEN=cu_seqlens is not None, ACC=acc, DT=dot_dtype, PREC=precision,
+    )
+    if not q_acc and gq > 1:
+        dq = dq.view(Bsz, T, HQ, gq, K).sum(3).to(q.dtype)
+    if not k_acc and gk > 1:
+        dk = dk.view(Bsz, T, HK, gk, K).sum(3).to(k.dtype)
+    return dq, dk, dg.sum(0) if NK > 1 else dg[0]
+
+
+register_aot(AotSpec(
+    name="gla_bwd_dv[bf16,k128,v128,vs,d]",
+    kernel=chunk_bwd_dv_kernel,
+    types={"q": "*bf16", "k": "*bf16", "v": "*bf16", "vs": "*fp32", "gc": "*fp32", "dhs": "*bf16",
+           "do": "*bf16", "D": "*fp32", "dv": "*bf16", "dvs": "*fp32", "dD": "*fp32",
+           "cu_seqlens": "*i32", "chunk_indices": "*i32", "scale": "fp32"},
+    constexprs={"H": 32, "HQ": 8, "HK": 8, "HV": 32, "K": 128, "V": 128, "BT": 64, "BK": 64,
+                "BV": 64, "HAS_VS": True, "HAS_D": True, "D_PER_V": True, "IS_VARLEN": False,
+                "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
+    num_warps=4, num_stages=2,
+))
+for _name, _hq, _hk, _hv in (("mamba2", 8, 8, 32), ("gqa", 32, 8, 8)):
+    register_aot(AotSpec(
+        name=f"gla_bwd_dqkg[bf16,k128,v128,{_name}]",
+        kernel=chunk_bwd_dqkg_kernel,
+        types={"q": "*bf16", "k": "*bf16", "v": "*bf16", "vs": "*fp32", "gc": "*fp32",
+               "hs": "*bf16", "dhs": "*bf16", "do": "*bf16", "dq": "*bf16", "dk": "*bf16",
+               "dg": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "TT": "i64",
+               "scale": "fp32"},
+        constexprs={"H": 32, "HQ": _hq, "HK": _hk, "HV": _hv, "NG": 32 // min(_hq, _hk),
+                    "K": 128, "V": 128, "BT": 64, "BK": 64, "BV": 64,
+                    "Q_ACC": _hq == min(_hq, _hk), "K_ACC": _hk == min(_hq, _hk), "HAS_VS": _name == "mamba2", "IS_VARLEN": True,
+                    "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
+        num_warps=4, num_stages=2,
+    ))

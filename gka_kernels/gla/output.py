@@ -1,0 +1,154 @@
+"""Forward output of chunked simple GLA, with the optional Mamba-2 extras fused in the epilogue.
+
+For a chunk with start state ``h`` ([K, V]) and chunk-local cumulative log-decays ``G``:
+
+    o = scale * ( exp(G) * (q @ h)  +  (tril(q @ k^T) * exp(G_i - G_j)) @ v_eff )
+    v_eff = v * vs            (optional per-token, per-head row scale, HAS_VS)
+    o += D * v                (optional skip connection, HAS_D; D per head or per (head, channel))
+    y = o * silu(z)           (optional gate, HAS_Z; the pre-gate o is also stored for backward)
+
+Grid ``(V / BV, chunks, B * H)``; one program computes a ``[BT, BV]`` output tile, looping over
+``K`` in ``BK`` slices for ``q @ h`` ([BT,BK]x[BK,BV]) and ``q @ k^T`` ([BT,BK]x[BK,BT]).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gka_kernels.common.aot import AotSpec, register_aot
+from gka_kernels.common.triton_utils import autotune
+
+
+@autotune(
+    configs=[
+        triton.Config({"BK": BK, "BV": BV}, num_warps=w, num_stages=s)
+        for BK in (64, 128) for BV in (64, 128) for w in (4, 8) for s in (2, 3, 4)
+    ],
+    key=["H", "K", "V", "BT", "HAS_VS", "HAS_D", "HAS_Z", "DT"],
+)
+@triton.jit
+def chunk_fwd_o_kernel(
+    q, k, v, vs, gc, hs, D, z, o, ypre, cu_seqlens, chunk_indices, T, scale,
+    H: tl.constexpr, HQ: tl.constexpr, HK: tl.constexpr, HV: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_VS: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr, HAS_Z: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """q: [B,T,HQ,K], k: [B,T,HK,K], v: [B,T,HV,V], vs/gc: [B,T,H], hs: [NT_total,H,K,V],
+    D: [H] or [H,V], z/o/ypre: [B,T,H,V]."""
+    i_v = tl.program_id(0)
+    i_t = tl.program_id(1)
+    i_bh = tl.program_id(2)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    if IS_VARLEN:
+        i_tg = i_t.to(tl.int64)
+        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_t * 2 + 1)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+    else:
+        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
+        bos = i_b.to(tl.int64) * T
+        seq_len = T
+    i_hq = i_h // (H // HQ)
+    i_hk = i_h // (H // HK)
+    i_hv = i_h // (H // HV)
+
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < seq_len
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    h_base = hs + (i_tg * H + i_h) * K * V
+
+    acc_o = tl.zeros([BT, BV], dtype=ACC)
+    acc_a = tl.zeros([BT, BT], dtype=ACC)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        bq = tl.load(q + ((bos + o_t[:, None]) * HQ + i_hq) * K + o_k[None, :],
+                     mask=m_t[:, None] & m_k[None, :], other=0).to(ACC)
+        bkt = tl.load(k + ((bos + o_t[None, :]) * HK + i_hk) * K + o_k[:, None],
+                      mask=m_k[:, None] & m_t[None, :], other=0).to(ACC)
+        bh = tl.load(h_base + o_k[:, None] * V + o_v[None, :],
+                     mask=m_k[:, None] & m_v[None, :], other=0).to(ACC)
+        acc_o += tl.dot(bq.to(DT), bh.to(DT), out_dtype=ACC, input_precision=PREC)
+        acc_a += tl.dot(bq.to(DT), bkt.to(DT), out_dtype=ACC, input_precision=PREC)
+
+    G = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
+    acc_o *= tl.exp(G)[:, None]
+    causal = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
+    acc_a = tl.where(causal, acc_a * tl.exp(G[:, None] - G[None, :]), 0)
+    m_tv = m_t[:, None] & m_v[None, :]
+    v_off = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
+    bv = tl.load(v + v_off, mask=m_tv, other=0).to(ACC)
+    if HAS_VS:
+        bs = tl.load(vs + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
+        acc_a *= bs[None, :]
+    acc_o += tl.dot(acc_a.to(DT), bv.to(DT), out_dtype=ACC, input_precision=PREC)
+    acc_o *= scale
+    if HAS_D:
+        if D_PER_V:
+            bd = tl.load(D + i_h * V + o_v, mask=m_v, other=0).to(ACC)
+            acc_o += bv * bd[None, :]
+        else:
+            acc_o += bv * tl.load(D + i_h).to(ACC)
+    out_off = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+    if HAS_Z:
+        tl.store(ypre + out_off, acc_o.to(ypre.dtype.element_ty), mask=m_tv)
+        bz = tl.load(z + out_off, mask=m_tv, other=0).to(ACC)
+        acc_o *= bz * tl.sigmoid(bz)
+    tl.store(o + out_off, acc_o.to(o.dtype.element_ty), mask=m_tv)
+
+
+def chunk_fwd_o(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gc: torch.Tensor,
+    hs: torch.Tensor,
+    *,
+    scale: float,
+    BT: int,
+    num_chunks: int,
+    v_scale: torch.Tensor | None = None,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_indices: torch.Tensor | None = None,
+    acc,
+    dot_dtype,
+    precision: str,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the output kernel; returns ``o [B,T,H,V]`` (q's dtype) and, when ``z`` is given,
+    the pre-gate output (same shape and dtype)."""
+    Bsz, T, HQ, K = q.shape
+    H = gc.shape[2]
+    HK, HV, V = k.shape[2], v.shape[2], v.shape[3]
+    o = q.new_empty(Bsz, T, H, V)
+    ypre = torch.empty_like(o) if z is not None else None
+    chunks = num_chunks if cu_seqlens is not None else triton.cdiv(T, BT)
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), chunks, (Bsz * H if cu_seqlens is None else H))  # noqa: E731
+    chunk_fwd_o_kernel[grid](
+        q, k, v, v_scale, gc, hs, D, z, o, ypre, cu_seqlens, chunk_indices, T, scale,
+        H=H, HQ=HQ, HK=HK, HV=HV, K=K, V=V, BT=BT,
+        HAS_VS=v_scale is not None, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2,
+        HAS_Z=z is not None, IS_VARLEN=cu_seqlens is not None,
+        ACC=acc, DT=dot_dtype, PREC=precision,
+    )
+    return o, ypre
+
+
+register_aot(AotSpec(
+    name="gla_fwd_o[bf16,k128,v128,vs,d,z]",
+    kernel=chunk_fwd_o_kernel,
+    types={"q": "*bf16", "k": "*bf16", "v": "*bf16", "vs": "*fp32", "gc": "*fp32", "hs": "*bf16",
+           "D": "*fp32", "z": "*bf16", "o": "*bf16", "ypre": "*bf16", "cu_seqlens": "*i32",
+           "chunk_indices": "*i32", "scale": "fp32"},
+    constexprs={"H": 32, "HQ": 8, "HK": 8, "HV": 32, "K": 128, "V": 128, "BT": 64, "BK": 64,
+                "BV": 64, "HAS_VS": True, "HAS_D": True, "D_PER_V": False, "HAS_Z": True,
+                "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
+    num_warps=4, num_stages=2,
+))
