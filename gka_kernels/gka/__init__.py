@@ -1,0 +1,6 @@
+"""Gated KalmaNet (SPEC 5): ``chunk_gka`` (chunked, differentiable) and ``fused_recurrent_gka``
+(token loop, forward only, for decode and short sequences)."""
+
+from gka_kernels.gka.chunk import chunk_gka
+
+__all__ = ["chunk_gka"]

@@ -1,0 +1,75 @@
+"""Pieces shared by the GKA kernels: chunk coordinates, dot operand dtype, Chebyshev constants."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Chunk length of every chunked GKA kernel (rows solved together, tokens per stored state).
+CHUNK = 64
+#: Largest key head dim the kernels hold on-chip.
+MAX_K = 128
+
+
+def dot_dtype(torch_dtype: torch.dtype):
+    """Operand dtype of ``tl.dot`` for inputs of ``torch_dtype``: half types run on tensor cores in
+    their own dtype (fp32 accumulation); float32 inputs use float32 operands (tf32 on the GPU);
+    float64 (CPU gradcheck) stays float64."""
+    return {
+        torch.bfloat16: tl.bfloat16,
+        torch.float16: tl.float16,
+        torch.float32: tl.float32,
+        torch.float64: tl.float64,
+    }[torch_dtype]
+
+
+def dot_precision(torch_dtype: torch.dtype) -> str:
+    """``input_precision`` of ``tl.dot``: float32 inputs use 3xTF32 (close to full fp32 on the GPU);
+    16-bit operands are exact products anyway ("ieee"); float64 is exact."""
+    return "tf32x3" if torch_dtype == torch.float32 else "ieee"
+
+
+def chebyshev_constants(ridge_ratio: float) -> tuple[float, float]:
+    """``(step, c4)`` of the iteration on the normalized system ``(H/fro + a I) y = rhs``:
+    the spectrum lies in ``[a, 1 + a]``, so ``step = 2 / (1 + 2a)`` and
+    ``c4 = rho^2 / 4`` with ``rho = 1 / (1 + 2a)``; ``w_i = 1 / (1 - c4 w_{i-1})``, ``w_0 = 2``."""
+    rho = 1.0 / (1.0 + 2.0 * ridge_ratio)
+    return 2.0 / (1.0 + 2.0 * ridge_ratio), 0.25 * rho * rho
+
+
+@triton.jit
+def chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """For program ``i_c`` of a chunk-parallel grid: ``(bos, i_t, rows, i_s)`` = first token of the
+    sequence (int64), chunk index within it, number of valid rows in the chunk, and the index of
+    the chunk's slot in the stored chunk states ``[B*NT | NT_total, H, ...]``."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        i_s = i_c.to(tl.int64)
+    else:
+        i_t = i_c.to(tl.int64)
+        bos = i_b.to(tl.int64) * T
+        seq_len = T
+        i_s = i_b.to(tl.int64) * NT + i_t
+    rows = tl.minimum(seq_len - i_t * BT, BT)
+    return bos, i_t, rows, i_s
+
+
+@triton.jit
+def sequence_coords(i_n, cu_seqlens, chunk_offsets, T, NT, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """For a sequential (per sequence) program: ``(bos, seq_len, n_chunks, boh)`` with ``boh`` the
+    slot of the sequence's first chunk in the stored chunk states."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
+        n_chunks = (seq_len + BT - 1) // BT
+        boh = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        seq_len = T
+        n_chunks = NT
+        boh = i_n.to(tl.int64) * NT
+    return bos, seq_len, n_chunks, boh

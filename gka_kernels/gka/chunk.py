@@ -1,0 +1,210 @@
+"""Chunked Gated KalmaNet (SPEC 5): ``chunk_gka``.
+
+Pipeline (chunks of 64 tokens, per query head):
+
+forward
+  1. ``G = chunk_local_cumsum(gk)``;
+  2. chunk-start states ``H_c`` (one sequential pass, :mod:`gka_kernels.gka.chunk_h`);
+  3. per chunk: ``fro_t`` (three-term formula), ``x_t`` by ``num_iter`` Chebyshev iterations,
+     ``qm = q + alpha (x - q)`` (:mod:`gka_kernels.gka.solve`);
+  4. readout ``o = scale U^T qm`` = simple GLA with queries ``qm`` (``gka_kernels.gla``).
+
+backward (implicit differentiation, SPEC 5)
+  1. recompute ``H_c``;
+  2. adjoint solve ``dqs = A^{-1} alpha dqm`` and per-row scalars (solve backward kernel);
+  3. reverse pass over chunks carrying the adjoint of ``H`` (:mod:`gka_kernels.gka.chunk_dh`);
+  4. per chunk key gradients and decay gradients (:mod:`gka_kernels.gka.chunk_dk`);
+  5. ``dgk`` = reverse cumulative sum of the per-token decay gradient over each sequence.
+  The readout's gradients (``dqm``, ``dk``, ``dv``, ``dg``, ``dh0_kv``) come from the GLA op.
+
+Saved for backward by the solve (beyond the inputs ``q, k, gk, alpha`` and ``h_kk``'s initial and
+final states): ``x`` (``K`` values in ``q``'s dtype) and ``fro`` (float32) per token and query head,
+plus the float32 cumsum ``G`` — for bf16, ``2K + 8`` bytes per token and head (264 B at K = 128).
+Chunk states are recomputed, never saved. The GLA readout saves its own inputs.
+
+Precision: the chunk states ``H_c`` are stored, and the ``tl.dot`` operands taken, in the input
+dtype for bf16/fp16 (fp32 accumulation; iterates, ``fro``, gates and the recurrences in fp32);
+fp32 inputs use 3xTF32 dots; float64 runs in float64 (gradcheck on the CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from gka_kernels.common.checks import (
+    check_gate, check_head_dim, check_positive_int, check_qkv, check_scale, check_state,
+)
+from gka_kernels.common.cumsum import chunk_local_cumsum
+from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
+from gka_kernels.gka._common import CHUNK, MAX_K
+from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh
+from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
+from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
+from gka_kernels.gka.solve import gka_solve_bwd, gka_solve_fwd
+from gka_kernels.gla import chunk_simple_gla
+
+#: Largest ``num_iter`` accepted.
+MAX_NUM_ITER = 64
+
+_STATES = tuple[torch.Tensor, torch.Tensor]
+
+
+def check_gka_inputs(q, k, v, g, gk, alpha, scale, ridge_ratio, num_iter, bp_lambda, initial_state,
+                     output_final_state, cu_seqlens):
+    """SPEC 2 / SPEC 5 validation shared by ``chunk_gka`` and ``fused_recurrent_gka``.
+
+    Returns ``(dims, scale)``."""
+    dims = check_qkv(q, k, v, cu_seqlens=cu_seqlens, max_head_dim=MAX_K)
+    check_head_dim("k", dims.K, MAX_K)
+    check_gate("g", g, dims, q)
+    if gk is not None:
+        check_gate("gk", gk, dims, q)
+    if alpha is not None:
+        check_gate("alpha", alpha, dims, q)
+    scale = check_scale(scale, dims.K)
+    if isinstance(ridge_ratio, bool) or not isinstance(ridge_ratio, (int, float)):
+        raise TypeError(f"ridge_ratio: expected a float, got {type(ridge_ratio).__name__}")
+    if not (0.0 < float(ridge_ratio) < float("inf")):
+        raise ValueError(f"ridge_ratio: expected a finite number > 0, got {ridge_ratio}")
+    check_positive_int("num_iter", num_iter, lo=1, hi=MAX_NUM_ITER)
+    for name, flag in (("bp_lambda", bp_lambda), ("output_final_state", output_final_state)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    if initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise TypeError("initial_state: expected a pair (h_kk [N,H,K,K], h_kv [N,H,K,V]), got "
+                            f"{type(initial_state).__name__}")
+        check_state("initial_state[0] (h_kk)", initial_state[0], (dims.N, dims.H, dims.K, dims.K),
+                    device=q.device)
+        check_state("initial_state[1] (h_kv)", initial_state[1], (dims.N, dims.H, dims.K, dims.V),
+                    device=q.device)
+    return dims, scale
+
+
+class ChunkGkaSolveFunction(torch.autograd.Function):
+    """``(q, k, gk, alpha, h0_kk) -> (qm, h_kk final)``: the ridge-solve half of GKA."""
+
+    @staticmethod
+    def forward(ctx, q, k, gk, alpha, h0, ridge_ratio, num_iter, bp_lambda, output_final_state,
+                cu_seqlens):
+        B, T, H, _ = q.shape
+        if cu_seqlens is not None:
+            chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK)
+            chunk_offsets = prepare_chunk_offsets(cu_seqlens, CHUNK)
+            num_seqs, n_slots = cu_seqlens.numel() - 1, chunk_indices.shape[0]
+        else:
+            chunk_indices = chunk_offsets = None
+            num_seqs, n_slots = B, B * triton.cdiv(T, CHUNK)
+        gcum = chunk_local_cumsum(gk, CHUNK, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+        state_dtype = q.dtype if q.dtype in (torch.bfloat16, torch.float16, torch.float64) else torch.float32
+        h, ht = chunk_gka_fwd_h(k, gcum, H, num_seqs, n_slots, h0, output_final_state, cu_seqlens,
+                                chunk_offsets, state_dtype)
+        x, qm, fro = gka_solve_fwd(q, k, gcum, h, alpha, ridge_ratio, num_iter, cu_seqlens, chunk_indices)
+        ctx.save_for_backward(q, k, gcum, alpha, h0, x, fro, ht, cu_seqlens, chunk_indices, chunk_offsets)
+        ctx.meta = (ridge_ratio, num_iter, bp_lambda, num_seqs, n_slots, state_dtype, gk.dtype)
+        return qm, ht
+
+    @staticmethod
+    def backward(ctx, dqm, dht):
+        q, k, gcum, alpha, h0, x, fro, ht, cu_seqlens, chunk_indices, chunk_offsets = ctx.saved_tensors
+        ridge_ratio, num_iter, bp_lambda, num_seqs, n_slots, state_dtype, gk_dtype = ctx.meta
+        B, T, H, K = q.shape
+        HKV = k.shape[2]
+        h, _ = chunk_gka_fwd_h(k, gcum, H, num_seqs, n_slots, h0, False, cu_seqlens, chunk_offsets,
+                               state_dtype)
+        dq, dqs, dalpha, lam_c, beta, dgp = gka_solve_bwd(
+            q, k, gcum, h, alpha, x, fro, dqm.contiguous(), ridge_ratio, num_iter, bp_lambda,
+            cu_seqlens, chunk_indices)
+        if dht is not None:
+            dht = dht.contiguous()
+        dh, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, num_seqs,
+                                   ctx.needs_input_grad[4], cu_seqlens, chunk_offsets)
+        dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, cu_seqlens, chunk_indices)
+        dk = dk_h.view(B, T, HKV, H // HKV, K).sum(3).to(k.dtype)
+        dgk = _reverse_cumsum(dgc, cu_seqlens)
+        if dht is not None:
+            # <dht, H_T> belongs to the decay gradient of every token of the sequence.
+            final_term = (dht.to(ht.dtype) * ht).sum((-2, -1))            # [N, H]
+            if cu_seqlens is None:
+                dgk = dgk + final_term[:, None, :]
+            else:
+                lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+                dgk = dgk + torch.repeat_interleave(final_term, lens, dim=0)[None]
+        dalpha = dalpha.to(alpha.dtype) if alpha is not None else None
+        dh0 = dh0.to(h0.dtype) if dh0 is not None else None
+        return dq, dk, dgk.to(gk_dtype), dalpha, dh0, None, None, None, None, None
+
+
+def _reverse_cumsum(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """``out[t] = sum_{s >= t, s in the sequence of t} x[s]`` over ``x [B, T, H]`` (float64 sums)."""
+    c = x.to(torch.float64).flip(1).cumsum(1).flip(1)
+    if cu_seqlens is not None:
+        T = x.shape[1]
+        c_ext = torch.cat([c, c.new_zeros(1, 1, c.shape[2])], 1)
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+        ends = torch.repeat_interleave(cu_seqlens[1:].to(torch.int64), lens, output_size=T)
+        c = c - c_ext[:, ends]
+    return c.to(x.dtype)
+
+
+def chunk_gka(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    gk: torch.Tensor | None = None,
+    alpha: torch.Tensor | None = None,
+    scale: float | None = None,
+    ridge_ratio: float = 0.02,
+    num_iter: int = 30,
+    bp_lambda: bool = True,
+    initial_state: _STATES | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, _STATES | None]:
+    """Gated KalmaNet, chunked (training and prefill; differentiable in every tensor argument).
+
+    Per query head: ``H_t = exp(gk_t) H_{t-1} + k_t k_t^T``, ``U_t = exp(g_t) U_{t-1} + k_t v_t^T``,
+    ``x_t = Chebyshev(H_t + ridge_ratio ||H_t||_F I, q_t, num_iter)``, ``qm = q + alpha (x - q)``,
+    ``o_t = scale U_t^T qm_t`` (SPEC 5). The backward pass is implicit differentiation.
+
+    Args:
+        q: ``[B, T, H, K]`` queries (already L2-normalized), ``K <= 128``.
+        k: ``[B, T, HKV, K]`` keys (normalized, beta-scaled), ``H % HKV == 0``.
+        v: ``[B, T, HKV, V]`` values (beta-scaled), ``V <= 128``.
+        g: ``[B, T, H]`` log-decay of ``U`` (``<= 0``).
+        gk: ``[B, T, H]`` log-decay of ``H``; None: ``gk = g``.
+        alpha: ``[B, T, H]``; None means 1 (``qm = x``).
+        scale: default ``K ** -0.5``.
+        ridge_ratio: ``> 0``; ``lam_t = ridge_ratio * ||H_t||_F``.
+        num_iter: Chebyshev iterations, 1..64.
+        bp_lambda: backpropagate through ``lam_t``'s dependence on ``H_t``.
+        initial_state: ``(h_kk [N, H, K, K], h_kv [N, H, K, V])`` float32; ``h_kk`` symmetric.
+        output_final_state: return the final ``(h_kk, h_kv)`` (float32).
+        cu_seqlens: ``[N + 1]`` offsets of sequences packed along T (``B == 1``).
+
+    Returns:
+        ``o [B, T, H, V]`` (dtype of ``q``) and the final states or None.
+    """
+    dims, scale = check_gka_inputs(q, k, v, g, gk, alpha, scale, ridge_ratio, num_iter, bp_lambda,
+                                   initial_state, output_final_state, cu_seqlens)
+    h0_kk, h0_kv = initial_state if initial_state is not None else (None, None)
+    if dims.T == 0:
+        o = q.new_zeros(dims.B, 0, dims.H, dims.V)
+        if not output_final_state:
+            return o, None
+        state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if initial_state is not None:
+            return o, (h0_kk.clone(), h0_kv.clone())
+        return o, (q.new_zeros(dims.N, dims.H, dims.K, dims.K, dtype=state_dtype),
+                   q.new_zeros(dims.N, dims.H, dims.K, dims.V, dtype=state_dtype))
+    gk = g if gk is None else gk
+    qm, ht_kk = ChunkGkaSolveFunction.apply(
+        q.contiguous(), k.contiguous(), gk.contiguous(),
+        alpha.contiguous() if alpha is not None else None,
+        h0_kk.contiguous() if h0_kk is not None else None,
+        float(ridge_ratio), num_iter, bp_lambda, output_final_state, cu_seqlens)
+    o, ht_kv = chunk_simple_gla(qm, k, v, g, scale=scale, initial_state=h0_kv,
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    return o, ((ht_kk, ht_kv) if output_final_state else None)

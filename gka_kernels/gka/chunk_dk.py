@@ -1,0 +1,147 @@
+"""Key and decay gradients of the solve path, one chunk per program (backward).
+
+With ``D_t = sum_{s >= t} exp(Gc_s - Gc_t) dH_s`` (``dH_s = -dqs_s x_s^T - c_s H_s``) the key
+gradient through ``k_t k_t^T`` is ``dk_t = (D_t + D_t^T) k_t``. For row t of chunk c (``D_c`` from
+the reverse state pass, ``H_c`` the chunk-start state, ``G`` the chunk-local cumsum):
+
+    dk_t = exp(G_last - G_t) (D_c + D_c^T) k_t                                   (later chunks)
+           - sum_{s >= t} exp(G_s - G_t) [ (k_t . x_s) dqs_s + (k_t . dqs_s) x_s ] (-dqs x^T, this chunk)
+           - beta_t (H_c + H_c^T) k_t - 2 sum_j Mw[t, j] (k_t . k_j) k_j           (-c H, this chunk)
+
+    Mw[t, j] = exp((G_m - G_t) + (G_m - G_j)) b'_m,  m = max(t, j),
+    b'_m = sum_{s >= m} c_s exp(2 (G_s - G_m))
+
+(every exponent is <= 0). The log-decay gradient w.r.t. the global cumsum ``Gc_t`` is
+
+    dGc_t = <dH_t, H_t> - k_t^T D_t k_t = dgp_t - 0.5 k_t . dk_t
+
+and ``dgk`` is its reverse cumulative sum over the sequence (done by the caller).
+
+Tiles: grid (chunks, B*H); [BT, K] rows, [BT, BT] masks, two [K, K] states per program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gka_kernels.common.aot import AotSpec, register_aot
+from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
+from gka_kernels.gka._common import CHUNK, dot_precision, chunk_coords, dot_dtype
+
+
+@autotune(
+    configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)],
+    key=["K", "H", "IS_VARLEN"],
+)
+@triton.jit
+def chunk_gka_bwd_dk_kernel(
+    k, x, dqs, gcum, lam_c, beta, dgp, h, dh, dk, dgc, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid (chunks, B*H): dk (per query head) and dGc of one chunk."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h // (H // HKV)
+    bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    m_t = o_t < rows
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_kk = m_k[:, None] & m_k[None, :]
+    m_tt = m_t[:, None] & m_t[None, :]
+    tok = bos + i_t * BT + o_t
+
+    b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    g_last = tl.load(gcum + (bos + i_t * BT + rows - 1) * H + i_h).to(ACC)
+    b_c = tl.load(lam_c + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    o_row = (tok * H + i_h)[:, None] * K + o_k[None, :]
+    b_k = tl.load(k + (tok * HKV + i_hk)[:, None] * K + o_k[None, :], mask=m_tk, other=0).to(ACC)
+    b_x = tl.load(x + o_row, mask=m_tk, other=0).to(ACC)
+    b_dq = tl.load(dqs + o_row, mask=m_tk, other=0).to(ACC)
+    b_kd = b_k.to(DT)
+    b_xd = b_x.to(DT)
+    b_dqd = b_dq.to(DT)
+
+    p_state = (i_s * H + i_h) * K * K
+    o_kk = o_k[:, None] * K + o_k[None, :]
+    o_kkt = o_k[:, None] + o_k[None, :] * K
+    b_ds = (tl.load(dh + p_state + o_kk, mask=m_kk, other=0).to(ACC)
+            + tl.load(dh + p_state + o_kkt, mask=m_kk, other=0).to(ACC))
+    b_hs = (tl.load(h + p_state + o_kk, mask=m_kk, other=0).to(ACC)
+            + tl.load(h + p_state + o_kkt, mask=m_kk, other=0).to(ACC))
+
+    # Later chunks and the H_c part of the lambda path.
+    b_el = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
+    b_dk = tl.dot((b_k * b_el[:, None]).to(DT), b_ds.to(DT), input_precision=PREC, out_dtype=ACC)
+    b_dk -= b_beta[:, None] * tl.dot(b_kd, b_hs.to(DT), input_precision=PREC, out_dtype=ACC)
+
+    # -dqs x^T within the chunk: Mt[t, s] = exp(G_s - G_t) for s >= t.
+    m_up = (o_t[None, :] >= o_t[:, None]) & m_tt
+    b_mt = tl.exp(tl.where(m_up, b_g[None, :] - b_g[:, None], float("-inf")))
+    b_a = tl.dot(b_kd, tl.trans(b_xd), input_precision=PREC, out_dtype=ACC) * b_mt
+    b_dk -= tl.dot(b_a.to(DT), b_dqd, input_precision=PREC, out_dtype=ACC)
+    b_a = tl.dot(b_kd, tl.trans(b_dqd), input_precision=PREC, out_dtype=ACC) * b_mt
+    b_dk -= tl.dot(b_a.to(DT), b_xd, input_precision=PREC, out_dtype=ACC)
+
+    # -c H within the chunk: the symmetric weights Mw.
+    b_e2 = tl.exp(tl.where(m_up, 2.0 * (b_g[None, :] - b_g[:, None]), float("-inf")))
+    b_bp = tl.sum(b_e2 * b_c[None, :], axis=1)
+    m_lo = o_t[:, None] >= o_t[None, :]
+    b_gm = tl.where(m_lo, b_g[:, None], b_g[None, :])
+    b_bm = tl.where(m_lo, b_bp[:, None], b_bp[None, :])
+    b_mw = tl.exp(tl.where(m_tt, 2.0 * b_gm - b_g[:, None] - b_g[None, :], float("-inf"))) * b_bm
+    b_a = tl.dot(b_kd, tl.trans(b_kd), input_precision=PREC, out_dtype=ACC) * b_mw
+    b_dk -= 2.0 * tl.dot(b_a.to(DT), b_kd, input_precision=PREC, out_dtype=ACC)
+
+    b_dgc = tl.load(dgp + tok * H + i_h, mask=m_t, other=0).to(ACC) - 0.5 * tl.sum(b_k * b_dk, axis=1)
+    tl.store(dk + o_row, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dgc + tok * H + i_h, b_dgc.to(dgc.dtype.element_ty), mask=m_t)
+
+
+def chunk_gka_bwd_dk(
+    k: torch.Tensor,
+    x: torch.Tensor,
+    dqs: torch.Tensor,
+    gcum: torch.Tensor,
+    lam_c: torch.Tensor,
+    beta: torch.Tensor,
+    dgp: torch.Tensor,
+    h: torch.Tensor,
+    dh: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    chunk_indices: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query-head key gradient ``[B,T,H,K]`` and ``dGc [B,T,H]`` of the solve path (both
+    float32/64). Shapes as in :func:`gka_kernels.gka.chunk_dh.chunk_gka_bwd_dh`."""
+    B, T, HKV, K = k.shape
+    H = x.shape[2]
+    NT = triton.cdiv(T, CHUNK)
+    dk = torch.empty_like(dqs)
+    dgc = torch.empty_like(lam_c)
+    grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
+    chunk_gka_bwd_dk_kernel[grid](
+        k, x, dqs, gcum, lam_c, beta, dgp, h, dh, dk, dgc, cu_seqlens, chunk_indices, T, NT,
+        H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), IS_VARLEN=cu_seqlens is not None,
+        ACC=compute_dtype(k.dtype), DT=dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
+    )
+    return dk, dgc
+
+
+for _w in (4, 8):
+    register_aot(AotSpec(
+        name=f"gka.chunk_bwd_dk[bf16,k128,w{_w}]",
+        kernel=chunk_gka_bwd_dk_kernel,
+        types={"k": "*bf16", "x": "*bf16", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
+               "beta": "*fp32", "dgp": "*fp32", "h": "*bf16", "dh": "*fp32", "dk": "*fp32",
+               "dgc": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "T": "i32", "NT": "i32"},
+        constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "IS_VARLEN": False,
+                    "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
+        num_warps=_w, num_stages=1,
+    ))
