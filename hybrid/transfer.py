@@ -1,0 +1,158 @@
+"""Priming, stage 0: build a hybrid from a source Transformer and transfer its attention weights
+into the SSM mixers (SPEC 7).
+
+Per replaced layer, with ``W_Q [H*D, hidden]``, ``W_K, W_V [HKV*D, hidden]``, ``W_O [hidden, H*D]``:
+
+- GKA / GDN: ``q_proj <- W_Q``, ``k_proj <- W_K``, ``v_proj <- W_V``, ``o_proj <- W_O``,
+  ``g_proj <- 0.5 * (W_O^T + repeat_interleave(W_V, H/HKV, dim=0))`` (rows repeated).
+- Mamba2: ``in_proj`` rows ``[z, x, B, C, dt]``: ``x <- W_V``, ``B <- W_K``, ``C <- W_Q``,
+  ``z <-`` the gate rule above, ``dt`` fresh; ``out_proj <- W_O``.
+
+RoPE and Qwen3's q/k norms are not carried; attention biases (Qwen2) cannot be carried. Every
+other mixer parameter (convs, gates, ``A_log``, ``dt_bias``, norms) keeps its fresh initialization.
+Everything outside the replaced attention modules (embeddings, MLPs/experts, norms, attention
+layers that stay) is copied unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .configuration import HybridConfig
+from .families import get_family
+from .modeling import HybridForCausalLM
+from .pattern import ATTENTION, parse_pattern
+
+
+def gate_init(w_o: torch.Tensor, w_v: torch.Tensor, groups: int) -> torch.Tensor:
+    """Output-gate initialization ``0.5 * (W_O^T + repeat_interleave(W_V, groups, dim=0))``
+    (``[H*D, hidden]``)."""
+    return 0.5 * (w_o.t() + w_v.repeat_interleave(groups, dim=0))
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(str(s) for s in t.shape)
+
+
+def _attention_extras(attn: nn.Module) -> list[str]:
+    """Source attention parameters that an SSM cannot carry (biases, q/k norms)."""
+    dropped = []
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        bias = getattr(getattr(attn, name), "bias", None)
+        if bias is not None:
+            dropped.append(f"{name}.bias")
+    for name in ("q_norm", "k_norm"):
+        if getattr(attn, name, None) is not None:
+            dropped.append(name)
+    return dropped
+
+
+@torch.no_grad()
+def transfer_attention(attn: nn.Module, mixer: nn.Module, token: str, num_heads: int,
+                       num_kv_heads: int) -> list[str]:
+    """Copy one source attention module's weights into ``mixer``; returns the names of the
+    mixer parameters written (``"<param> <- <rule> [shape]"``)."""
+    w_q, w_k, w_v, w_o = (getattr(attn, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    groups = num_heads // num_kv_heads
+    gate = gate_init(w_o, w_v, groups)
+    if token in ("GKA", "GDN"):
+        writes = [("q_proj.weight", w_q, "W_Q"), ("k_proj.weight", w_k, "W_K"),
+                  ("v_proj.weight", w_v, "W_V"), ("o_proj.weight", w_o, "W_O"),
+                  ("g_proj.weight", gate, f"0.5*(W_O^T + repeat_interleave(W_V, {groups}))")]
+        params = dict(mixer.named_parameters())
+        for name, value, _ in writes:
+            params[name].copy_(value)
+        return [f"{name.removesuffix('.weight')} <- {rule} [{_shape(value)}]" for name, value, rule in writes]
+    if token == "M2":
+        H, HKV, P, N = num_heads, num_kv_heads, mixer.head_dim, mixer.state_size
+        if N != P:
+            raise ValueError(f"Mamba2 priming needs state_size == head_dim (C <- W_Q), got N={N}, P={P}")
+        sizes = [H * P, HKV * P, HKV * N, H * N, H]
+        z, x, b, c, _dt = mixer.in_proj.weight.split(sizes, dim=0)
+        for dst, src in ((z, gate), (x, w_v), (b, w_k), (c, w_q)):
+            dst.copy_(src)
+        mixer.out_proj.weight.copy_(w_o)
+        return [f"in_proj[z] <- 0.5*(W_O^T + repeat_interleave(W_V, {groups})) [{_shape(gate)}]",
+                f"in_proj[x] <- W_V [{_shape(w_v)}]", f"in_proj[B] <- W_K [{_shape(w_k)}]",
+                f"in_proj[C] <- W_Q [{_shape(w_q)}]", f"out_proj <- W_O [{_shape(w_o)}]"]
+    raise ValueError(f"token: expected GKA, GDN or M2, got {token!r}")
+
+
+def _fresh_parameters(mixer: nn.Module, token: str) -> list[str]:
+    written = {"GKA": {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "g_proj.weight"},
+               "GDN": {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "g_proj.weight"},
+               "M2": {"out_proj.weight"}}[token]
+    fresh = [n for n, _ in mixer.named_parameters() if n not in written]
+    if token == "M2":
+        fresh = ["in_proj[dt]" if n == "in_proj.weight" else n for n in fresh]
+    return fresh
+
+
+def check_source(source: nn.Module) -> None:
+    """Refuse sources that are not a supported decoder-only causal LM (clear message)."""
+    config = getattr(source, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None:
+        raise ValueError(f"source: expected a transformers causal LM with a config, got {type(source).__name__}")
+    family = get_family(model_type)
+    if not isinstance(source, family.causal_lm_cls()):
+        raise ValueError(f"source: expected a {family.causal_lm_class} (the causal LM of model type "
+                         f"{model_type!r}), got {type(source).__name__}")
+
+
+@torch.no_grad()
+def convert_to_hybrid(source: nn.Module, pattern: str, ssm_config: dict | None = None,
+                      source_name: str | None = None, mixer_backend: str = "auto"
+                      ) -> tuple[HybridForCausalLM, list[str]]:
+    """Priming stage 0: a ``HybridForCausalLM`` with the layers of ``pattern`` replaced.
+
+    Args:
+        source: a Llama / Mistral / Qwen2 / Qwen3 / Qwen3-MoE ``*ForCausalLM``.
+        pattern: ``hybrid_override_pattern`` with one token per source layer.
+        ssm_config: mixer options per token (see ``HybridConfig``).
+        source_name: provenance string saved in the config.
+        mixer_backend: ``backend`` of the mixers.
+
+    Returns:
+        ``(hybrid, log)``: the hybrid on the source's device and dtype, and one log line per
+        layer saying what was copied, what was freshly initialized and what was dropped.
+    """
+    check_source(source)
+    cfg = source.config
+    tokens = parse_pattern(pattern, cfg.num_hidden_layers)
+    text_config = cfg.to_dict()
+    config = HybridConfig(text_config=text_config, hybrid_override_pattern=pattern, ssm_config=ssm_config,
+                          source_model=source_name)
+    config.text_config._attn_implementation = cfg._attn_implementation
+    ref = next(source.parameters())
+    hybrid = HybridForCausalLM(config, mixer_backend=mixer_backend).to(device=ref.device, dtype=ref.dtype)
+    replaced = {i for i, t in enumerate(tokens) if t != ATTENTION}
+    source_sd = source.state_dict()
+    keep = {k: v for k, v in source_sd.items()
+            if not any(k.startswith(f"model.layers.{i}.self_attn.") for i in replaced)}
+    missing, unexpected = hybrid.load_state_dict(keep, strict=False)
+    mixer_keys = {f"model.layers.{i}.self_attn.mixer." for i in replaced}
+    bad_missing = [k for k in missing if not any(k.startswith(p) for p in mixer_keys)]
+    if unexpected or bad_missing:
+        raise RuntimeError(f"weight copy mismatch: unexpected {unexpected}, missing {bad_missing}")
+    log = []
+    H, HKV = cfg.num_attention_heads, cfg.num_key_value_heads
+    for i, token in enumerate(tokens):
+        if token == ATTENTION:
+            log.append(f"layer {i:>3} *   : attention kept (all weights copied)")
+            continue
+        attn = source.model.layers[i].self_attn
+        mixer = hybrid.model.layers[i].self_attn.mixer
+        copied = transfer_attention(attn, mixer, token, H, HKV)
+        dropped = ["RoPE"] + _attention_extras(attn)
+        notes = []
+        if any(d.endswith(".bias") for d in dropped):
+            notes.append("attention biases cannot be carried into the SSM (its projections have no bias)")
+        line = (f"layer {i:>3} {token:<4}: copied {', '.join(copied)}; "
+                f"fresh {', '.join(_fresh_parameters(mixer, token))}; not carried {', '.join(dropped)}")
+        if notes:
+            line += "; NOTE " + "; ".join(notes)
+        log.append(line)
+    hybrid.eval()
+    return hybrid, log
