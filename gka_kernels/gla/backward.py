@@ -100,7 +100,7 @@ def chunk_bwd_dv_kernel(
         G = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
         G_last = tl.load(gc + (bos + last) * H + i_h).to(ACC)
         b_dv *= tl.where(m_t, tl.exp(G_last - G), 0)[:, None]
-        acc_at = tl.where(causal_t, acc_at * tl.exp(G[None, :] - G[:, None]), 0) * scale
+        acc_at *= tl.exp(tl.where(causal_t, G[None, :] - G[:, None], float("-inf"))) * scale
         out_off = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
         bdo = tl.load(do + out_off, mask=m_tv, other=0).to(ACC)
         b_dv += tl.dot(acc_at.to(DT), bdo.to(DT), out_dtype=ACC, input_precision=PREC)
@@ -203,7 +203,7 @@ def chunk_bwd_dqkg_kernel(
         b_dq *= (tl.exp(G) * scale)[:, None]
         b_dk *= tl.where(m_t, tl.exp(G_last - G), 0)[:, None]
         dg_last = tl.sum(b_hdh, axis=0) * tl.exp(G_last) + tl.sum(tl.sum(b_dk * bk, axis=1), axis=0)
-        b_da = tl.where(causal, b_da * tl.exp(G[:, None] - G[None, :]), 0) * scale
+        b_da *= tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf"))) * scale
         b_dq += tl.dot(b_da.to(DT), bk.to(DT), out_dtype=ACC, input_precision=PREC)
         b_dk += tl.dot(tl.trans(b_da).to(DT), bq.to(DT), out_dtype=ACC, input_precision=PREC)
         b_dgi = tl.sum(bq * b_dq, axis=1) - tl.sum(bk * b_dk, axis=1)

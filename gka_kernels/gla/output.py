@@ -80,7 +80,7 @@ def chunk_fwd_o_kernel(
     G = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
     acc_o *= tl.exp(G)[:, None]
     causal = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
-    acc_a = tl.where(causal, acc_a * tl.exp(G[:, None] - G[None, :]), 0)
+    acc_a *= tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
     m_tv = m_t[:, None] & m_v[None, :]
     v_off = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
     bv = tl.load(v + v_off, mask=m_tv, other=0).to(ACC)
