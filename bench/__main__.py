@@ -60,10 +60,10 @@ def run_case(case, ceilings: dict, rep: int) -> dict:
         fn, leaves = case.build()
         ms, method = time_ms(fn, graph=case.mode == "decode", rep=rep, grad_to_none=leaves or None)
         row.update(ms=ms, method=method)
-        kw = {k: v for k, v in case.params.items() if k in ("num_iter",)}
+        kw = {k: v for k, v in case.params.items() if k in ("num_iter", "context")}
         if case.op == "mamba2":
             kw["chunk"] = 256
-        fl = floor_ms(case.op if case.op != "attention" else "attention", case.shape, case.mode, ceilings, **kw)
+        fl = floor_ms(case.op, case.shape, case.mode, ceilings, **kw)
         row.update(fl)
         row["fraction_of_floor"] = fl["floor_ms"] / ms
         if case.mode != "decode":

@@ -69,9 +69,16 @@ def state_bytes(op: str, sh: Shape) -> float:
     return float(2 * 4 * sh.batch * sh.heads * elems)
 
 
+def kv_cache_bytes(sh: Shape, context: int, *, elem: int = 2) -> float:
+    """bf16 keys and values of ``context`` tokens read once by an attention decode step."""
+    return float(2 * elem * sh.batch * sh.kv_heads * context * sh.head_dim)
+
+
 def floor_ms(op: str, sh: Shape, mode: str, ceilings: dict[str, float], **kw) -> dict[str, float]:
     """Floor time and the two terms it is the maximum of."""
-    if mode == "decode":
+    if mode == "decode" and op == "attention":
+        nbytes, nflops = kv_cache_bytes(sh, kw["context"]), 0.0
+    elif mode == "decode":
         nbytes, nflops = state_bytes(op, sh), 0.0
     else:
         nbytes, nflops = activation_bytes(op, sh, mode), flops(op, sh, mode, **kw)
