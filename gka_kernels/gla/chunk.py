@@ -169,7 +169,8 @@ class ChunkSimpleGLAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, gc, initial_state = ctx.saved_tensors
-        grads = gla_backward(q, k, v, gc, do.contiguous(), dht=dht, scale=ctx.scale,
+        grads = gla_backward(q, k, v, gc, do.contiguous(),
+                             dht=dht.contiguous() if dht is not None else None, scale=ctx.scale,
                              initial_state=initial_state, plan=ctx.plan)
         dh0 = grads["dh0"].to(initial_state.dtype) if initial_state is not None else None
         return (grads["dq"], grads["dk"], grads["dv"], grads["dg"].to(ctx.g_dtype), None, dh0,
