@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -49,6 +49,15 @@ def _find_nvcc() -> str | None:
     if Path("/usr/local/cuda/bin/nvcc").exists():
         return "/usr/local/cuda/bin/nvcc"
     return None
+
+
+def _packages() -> list[str]:
+    """``gka_kernels`` and its subpackages, plus ``layers/`` and ``hybrid/`` mapped into it."""
+    pkgs = ["gka_kernels"] + [f"gka_kernels.{p}" for p in find_packages("gka_kernels")]
+    for folder in ("layers", "hybrid"):
+        if (ROOT / folder / "__init__.py").exists():
+            pkgs += [f"gka_kernels.{folder}"] + [f"gka_kernels.{folder}.{p}" for p in find_packages(folder)]
+    return pkgs
 
 
 class CMakeExtension(Extension):
@@ -106,18 +115,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=[
-        "gka_kernels",
-        "gka_kernels.common",
-        "gka_kernels.reference",
-        "gka_kernels.gdn",
-        "gka_kernels.mamba2",
-        "gka_kernels.gka",
-        "gka_kernels.gla",
-        "gka_kernels.cuda",
-        "gka_kernels.layers",
-        "gka_kernels.hybrid",
-    ],
+    packages=_packages(),
     package_dir={
         "gka_kernels": "gka_kernels",
         "gka_kernels.layers": "layers",
