@@ -51,13 +51,21 @@ def count_parameters(model: torch.nn.Module) -> int:
 def decode_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
     """Greedy decode speed of ``model.generate`` after ``prompt [B, T]`` (tokens per second over
     the whole batch, prefill excluded by timing a 1-token run separately)."""
-    kwargs = dict(do_sample=False, use_cache=True, pad_token_id=model.config.pad_token_id)
+    gen = model.generation_config
+    pad = gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id
+    kwargs = dict(do_sample=False, use_cache=True, pad_token_id=pad)
     device = next(model.parameters()).device
     prompt = prompt.to(device)
-    t0 = time.perf_counter()
-    model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs)
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens + 1, min_new_tokens=new_tokens + 1, **kwargs)
-    total = time.perf_counter() - t0
+
+    def timed(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    prefill = timed(1)
+    total = timed(new_tokens + 1)
     return prompt.shape[0] * new_tokens / max(total - prefill, 1e-9)
