@@ -49,8 +49,11 @@ class Packing:
     max_len: int
 
     @staticmethod
+    @torch.compiler.disable
     def from_mask(mask: torch.Tensor) -> "Packing | None":
-        """Packing for a bool ``[B, T]`` mask; ``None`` when every position is a token."""
+        """Packing for a bool ``[B, T]`` mask; ``None`` when every position is a token.
+
+        Reads the mask on the host (data-dependent sizes), so ``torch.compile`` runs it eagerly."""
         if bool(mask.all()):
             return None
         B, T = mask.shape

@@ -489,8 +489,8 @@ def test_bad_forward_inputs(kind):
 class _TinyModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.mixers = torch.nn.ModuleList([make(k, dtype=torch.float32) for k in KINDS])
-        self.head = torch.nn.Linear(HIDDEN, 3)
+        self.mixers = torch.nn.ModuleList([make(k) for k in KINDS])
+        self.head = torch.nn.Linear(HIDDEN, 3, dtype=torch.float64)
 
     def forward(self, x, mask=None):
         for m in self.mixers:
@@ -501,19 +501,19 @@ class _TinyModel(torch.nn.Module):
 def test_torch_compile_smoke():
     model = _TinyModel()
     compiled = torch.compile(model, backend="aot_eager")
-    x = torch.randn(2, 7, HIDDEN)
+    x = torch.randn(2, 7, HIDDEN, dtype=torch.float64)
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, :2] = 0
     for m in (None, mask):
         ref = model(x, m)
         out = compiled(x, m)
-        assert rel_err(out, ref) <= 1e-6
+        assert rel_err(out, ref) <= EXACT
         out.square().sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         model.zero_grad()
         ref.square().sum().backward()
         for n, p in model.named_parameters():
-            assert rel_err(grads[n], p.grad) <= 1e-5, n
+            assert rel_err(grads[n], p.grad) <= EXACT, n
         model.zero_grad()
 
 
