@@ -1,0 +1,85 @@
+"""Per-head L2 normalization of queries/keys (``use_qk_l2norm_in_kernel``) and its backward.
+
+    y  = x * r,   r = 1 / sqrt(sum(x^2) + eps)
+    dx = r * (dy - y * sum(dy * y))
+
+One program normalizes ``BR`` rows of ``D`` elements (tile ``[BR, BD]``, ``BD = pad(D)``).
+The backward recomputes ``r`` from ``x`` instead of saving it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gka_kernels.common.aot import AotSpec, register_aot
+from gka_kernels.common.triton_utils import compute_dtype, next_power_of_2
+
+EPS = 1e-6
+_ROWS = 16
+
+
+@triton.jit
+def l2norm_fwd_kernel(x, y, R, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, EPS: tl.constexpr,
+                      ACC: tl.constexpr):
+    """y = x / sqrt(sum(x^2) + EPS) over rows of ``x`` [R, D]."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BD)
+    offs = rows[:, None] * D + cols[None, :]
+    mask = (rows[:, None] < R) & (cols[None, :] < D)
+    xv = tl.load(x + offs, mask=mask, other=0).to(ACC)
+    r = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) + EPS)
+    tl.store(y + offs, (xv * r[:, None]).to(y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def l2norm_bwd_kernel(x, dy, dx, R, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, EPS: tl.constexpr,
+                      ACC: tl.constexpr):
+    """dx = r (dy - y sum(dy * y)) with y = x r, r = 1 / sqrt(sum(x^2) + EPS), rows of [R, D]."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    cols = tl.arange(0, BD)
+    offs = rows[:, None] * D + cols[None, :]
+    mask = (rows[:, None] < R) & (cols[None, :] < D)
+    xv = tl.load(x + offs, mask=mask, other=0).to(ACC)
+    dyv = tl.load(dy + offs, mask=mask, other=0).to(ACC)
+    r = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) + EPS)
+    yv = xv * r[:, None]
+    dxv = (dyv - yv * tl.sum(dyv * yv, axis=1)[:, None]) * r[:, None]
+    tl.store(dx + offs, dxv.to(dx.dtype.element_ty), mask=mask)
+
+
+def l2norm_forward(x: torch.Tensor) -> torch.Tensor:
+    """Normalize the last dimension of the contiguous ``x``; same shape and dtype."""
+    D = x.shape[-1]
+    R = x.numel() // D
+    y = torch.empty_like(x)
+    if R:
+        l2norm_fwd_kernel[(triton.cdiv(R, _ROWS),)](x, y, R, D=D, BD=next_power_of_2(D), BR=_ROWS, EPS=EPS,
+                                                    ACC=compute_dtype(x.dtype))
+    return y
+
+
+def l2norm_backward(x: torch.Tensor, dy: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Gradient of ``l2norm_forward`` at ``x`` for the output gradient ``dy`` (both contiguous)."""
+    D = x.shape[-1]
+    R = x.numel() // D
+    dx = torch.empty(x.shape, device=x.device, dtype=out_dtype)
+    if R:
+        l2norm_bwd_kernel[(triton.cdiv(R, _ROWS),)](x, dy, dx, R, D=D, BD=next_power_of_2(D), BR=_ROWS, EPS=EPS,
+                                                    ACC=compute_dtype(x.dtype))
+    return dx
+
+
+register_aot(AotSpec(
+    name="gdn.l2norm_fwd[bf16,d128]",
+    kernel=l2norm_fwd_kernel,
+    types={"x": "*bf16", "y": "*bf16"},
+    constexprs={"D": 128, "BD": 128, "BR": _ROWS, "EPS": EPS, "ACC": tl.float32},
+))
+register_aot(AotSpec(
+    name="gdn.l2norm_bwd[bf16,d128]",
+    kernel=l2norm_bwd_kernel,
+    types={"x": "*bf16", "dy": "*fp32", "dx": "*bf16"},
+    constexprs={"D": 128, "BD": 128, "BR": _ROWS, "EPS": EPS, "ACC": tl.float32},
+))
