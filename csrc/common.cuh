@@ -71,8 +71,9 @@ __device__ __forceinline__ float load_scalar(const void* p, int dtype, int64_t i
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
 
-// Element i of a slot-index array stored as int32 or int64.
+// Element i of a slot-index array stored as int32 or int64; a null array means slot i.
 __device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t i) {
+  if (p == nullptr) return i;
   return is64 ? static_cast<const int64_t*>(p)[i] : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
 }
 

@@ -1,0 +1,301 @@
+// Fused Gated KalmaNet decode step (SPEC 5, 8) for 1..8 tokens per sequence, tied decays, in place
+// on float32 pools h_kk [slots, H, K, K] and h_kv [slots, H, K, V]. Per token:
+//     H = e^g H + k k^T ;  fro = ||H||_F (1 if 0) ;  lam = ridge * fro
+//     Chebyshev on [lam, lam + fro]:  gamma = 2 / (2 lam + fro),  c = (fro / (2 lam + fro) / 2)^2
+//         x_prev = 0, x = gamma q, w = 2;  num_iter times:  w = 1 / (1 - c w)
+//         d = gamma w ((H + lam I) x - q) + (w - 1) x_prev ;  x_prev = x ;  x = w x - d
+//     qm = q + alpha (x - q) ;  U = e^g U + k v^T ;  o = scale U^T qm
+// One CTA of 256 threads per (sequence, head), two CTAs per SM. The cost is the matvec H x of every
+// iteration, so H stays in registers for the whole step: lane bits 0-2 pick a column group (KT / 32
+// float4 at stride 32 columns, conflict-free LDS.128 of x), lane bits 3-4 and the warp pick KT / 32
+// consecutive rows; a thread holds KT^2 / 256 floats. An iteration is KT / 32 LDS.128 of x, the FMAs,
+// a 3-stage butterfly over the 8 column lanes (the row sums land on lane pairs that own the row's
+// iterate), one STS and one __syncthreads (x is double-buffered). U is not needed until the solves
+// are done: it is prefetched into shared memory with cp.async at the start (overlapping the solve),
+// then updated and read out for all tokens with lanes along V (float4), warps along K, the K
+// reduction finished across warps in shared memory.
+//
+// Dynamic shared memory 4 * (KT VT + 24 KT + 8 VT + 2 KT + 32) B = 83,072 B at K = V = 128.
+// ptxas -v (sm_90, nvcc 13.0), kernel<input dtype, tile dims>:
+//   <bf16,128,128>    125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,128,64>     125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,64,128>      76 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,64,64>       64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,128,128>    125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,128,64>     125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,64,128>      76 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,64,64>       64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,128,128>    125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,128,64>     125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,64,128>      76 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,64,64>       64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+#include "common.cuh"
+#include "decode_params.h"
+
+namespace gka {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <int KT, int VT>
+struct Smem {  // float offsets into the dynamic shared memory
+  static constexpr int U = 0;                          // [KT][VT] h_kv staging, then [Tn][warps][VT] partial o
+  static constexpr int Q = U + KT * VT;                // [8][KT]
+  static constexpr int Kv = Q + kMaxDecodeTokens * KT;  // [8][KT]
+  static constexpr int QM = Kv + kMaxDecodeTokens * KT;  // [8][KT]
+  static constexpr int Vv = QM + kMaxDecodeTokens * KT;  // [8][VT]
+  static constexpr int X = Vv + kMaxDecodeTokens * VT;   // [2][KT] Chebyshev iterate
+  static constexpr int RED = X + 2 * KT;                 // [2][warps] Frobenius partials
+  static constexpr int DEC = RED + 2 * kWarps;           // [8] e^g
+  static constexpr int ALPHA = DEC + kMaxDecodeTokens;   // [8]
+  static constexpr int SIZE = ALPHA + kMaxDecodeTokens;
+  static_assert(kMaxDecodeTokens * kWarps * VT <= KT * VT, "partial outputs must fit the U staging area");
+};
+
+template <typename T, int KT, int VT>
+__global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams p) {
+  using SM = Smem<KT, VT>;
+  constexpr int HR = KT / 32;  // H rows per thread
+  constexpr int HC = KT / 32;  // H float4 column chunks per thread
+  constexpr int ULPR = VT / 4;          // U lanes per row
+  constexpr int URPI = 32 / ULPR;       // U rows per warp instruction
+  constexpr int URG = kWarps * URPI;    // U row groups
+  constexpr int URPT = KT / URG;        // U rows per thread
+  extern __shared__ float4 smem4[];
+  float* smem = reinterpret_cast<float*>(smem4);
+  float* Us = smem + SM::U;
+  float* qs = smem + SM::Q;
+  float* ks = smem + SM::Kv;
+  float* qms = smem + SM::QM;
+  float* vs = smem + SM::Vv;
+  float* xbuf = smem + SM::X;
+  float* red = smem + SM::RED;
+  float* decay = smem + SM::DEC;
+  float* alph = smem + SM::ALPHA;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int b = blockIdx.y, h = blockIdx.x;
+  const int Tn = p.Tn, K = p.K, V = p.V;
+  T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
+
+  const int64_t src = load_index(p.src_idx, p.src64, b);
+  if (src < 0) {  // padding sequence: states untouched, output 0
+    for (int i = tid; i < Tn * V; i += kThreads) out[(i / V) * p.so.t + i % V] = from_float<T>(0.f);
+    return;
+  }
+  const int64_t dst = load_index(p.dst_idx, p.dst64, b);
+  const int64_t kk_slot = (int64_t)p.H * K * K, kv_slot = (int64_t)p.H * K * V;
+  const int64_t kk_head = (int64_t)h * K * K, kv_head = (int64_t)h * K * V;
+
+  // 1. Prefetch U = h_kv[src, h] into shared memory (rows of V floats, padded to VT).
+  {
+    const float* u_in = p.h_kv + src * kv_slot + kv_head;
+    const int v4 = V / 4;
+    for (int c = tid; c < K * v4; c += kThreads) cp_async16(Us + (c / v4) * VT + 4 * (c % v4), u_in + 4 * c);
+    cp_async_commit();
+  }
+
+  // 2. H = h_kk[src, h] into registers.
+  const int cg = lane % 8, rg = lane / 8;
+  const int hrow0 = (warp * 4 + rg) * HR;
+  float4 Hm[HR][HC];
+  {
+    const float* h_in = p.h_kk + src * kk_slot + kk_head;
+#pragma unroll
+    for (int i = 0; i < HR; ++i)
+#pragma unroll
+      for (int j = 0; j < HC; ++j) {
+        const int r = hrow0 + i, c = 32 * j + 4 * cg;
+        Hm[i][j] = (r < K && c < K) ? *reinterpret_cast<const float4*>(h_in + (int64_t)r * K + c)
+                                    : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+  }
+
+  // 3. Stage q, k, v, e^g, alpha (zero-padded to KT / VT).
+  for (int i = tid; i < Tn * KT; i += kThreads) {
+    const int t = i / KT, c = i % KT;
+    const T* qp = static_cast<const T*>(p.q) + b * p.sq.b + t * p.sq.t + (h / p.q_group) * p.sq.h;
+    const T* kp = static_cast<const T*>(p.k) + b * p.sk.b + t * p.sk.t + (h / p.k_group) * p.sk.h;
+    qs[i] = c < K ? to_float(qp[c]) : 0.f;
+    ks[i] = c < K ? to_float(kp[c]) : 0.f;
+  }
+  for (int i = tid; i < Tn * VT; i += kThreads) {
+    const int t = i / VT, c = i % VT;
+    const T* vp = static_cast<const T*>(p.v) + b * p.sv.b + t * p.sv.t + (h / p.v_group) * p.sv.h;
+    vs[i] = c < V ? to_float(vp[c]) : 0.f;
+  }
+  if (tid < Tn) {
+    decay[tid] = __expf(load_scalar(p.g, p.g_dtype, b * p.sg.b + tid * p.sg.t + h * p.sg.h));
+    alph[tid] = p.alpha ? load_scalar(p.alpha, p.alpha_dtype, b * p.salpha.b + tid * p.salpha.t + h * p.salpha.h)
+                        : 1.f;
+  }
+  __syncthreads();
+
+  // After the butterfly over the 8 column lanes, this lane holds the sum of row own_row; the
+  // (8 / HR) lanes holding the same row carry identical iterates, the first of them stores x.
+  const int own_row = hrow0 + butterfly_first<HR, 8, 1>(lane);
+  const bool writer = (cg % (8 / HR)) == 0;
+
+  for (int t = 0; t < Tn; ++t) {
+    // H update and ||H||_F^2.
+    const float dec = decay[t];
+    const float* kt = ks + t * KT;
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < HC; ++j) {
+      const float4 kc = reinterpret_cast<const float4*>(kt)[8 * j + cg];
+#pragma unroll
+      for (int i = 0; i < HR; ++i) {
+        const float kr = kt[hrow0 + i];
+        float4& m = Hm[i][j];
+        m = fma4(kr, kc, scale4(dec, m));
+        ss = dot4(m, m, ss);
+      }
+    }
+    ss = warp_allreduce(ss);
+    if (lane == 0) red[(t & 1) * kWarps + warp] = ss;
+    __syncthreads();
+    float fro2 = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) fro2 += red[(t & 1) * kWarps + w];
+    const float fro = fro2 > 0.f ? sqrtf(fro2) : 1.f;
+    const float lam = p.ridge_ratio * fro;
+    const float denom = 2.f * lam + fro;
+    const float gamma = 2.f / denom;
+    const float half_rho = 0.5f * fro / denom;
+    const float c = half_rho * half_rho;
+
+    // Chebyshev iteration; the first matvec H x_0 = gamma H q reads q directly.
+    const float qr = qs[t * KT + own_row];
+    float x = gamma * qr, xprev = 0.f, w = 2.f;
+    const float* xin = qs + t * KT;
+    float ymul = gamma;
+    for (int it = 0; it < p.num_iter; ++it) {
+      float acc[HR];
+#pragma unroll
+      for (int i = 0; i < HR; ++i) acc[i] = 0.f;
+#pragma unroll
+      for (int j = 0; j < HC; ++j) {
+        const float4 xv = reinterpret_cast<const float4*>(xin)[8 * j + cg];
+#pragma unroll
+        for (int i = 0; i < HR; ++i) acc[i] = dot4(Hm[i][j], xv, acc[i]);
+      }
+      butterfly_reduce<HR, 8, 1>(acc);
+      const float y = acc[0] * ymul;
+      w = 1.f / (1.f - c * w);
+      const float d = gamma * w * (fmaf(lam, x, y) - qr) + (w - 1.f) * xprev;
+      xprev = x;
+      x = w * x - d;
+      if (it + 1 < p.num_iter) {
+        float* xo = xbuf + (it & 1) * KT;
+        if (writer) xo[own_row] = x;
+        __syncthreads();
+        xin = xo;
+        ymul = 1.f;
+      }
+    }
+    if (writer) qms[t * KT + own_row] = qr + alph[t] * (x - qr);
+  }
+
+  if (dst >= 0) {
+    float* h_out = p.h_kk + dst * kk_slot + kk_head;
+#pragma unroll
+    for (int i = 0; i < HR; ++i)
+#pragma unroll
+      for (int j = 0; j < HC; ++j) {
+        const int r = hrow0 + i, c = 32 * j + 4 * cg;
+        if (r < K && c < K) *reinterpret_cast<float4*>(h_out + (int64_t)r * K + c) = Hm[i][j];
+      }
+  }
+
+  // 4. U update and readout for every token.
+  cp_async_wait_all();
+  __syncthreads();
+  const int ucg = lane % ULPR, url = lane / ULPR;
+  const int urow0 = warp * URPI + url;
+  const bool ucol_ok = 4 * ucg < V;
+  float4 Ur[URPT];
+#pragma unroll
+  for (int i = 0; i < URPT; ++i) {
+    const int r = urow0 + URG * i;
+    Ur[i] = (r < K && ucol_ok) ? reinterpret_cast<const float4*>(Us + r * VT)[ucg] : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  __syncthreads();  // the staging area now takes the partial outputs
+  float* part = Us;
+  for (int t = 0; t < Tn; ++t) {
+    const float dec = decay[t];
+    const float4 vv = reinterpret_cast<const float4*>(vs + t * VT)[ucg];
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < URPT; ++i) {
+      const int r = urow0 + URG * i;
+      Ur[i] = fma4(ks[t * KT + r], vv, scale4(dec, Ur[i]));
+      const float qm = qms[t * KT + r];
+      acc[0] = fmaf(qm, Ur[i].x, acc[0]);
+      acc[1] = fmaf(qm, Ur[i].y, acc[1]);
+      acc[2] = fmaf(qm, Ur[i].z, acc[2]);
+      acc[3] = fmaf(qm, Ur[i].w, acc[3]);
+    }
+#pragma unroll
+    for (int o = ULPR; o < 32; o <<= 1)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
+    if (url == 0)
+      reinterpret_cast<float4*>(part + (t * kWarps + warp) * VT)[ucg] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  }
+  if (dst >= 0) {
+    float* u_out = p.h_kv + dst * kv_slot + kv_head;
+#pragma unroll
+    for (int i = 0; i < URPT; ++i) {
+      const int r = urow0 + URG * i;
+      if (r < K && ucol_ok) *reinterpret_cast<float4*>(u_out + (int64_t)r * V + 4 * ucg) = Ur[i];
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < Tn * V; i += kThreads) {
+    const int t = i / V, c = i % V;
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o += part[(t * kWarps + w) * VT + c];
+    out[t * p.so.t + c] = from_float<T>(p.scale * o);
+  }
+}
+
+template <typename T, int KT, int VT>
+void launch(const GkaParams& p, cudaStream_t stream) {
+  constexpr size_t bytes = sizeof(float) * Smem<KT, VT>::SIZE;
+  auto kernel = gka_decode_kernel<T, KT, VT>;
+  // The opt-in above 48 KiB is per device; set it once per device and instantiation.
+  static bool configured[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "gka_decode: cudaGetDevice");
+  if (dev >= 64 || !configured[dev]) {
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
+               "gka_decode: cudaFuncSetAttribute");
+    if (dev < 64) configured[dev] = true;
+  }
+  kernel<<<dim3(p.H, p.B), kThreads, bytes, stream>>>(p);
+}
+
+}  // namespace
+
+void gka_decode_launch(const GkaParams& p, int dtype, uintptr_t stream) {
+  if (p.Tn < 1 || p.Tn > kMaxDecodeTokens) throw std::invalid_argument("gka_decode: Tn must be in [1, 8]");
+  if (p.K < 4 || p.K > 128 || p.K % 4) throw std::invalid_argument("gka_decode: K must be a multiple of 4 in [4, 128]");
+  if (p.V < 4 || p.V > 128 || p.V % 4) throw std::invalid_argument("gka_decode: V must be a multiple of 4 in [4, 128]");
+  if (p.num_iter < 1 || p.num_iter > 64) throw std::invalid_argument("gka_decode: num_iter must be in [1, 64]");
+  if (p.B == 0) return;
+  dispatch_tag(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const cudaStream_t s = as_stream(stream);
+    if (p.K <= 64) {
+      if (p.V <= 64) launch<T, 64, 64>(p, s); else launch<T, 64, 128>(p, s);
+    } else {
+      if (p.V <= 64) launch<T, 128, 64>(p, s); else launch<T, 128, 128>(p, s);
+    }
+  });
+  check_launch("gka_decode");
+}
+
+}  // namespace gka
