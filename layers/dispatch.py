@@ -169,12 +169,9 @@ def ssd(impl: str, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
         return y.unsqueeze(1), state
     from gka_kernels.mamba2 import mamba_chunk_scan_combined
 
+    kw = dict(D=D, dt_bias=dt_bias, initial_states=initial_states, cu_seqlens=cu_seqlens, dt_softplus=True)
+    if not output_final_state:
+        return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, **kw), None
     if cu_seqlens is None:
-        y, final = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
-                                             initial_states=initial_states, dt_softplus=True,
-                                             return_final_states=True)
-    else:
-        y, final = mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
-                                             initial_states=initial_states, cu_seqlens=cu_seqlens,
-                                             dt_softplus=True, return_varlen_states=True)
-    return y, (final if output_final_state else None)
+        return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, return_final_states=True, **kw)
+    return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, return_varlen_states=True, **kw)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from gka_kernels.layers import (GatedDeltaNet, GatedKalmaNet, GatedRMSNorm, GDNCache, GKACache, Mamba2,
                                 Mamba2Cache, ShortConvolution)
-from tests.helpers import (DECODE_BF16, DECODE_FP32, GKA_GPU_FWD, GKA_GPU_GRAD, GPU_FWD, GPU_GATE_GRAD,
+from tests.helpers import (CPU_FWD, CPU_GRAD, DECODE_BF16, DECODE_FP32, GKA_GPU_FWD, GKA_GPU_GRAD, GPU_FWD, GPU_GATE_GRAD,
                            GPU_GRAD, rel_err)
 
 HIDDEN, H, HKV, D = 16, 4, 2, 8
@@ -482,6 +482,67 @@ def test_bad_forward_inputs(kind):
         L(x, cache=make(other).init_cache(2))
     with pytest.raises(ValueError, match="cache"):
         L(x, cache=L.init_cache(3))
+
+
+# ---------------------------------------------------------------- Triton kernels in the layers -
+
+_KERNELS = {"gka": ("gka", "chunk_gka", "fused_recurrent_gka"),
+            "gdn": ("gdn", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"),
+            "m2": ("mamba2", "mamba_chunk_scan_combined", "selective_state_update")}
+
+
+def _require_kernel(kind, which):
+    import importlib
+
+    mod, chunk, recurrent = _KERNELS[kind]
+    name = chunk if which == "chunk" else recurrent
+    if not hasattr(importlib.import_module(f"gka_kernels.{mod}"), name):
+        pytest.skip(f"gka_kernels.{mod}.{name} not available yet")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_chunk_path_in_layer(kind, monkeypatch):
+    """The layer's Triton wiring (argument names, layouts, varlen, states, gradients) under the
+    interpreter: same float32 layer, Triton chunk kernels vs the reference backend."""
+    from gka_kernels.layers import dispatch
+
+    _require_kernel(kind, "chunk")
+    L = make(kind, dtype=torch.float32)
+    x = torch.randn(2, 20, HIDDEN)
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :5] = 0
+    results = []
+    for impl in ("torch", "chunk"):
+        monkeypatch.setattr(dispatch, "plan", lambda *a, impl=impl, **k: impl)
+        xi = x.clone().requires_grad_()
+        y1, c = L(xi[:, :12], attention_mask=mask[:, :12], use_cache=True)
+        y2, c = L(xi[:, 12:], cache=c)
+        y = torch.cat([y1, y2], 1)
+        y.backward(torch.ones_like(y))
+        results.append((y, c, xi.grad, [p.grad.clone() for p in L.parameters()]))
+        L.zero_grad()
+    (y_ref, c_ref, dx_ref, dp_ref), (y, c, dx, dp) = results
+    assert rel_err(y, y_ref) <= CPU_FWD
+    assert_caches_close(c, c_ref, CPU_FWD)
+    assert rel_err(dx, dx_ref) <= CPU_GRAD
+    for (n, _), a, b in zip(L.named_parameters(), dp, dp_ref):
+        assert rel_err(a, b) <= CPU_GRAD, n
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_recurrent_decode_in_layer(kind, monkeypatch):
+    from gka_kernels.layers import dispatch
+
+    _require_kernel(kind, "recurrent")
+    L = make(kind, dtype=torch.float32)
+    x = torch.randn(2, 11, HIDDEN)
+    ref, c_ref = run_chunks(L, x, [8, 1, 1, 1])
+    monkeypatch.setattr(dispatch, "plan", lambda backend, device, single_token: "recurrent" if single_token else "torch")
+    out, c = run_chunks(L, x, [8, 1, 1, 1])
+    assert rel_err(out, ref) <= DECODE_FP32
+    assert_caches_close(c, c_ref, DECODE_FP32)
 
 
 # ---------------------------------------------------------------- torch.compile ---------------
