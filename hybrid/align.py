@@ -88,13 +88,14 @@ def alignment_loss(hybrid: nn.Module, teacher: nn.Module, input_ids: torch.Tenso
     return F.mse_loss(student.float(), target.float())
 
 
-def _fingerprint(hybrid: nn.Module, cfg: AlignConfig, num_tokens: int) -> str:
-    """Identifies a run: pattern, mixer options, data size and hyper-parameters (resuming with
-    anything else would not reproduce the uninterrupted run). The step count is left out so that
-    a finished run can be extended."""
+def _fingerprint(hybrid: nn.Module, cfg: AlignConfig, tokens: torch.Tensor) -> str:
+    """Identifies a run: pattern, mixer options, data and hyper-parameters (resuming with anything
+    else would not reproduce the uninterrupted run). The step count and checkpoint interval are
+    left out, so that a finished run can be extended."""
     c = hybrid.config
-    blob = json.dumps({"pattern": c.hybrid_override_pattern, "ssm": c.ssm_config, "tokens": num_tokens,
-                       "cfg": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every", "steps")}},
+    data = hashlib.sha256(tokens.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("checkpoint_every", "steps")}
+    blob = json.dumps({"pattern": c.hybrid_override_pattern, "ssm": c.ssm_config, "data": data, "cfg": settings},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -129,7 +130,7 @@ class Aligner:
             lr=cfg.lr, betas=(0.9, 0.95))
         self.step = 0
         self.losses: list[float] = []
-        self.fingerprint = _fingerprint(hybrid, cfg, tokens.numel())
+        self.fingerprint = _fingerprint(hybrid, cfg, tokens)
         self._stop = False
 
     @property

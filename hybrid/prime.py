@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sliding window for --select swa (default seq_len // 8)")
     p.add_argument("--text", type=Path, help="text for selection and alignment (plain or JSONL)")
     p.add_argument("--eval-text", type=Path, help="held-out text for perplexity")
+    p.add_argument("--max-text-bytes", type=int, default=2_000_000,
+                   help="bytes of the default (standard library) alignment text; the stream wraps around")
     p.add_argument("--align-steps", type=int, default=40, help="alignment steps (0 = convert only)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
@@ -251,8 +253,7 @@ def run(args: argparse.Namespace) -> dict:
     log(f"source: {name} ({type(source).__name__}, {count_parameters(source):,} parameters, "
         f"{source.config.num_hidden_layers} layers) on {device}")
 
-    needed = max(args.align_steps, 1) * args.batch_size * args.seq_len * 4 + 64 * args.seq_len * 4
-    align_tokens = _tokens_for(tok, args.text, "train", max_bytes=needed)
+    align_tokens = _tokens_for(tok, args.text, "train", max_bytes=args.max_text_bytes)
     eval_tokens = _tokens_for(tok, args.eval_text, "heldout", max_bytes=args.eval_windows * args.seq_len * 2 * 8)
     eval_windows = _windows(eval_tokens, args.seq_len * 2, args.eval_windows)
     sel_windows = _windows(align_tokens, args.seq_len * 2, args.eval_windows)
