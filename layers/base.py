@@ -132,9 +132,10 @@ class MixerLayer(nn.Module):
             cache.check_shapes(B, self.cache_shapes(), x.device)
         packing = Packing.from_mask(mask) if mask is not None else None
         if packing is None:
-            impl = dispatch.plan(self.backend, x.device, single_token=(T == 1 and cache is not None))
+            decode = cache is not None and T <= dispatch.MAX_DECODE_TOKENS
+            impl = dispatch.plan(self.backend, x.device, decode=decode)
             return self._mix(x, None, cache, impl), cache
-        impl = dispatch.plan(self.backend, x.device, single_token=False)
+        impl = dispatch.plan(self.backend, x.device, decode=False)
         if packing.num_tokens == 0:
             return torch.zeros_like(x), cache
         out = self._mix(packing.pack(x), packing.cu_seqlens, cache, impl)

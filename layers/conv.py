@@ -53,7 +53,7 @@ class ShortConvolution(nn.Conv1d):
             cu_seqlens: ``[N+1]`` offsets of the packed sequences (empty sequences allowed).
 
         Returns:
-            ``(y [same as x], new_state [N, C, W-1])``; ``new_state`` holds the last ``W-1`` inputs
+            ``(y [same as x], contiguous, new_state [N, C, W-1])``; ``new_state`` holds the last ``W-1`` inputs
             of each sequence, preceded by its old state where the sequence is shorter than that.
         """
         if cu_seqlens is None:
@@ -77,7 +77,7 @@ class ShortConvolution(nn.Conv1d):
         xt = x.transpose(1, 2)  # [B, C, T]
         prev = x.new_zeros(B, C, Wm1) if state is None else state.to(x.dtype)
         ext = torch.cat([prev, xt], dim=-1)  # [B, C, W-1+T]
-        y = F.conv1d(ext, self.weight, self.bias, groups=C).transpose(1, 2)
+        y = F.conv1d(ext, self.weight, self.bias, groups=C).transpose(1, 2).contiguous()
         new_state = ext[..., ext.shape[-1] - Wm1:]
         return self._act(y), new_state.to(state.dtype if state is not None else x.dtype)
 
@@ -99,7 +99,7 @@ class ShortConvolution(nn.Conv1d):
         ext = x.new_zeros(L + N * Wm1, C)
         ext = ext.index_copy(0, token_pos, x[0]).index_copy(0, state_pos.reshape(-1), prev.reshape(-1, C))
         y = F.conv1d(ext.t().unsqueeze(0), self.weight, self.bias, groups=C)[0].t()  # [L + (N-1)(W-1), C]
-        y = y.index_select(0, token_pos - Wm1)
+        y = y.index_select(0, token_pos - Wm1)  # [L, C], contiguous
         last = (cu[1:] + torch.arange(N, device=dev) * Wm1)[:, None] + col  # last W-1 of each segment
         new_state = ext.index_select(0, last.reshape(-1)).view(N, Wm1, C).transpose(1, 2)
         return self._act(y).unsqueeze(0), new_state.to(state.dtype if state is not None else x.dtype)

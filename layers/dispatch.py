@@ -2,12 +2,15 @@
 
 Backends (the ``backend=`` argument of every layer):
 
-- ``"auto"``:  GPU tensors -> Triton kernels (chunked for prompts, fused recurrent for one-token
-  steps) and, when ``gka_kernels.cuda_available()``, the CUDA C++ kernel for one-token steps;
+- ``"auto"``:  GPU tensors -> Triton kernels (chunked for prompts, fused recurrent for decode
+  steps) and, when ``gka_kernels.cuda_available()``, the CUDA C++ kernels for decode steps;
   CPU tensors -> the PyTorch reference.
 - ``"triton"``: Triton kernels always; CPU tensors raise ``ValueError`` (never a silent fallback).
-- ``"cuda"``:  CUDA C++ kernel for one-token steps (the extension must be built; checked when the
+- ``"cuda"``:  CUDA C++ kernels for decode steps (the extension must be built; checked when the
   layer is built), Triton for everything else; CPU tensors raise ``ValueError``.
+
+A decode step is a call with a cache, no padding and at most ``MAX_DECODE_TOKENS`` tokens per
+sequence (one token, or a few for speculative decoding).
 - ``"torch"``: the PyTorch reference (``gka_kernels.reference``) always, on any device.
 
 ``plan`` turns a backend, a device and the kind of call into an implementation name; the op
@@ -25,6 +28,8 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 
 #: implementation names returned by ``plan``
 TORCH, CHUNK, RECURRENT, CUDA = "torch", "chunk", "recurrent", "cuda"
+#: most tokens per sequence that the decode kernels (CUDA C++: 1..8) take in one step
+MAX_DECODE_TOKENS = 8
 
 
 def check_backend(backend: object) -> str:
@@ -40,11 +45,11 @@ def check_backend(backend: object) -> str:
     return backend
 
 
-def plan(backend: str, device: torch.device, single_token: bool) -> str:
+def plan(backend: str, device: torch.device, decode: bool) -> str:
     """Implementation for one call: ``"torch"``, ``"chunk"``, ``"recurrent"`` or ``"cuda"``.
 
-    ``single_token``: the call carries exactly one token per sequence in the ``[B, 1]`` layout
-    (a decode step without padding), which is what the recurrent and CUDA kernels take.
+    ``decode``: the call is a decode step (cache, ``[B, T <= MAX_DECODE_TOKENS]`` layout, no
+    padding), which is what the recurrent and CUDA kernels take.
     """
     if backend == "torch":
         return TORCH
@@ -53,7 +58,7 @@ def plan(backend: str, device: torch.device, single_token: bool) -> str:
             return TORCH
         raise ValueError(f"backend={backend!r} runs on CUDA tensors only, got tensors on {device}; "
                          "use backend='torch' (or 'auto') for CPU tensors")
-    if not single_token:
+    if not decode:
         return CHUNK
     if backend == "cuda":
         return CUDA
@@ -70,14 +75,10 @@ def _ref_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _cuda_pool(state: torch.Tensor) -> torch.Tensor:
-    """The float32 contiguous state pool the CUDA kernels update in place."""
+    """The float32 contiguous state pool the decode kernels update in place (slot ``b`` = row ``b``)."""
     if state.dtype == torch.float32 and state.is_contiguous():
         return state
     return state.to(torch.float32).contiguous()
-
-
-def _slots(state: torch.Tensor) -> torch.Tensor:
-    return torch.arange(state.shape[0], device=state.device, dtype=torch.int32)
 
 
 @torch.compiler.disable
@@ -98,8 +99,7 @@ def gated_delta_rule(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         from gka_kernels.cuda import gdn_decode
 
         state = _cuda_pool(initial_state)
-        o = gdn_decode(q, k, v, g, beta, state, _slots(state), scale=scale, use_qk_l2norm=True)
-        return o, state
+        return gdn_decode(q, k, v, g, beta, state, scale=scale, use_qk_l2norm=True), state
     from gka_kernels import gdn
 
     fn = gdn.chunk_gated_delta_rule if impl == CHUNK else gdn.fused_recurrent_gated_delta_rule
@@ -128,8 +128,7 @@ def gka(impl: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.T
         from gka_kernels.cuda import gka_decode
 
         h_kk, h_kv = (_cuda_pool(s) for s in initial_state)
-        o = gka_decode(q, k, v, g, alpha, h_kk, h_kv, _slots(h_kk), scale=scale,
-                       ridge_ratio=ridge_ratio, num_iter=num_iter)
+        o = gka_decode(q, k, v, g, alpha, h_kk, h_kv, scale=scale, num_iter=num_iter, ridge_ratio=ridge_ratio)
         return o, (h_kk, h_kv)
     from gka_kernels import gka as gka_ops
 
@@ -154,19 +153,18 @@ def ssd(impl: str, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
                            initial_states=initial_states, cu_seqlens=cu_seqlens, dt_softplus=True,
                            dt_limit=(0.0, math.inf))
         return y.to(x.dtype), (final if output_final_state else None)
-    if impl in (CUDA, RECURRENT):
-        state = _cuda_pool(initial_states) if impl == CUDA else initial_states.to(torch.float32).contiguous()
-        args = (x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0])
-        if impl == CUDA:
-            from gka_kernels.cuda import mamba2_decode
+    if impl == CUDA:
+        from gka_kernels.cuda import mamba2_decode
 
-            y = mamba2_decode(state, *args, D=D, dt_bias=dt_bias, dt_softplus=True,
-                              state_indices=_slots(state))
-        else:
-            from gka_kernels.mamba2 import selective_state_update
+        state = _cuda_pool(initial_states)
+        return mamba2_decode(state, x, dt, A, B, C, D=D, dt_bias=dt_bias, dt_softplus=True), state
+    if impl == RECURRENT:
+        from gka_kernels.mamba2 import selective_state_update
 
-            y = selective_state_update(state, *args, D=D, dt_bias=dt_bias, dt_softplus=True)
-        return y.unsqueeze(1), state
+        state = _cuda_pool(initial_states)
+        y = [selective_state_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D=D, dt_bias=dt_bias,
+                                    dt_softplus=True) for t in range(x.shape[1])]
+        return torch.stack(y, 1), state
     from gka_kernels.mamba2 import mamba_chunk_scan_combined
 
     kw = dict(D=D, dt_bias=dt_bias, initial_states=initial_states, cu_seqlens=cu_seqlens, dt_softplus=True)

@@ -537,12 +537,36 @@ def test_triton_recurrent_decode_in_layer(kind, monkeypatch):
 
     _require_kernel(kind, "recurrent")
     L = make(kind, dtype=torch.float32)
-    x = torch.randn(2, 11, HIDDEN)
-    ref, c_ref = run_chunks(L, x, [8, 1, 1, 1])
-    monkeypatch.setattr(dispatch, "plan", lambda backend, device, single_token: "recurrent" if single_token else "torch")
-    out, c = run_chunks(L, x, [8, 1, 1, 1])
+    x = torch.randn(2, 14, HIDDEN)
+    sizes = [9, 1, 3, 1]  # prompt (> MAX_DECODE_TOKENS: chunked), then steps of 1 and 3 tokens
+    ref, c_ref = run_chunks(L, x, sizes)
+    monkeypatch.setattr(dispatch, "plan", lambda backend, device, decode: "recurrent" if decode else "torch")
+    out, c = run_chunks(L, x, sizes)
     assert rel_err(out, ref) <= DECODE_FP32
     assert_caches_close(c, c_ref, DECODE_FP32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_decode_call_passes_validation(kind, monkeypatch):
+    """The layer's calls into the CUDA decode wrappers pass their (device-independent) validation
+    and hand over the cache's own state tensors as in-place pools; the launch itself is recorded
+    instead of run (no GPU here)."""
+    import gka_kernels.cuda._args as cuda_args
+    from gka_kernels.layers import dispatch
+
+    launches = []
+    monkeypatch.setattr(cuda_args, "launch", lambda fn, args, device: launches.append((fn, args)))
+    monkeypatch.setattr(dispatch, "plan", lambda backend, device, decode: "cuda" if decode else "torch")
+    L = make(kind, dtype=torch.float32)
+    _, cache = L(torch.randn(2, 10, HIDDEN), use_cache=True)
+    pools = {n: t.data_ptr() for n, t in cache.tensors().items() if n in cache.state_fields}
+    L(torch.randn(2, 3, HIDDEN), cache=cache)
+    fn, args = launches[-1]
+    assert fn == {"gka": "gka_decode", "gdn": "gdn_decode", "m2": "mamba2_decode"}[kind]
+    assert (args["B"], args["Tn"], args["H"]) == (2, 3, H)
+    ptrs = {"gka": ("h_kk", "h_kv"), "gdn": ("state",), "m2": ("state",)}[kind]
+    assert sorted(args[p] for p in ptrs) == sorted(pools.values())
+    assert {n: t.data_ptr() for n, t in cache.tensors().items() if n in cache.state_fields} == pools
 
 
 # ---------------------------------------------------------------- torch.compile ---------------
@@ -627,14 +651,14 @@ def test_gpu_bf16_layer_vs_reference(kind, shape, padded):
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("kind", KINDS)
 def test_gpu_decode_backends(kind, shape):
-    """Prefill 100 tokens, decode 16: triton and auto (CUDA C++ when built) vs the reference backend,
-    and the decode loop vs one chunked call."""
+    """Prefill 100 tokens, decode 16: triton, auto and cuda (CUDA C++, when built) vs the reference
+    backend, and the decode loop vs one chunked call."""
     import gka_kernels
 
     backends = ["triton", "auto"] + (["cuda"] if gka_kernels.cuda_available() else [])
     fast, ref = _gpu_pair(kind, shape)
     x = torch.randn(3, 116, shape["hidden"], device="cuda", dtype=torch.bfloat16)
-    sizes = [100] + [1] * 16
+    sizes = [100, 3] + [1] * 13  # a 3-token (speculative) step, then one token at a time
     with torch.no_grad():
         y_ref, c_ref = run_chunks(ref, x, sizes)
         y_one, _ = fast(x, use_cache=True)
