@@ -5,10 +5,13 @@ A layer's ``forward(..., cache=c)`` reads the states, runs the new tokens (a who
 of it, or one decode token) and writes the new states back into ``c``.
 
 Dtypes: convolution states are float32 (float64 when the activations are float64), which stores
-bf16/fp16 inputs exactly. Recurrent states are float32 by default; ``state_dtype=torch.bfloat16``
-halves their memory at a measured cost (see ``README`` of ``layers`` / the report in
-``tests/test_layers.py::test_bf16_state_error``): the kernels always compute on a float32 copy and
-the result is rounded back after each call.
+bf16/fp16 inputs exactly. Recurrent states are float32 by default. ``state_dtype=torch.bfloat16``
+halves their memory; the kernels then compute on a float32 copy and the new state is rounded back
+after each call. Measured cost (float32 layers, 32-token prompt then 128 decode steps, relative
+error of the decode outputs against float32 states, head dim 16 / 32): Mamba-2 2.5e-4 / 1.0e-4,
+GDN 2.5e-3 / 3.9e-3, GKA 1.2e-2 / 1.7e-2 (``h_kk`` alone 6.9e-3 / 1.0e-2, ``h_kv`` alone
+9.8e-3 / 1.4e-2). GKA's error grows with the head dim, so keep its states in float32
+(``tests/test_layers.py::test_bf16_state_error`` bounds it at this file's sizes).
 
 Batch management: ``reorder(beam_idx)`` (beam search, may repeat rows) and ``select(indices)``
 (keep a subset of rows, e.g. drop finished sequences) both replace every tensor by
