@@ -81,15 +81,15 @@ def chunk_gka_bwd_dh_kernel(
         p_row = (tok * H + i_h) * K
         p_k = (tok * HKV + i_hk) * K
         b_dq = tl.load(dqs + p_row[:, None] + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0).to(ACC)
-        b_x = tl.load(x + p_row[:, None] + o_j[None, :], mask=m_t[:, None] & m_j[None, :], other=0).to(ACC)
+        b_x = tl.load(x + p_row[:, None] + o_j[None, :], mask=m_t[:, None] & m_j[None, :], other=0)
         b_ki = tl.load(k + p_k[:, None] + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0).to(ACC)
-        b_kj = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_t[:, None] & m_j[None, :], other=0).to(ACC)
+        b_kj = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_t[:, None] & m_j[None, :], other=0)
         b_hc = tl.load(h + p_state, mask=m_ij, other=0).to(ACC)
-        b_dq = b_dq * tl.exp(b_g)[:, None]
-        b_ki = b_ki * b_beta[:, None]
+        b_dq = (b_dq * tl.exp(b_g)[:, None]).to(DT)
+        b_ki = (b_ki * b_beta[:, None]).to(DT)
         b_d = b_d * tl.exp(g_last) - b0 * b_hc
-        b_d -= tl.dot(tl.trans(b_dq.to(DT)), b_x.to(DT), input_precision=PREC, out_dtype=ACC)
-        b_d -= tl.dot(tl.trans(b_ki.to(DT)), b_kj.to(DT), input_precision=PREC, out_dtype=ACC)
+        b_d -= tl.dot(tl.trans(b_dq), b_x.to(ACC).to(DT), input_precision=PREC, out_dtype=ACC)
+        b_d -= tl.dot(tl.trans(b_ki), b_kj.to(ACC).to(DT), input_precision=PREC, out_dtype=ACC)
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * K + o_ij, b_d.to(dh0.dtype.element_ty), mask=m_ij)
 

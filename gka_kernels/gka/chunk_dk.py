@@ -39,9 +39,11 @@ from gka_kernels.gka._common import CHUNK, dot_precision, chunk_coords, dot_dtyp
 def chunk_gka_bwd_dk_kernel(
     k, x, dqs, gcum, lam_c, beta, dgp, h, dh, dk, dgc, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    BJ: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (chunks, B*H): dk (per query head) and dGc of one chunk."""
+    """Grid (chunks, B*H): dk (per query head) and dGc of one chunk. The [BT, BT] weight matrices
+    are formed once; the output columns are produced in blocks of BJ (two [K, BJ] state slices
+    per block) to bound register use."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -53,7 +55,6 @@ def chunk_gka_bwd_dk_kernel(
     m_t = o_t < rows
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
-    m_kk = m_k[:, None] & m_k[None, :]
     m_tt = m_t[:, None] & m_t[None, :]
     tok = bos + i_t * BT + o_t
 
@@ -61,47 +62,52 @@ def chunk_gka_bwd_dk_kernel(
     g_last = tl.load(gcum + (bos + i_t * BT + rows - 1) * H + i_h).to(ACC)
     b_c = tl.load(lam_c + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    o_row = (tok * H + i_h)[:, None] * K + o_k[None, :]
-    b_k = tl.load(k + (tok * HKV + i_hk)[:, None] * K + o_k[None, :], mask=m_tk, other=0).to(ACC)
-    b_x = tl.load(x + o_row, mask=m_tk, other=0).to(ACC)
-    b_dq = tl.load(dqs + o_row, mask=m_tk, other=0).to(ACC)
-    b_kd = b_k.to(DT)
-    b_xd = b_x.to(DT)
-    b_dqd = b_dq.to(DT)
+    p_row = (tok * H + i_h) * K
+    p_k = (tok * HKV + i_hk) * K
+    b_kd = tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC).to(DT)
+    b_xd = tl.load(x + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC).to(DT)
+    b_dqd = tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC).to(DT)
 
-    p_state = (i_s * H + i_h) * K * K
-    o_kk = o_k[:, None] * K + o_k[None, :]
-    o_kkt = o_k[:, None] + o_k[None, :] * K
-    b_ds = (tl.load(dh + p_state + o_kk, mask=m_kk, other=0).to(ACC)
-            + tl.load(dh + p_state + o_kkt, mask=m_kk, other=0).to(ACC))
-    b_hs = (tl.load(h + p_state + o_kk, mask=m_kk, other=0).to(ACC)
-            + tl.load(h + p_state + o_kkt, mask=m_kk, other=0).to(ACC))
-
-    # Later chunks and the H_c part of the lambda path.
-    b_el = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
-    b_dk = tl.dot((b_k * b_el[:, None]).to(DT), b_ds.to(DT), input_precision=PREC, out_dtype=ACC)
-    b_dk -= b_beta[:, None] * tl.dot(b_kd, b_hs.to(DT), input_precision=PREC, out_dtype=ACC)
-
-    # -dqs x^T within the chunk: Mt[t, s] = exp(G_s - G_t) for s >= t.
+    # Rows t, columns s >= t: Mt[t, s] = exp(G_s - G_t).
     m_up = (o_t[None, :] >= o_t[:, None]) & m_tt
     b_mt = tl.exp(tl.where(m_up, b_g[None, :] - b_g[:, None], float("-inf")))
-    b_a = tl.dot(b_kd, tl.trans(b_xd), input_precision=PREC, out_dtype=ACC) * b_mt
-    b_dk -= tl.dot(b_a.to(DT), b_dqd, input_precision=PREC, out_dtype=ACC)
-    b_a = tl.dot(b_kd, tl.trans(b_dqd), input_precision=PREC, out_dtype=ACC) * b_mt
-    b_dk -= tl.dot(b_a.to(DT), b_xd, input_precision=PREC, out_dtype=ACC)
-
-    # -c H within the chunk: the symmetric weights Mw.
+    b_a1 = (tl.dot(b_kd, tl.trans(b_xd), input_precision=PREC, out_dtype=ACC) * b_mt).to(DT)
+    b_a2 = (tl.dot(b_kd, tl.trans(b_dqd), input_precision=PREC, out_dtype=ACC) * b_mt).to(DT)
+    # Symmetric lambda-path weights 2 Mw[t, j] (k_t . k_j).
     b_e2 = tl.exp(tl.where(m_up, 2.0 * (b_g[None, :] - b_g[:, None]), float("-inf")))
     b_bp = tl.sum(b_e2 * b_c[None, :], axis=1)
     m_lo = o_t[:, None] >= o_t[None, :]
     b_gm = tl.where(m_lo, b_g[:, None], b_g[None, :])
     b_bm = tl.where(m_lo, b_bp[:, None], b_bp[None, :])
     b_mw = tl.exp(tl.where(m_tt, 2.0 * b_gm - b_g[:, None] - b_g[None, :], float("-inf"))) * b_bm
-    b_a = tl.dot(b_kd, tl.trans(b_kd), input_precision=PREC, out_dtype=ACC) * b_mw
-    b_dk -= 2.0 * tl.dot(b_a.to(DT), b_kd, input_precision=PREC, out_dtype=ACC)
+    b_a3 = (2.0 * tl.dot(b_kd, tl.trans(b_kd), input_precision=PREC, out_dtype=ACC) * b_mw).to(DT)
+    b_el = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
+    b_kel = (b_kd.to(ACC) * b_el[:, None]).to(DT)
 
-    b_dgc = tl.load(dgp + tok * H + i_h, mask=m_t, other=0).to(ACC) - 0.5 * tl.sum(b_k * b_dk, axis=1)
-    tl.store(dk + o_row, b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    p_state = (i_s * H + i_h) * K * K
+    b_dgc = tl.load(dgp + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    for j0 in tl.static_range(0, BK, BJ):
+        o_j = j0 + tl.arange(0, BJ)
+        m_j = o_j < K
+        m_kj = m_k[:, None] & m_j[None, :]
+        m_tj = m_t[:, None] & m_j[None, :]
+        o_kj = o_k[:, None] * K + o_j[None, :]
+        o_jk = o_k[:, None] + o_j[None, :] * K
+        b_ds = (tl.load(dh + p_state + o_kj, mask=m_kj, other=0).to(ACC)
+                + tl.load(dh + p_state + o_jk, mask=m_kj, other=0).to(ACC))
+        b_hs = (tl.load(h + p_state + o_kj, mask=m_kj, other=0).to(ACC)
+                + tl.load(h + p_state + o_jk, mask=m_kj, other=0).to(ACC))
+        b_kj = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
+        b_xj = tl.load(x + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
+        b_dqj = tl.load(dqs + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
+        # Later chunks, then the H_c part of the lambda path, then this chunk's tokens.
+        b_dk = tl.dot(b_kel, b_ds.to(DT), input_precision=PREC, out_dtype=ACC)
+        b_dk -= b_beta[:, None] * tl.dot(b_kd, b_hs.to(DT), input_precision=PREC, out_dtype=ACC)
+        b_dk -= tl.dot(b_a1, b_dqj.to(DT), input_precision=PREC, out_dtype=ACC)
+        b_dk -= tl.dot(b_a2, b_xj.to(DT), input_precision=PREC, out_dtype=ACC)
+        b_dk -= tl.dot(b_a3, b_kj.to(DT), input_precision=PREC, out_dtype=ACC)
+        tl.store(dk + p_row[:, None] + o_j[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tj)
+        b_dgc -= 0.5 * tl.sum(b_kj * b_dk, axis=1)
     tl.store(dgc + tok * H + i_h, b_dgc.to(dgc.dtype.element_ty), mask=m_t)
 
 
@@ -128,7 +134,7 @@ def chunk_gka_bwd_dk(
     grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
     chunk_gka_bwd_dk_kernel[grid](
         k, x, dqs, gcum, lam_c, beta, dgp, h, dh, dk, dgc, cu_seqlens, chunk_indices, T, NT,
-        H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), IS_VARLEN=cu_seqlens is not None,
+        H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), BJ=min(64, next_power_of_2(K)), IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DT=dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
     return dk, dgc
@@ -141,7 +147,7 @@ for _w in (4, 8):
         types={"k": "*bf16", "x": "*bf16", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
                "beta": "*fp32", "dgp": "*fp32", "h": "*bf16", "dh": "*fp32", "dk": "*fp32",
                "dgc": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "T": "i32", "NT": "i32"},
-        constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "IS_VARLEN": False,
+        constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 64, "IS_VARLEN": False,
                     "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
         num_warps=_w, num_stages=1,
     ))

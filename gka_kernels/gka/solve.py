@@ -28,7 +28,10 @@ Backward kernel (implicit differentiation, ``A_t`` symmetric): ``dx = alpha dqm`
     beta_t = sum_{s >= t in chunk} c_s exp(G_s - G_t + G_s)
 
 Tiles: grid (chunks, B*H); one program holds ``H_c`` [K, K], the key chunk [BT, K], ``M`` [BT, BT]
-and the iterates [BT, K] on-chip for all ``num_iter`` iterations.
+and the iterates [BT, K] on-chip for all ``num_iter`` iterations. Every [BT, K] row tensor is kept
+as two column halves [BT, BK/2] (``_l``/``_h``) so that each half of ``H_t y_t`` is consumed by
+its update before the other half is formed: one [BT, BK/2] fp32 accumulator is live instead of
+a [BT, BK] one, which keeps a 4-warp program (one warpgroup, BT = 64 rows) within its registers.
 """
 
 from __future__ import annotations
@@ -44,51 +47,155 @@ from gka_kernels.gka._common import CHUNK, dot_precision, chebyshev_constants, c
 
 @triton.jit
 def _load_chunk(k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk,
-                H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-                ACC: tl.constexpr):
-    """Chunk operands: token offsets, row/col masks, G [BT], M [BT, BT], K [BT, BK] and H_c^T."""
+                H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
+                ACC: tl.constexpr, DT: tl.constexpr):
+    """Chunk operands: token offsets, row mask, G [BT], M [BT, BT] and, in the dot dtype, the key
+    chunk's column halves [BT, BH] and the four [BH, BH] blocks of H_c^T
+    (``ht_xy[i, j] = H_c[y j, x i]``, so that rows(Y @ H_c^T) = (H_c y_t)^T)."""
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
+    o_l = tl.arange(0, BH)
+    o_h = BH + o_l
     m_t = o_t < rows
-    m_k = o_k < K
     tok = bos + i_t * BT + o_t
     b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
     m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
     b_m = tl.exp(tl.where(m_tt, b_g[:, None] - b_g[None, :], float("-inf")))
-    b_k = tl.load(k + (tok * HKV + i_hk)[:, None] * K + o_k[None, :],
-                  mask=m_t[:, None] & m_k[None, :], other=0).to(ACC)
-    # b_ht[i, j] = H_c[j, i], so that rows(Y @ b_ht) = (H_c y_t)^T.
-    b_ht = tl.load(h + (i_s * H + i_h) * K * K + o_k[:, None] + o_k[None, :] * K,
-                   mask=m_k[:, None] & m_k[None, :], other=0).to(ACC)
-    return tok, o_t, o_k, m_t, m_k, b_g, b_m, b_k, b_ht
+    p_k = k + (tok * HKV + i_hk)[:, None] * K
+    b_kl = tl.load(p_k + o_l[None, :], mask=m_t[:, None] & (o_l[None, :] < K), other=0).to(ACC).to(DT)
+    b_kh = tl.load(p_k + o_h[None, :], mask=m_t[:, None] & (o_h[None, :] < K), other=0).to(ACC).to(DT)
+    p_h = h + (i_s * H + i_h) * K * K
+    b_ht_ll = _load_block_t(p_h, o_l, o_l, K, ACC, DT)
+    b_ht_lh = _load_block_t(p_h, o_l, o_h, K, ACC, DT)
+    b_ht_hl = _load_block_t(p_h, o_h, o_l, K, ACC, DT)
+    b_ht_hh = _load_block_t(p_h, o_h, o_h, K, ACC, DT)
+    return tok, m_t, b_g, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh
 
 
 @triton.jit
-def _apply_h(b_y, b_eg, b_m, b_kd, b_htd, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """rows(H_t y_t) for the rows of ``b_y``: (exp(G) * Y) @ H_c^T + ((Y @ K^T) * M) @ K."""
-    b_p = tl.dot((b_y * b_eg[:, None]).to(DT), b_htd, input_precision=PREC, out_dtype=ACC)
-    b_s = tl.dot(b_y.to(DT), tl.trans(b_kd), input_precision=PREC, out_dtype=ACC) * b_m
-    b_p += tl.dot(b_s.to(DT), b_kd, input_precision=PREC, out_dtype=ACC)
-    return b_p
+def _load_block_t(p_h, o_i, o_j, K: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr):
+    """``b[i, j] = H_c[o_j[j], o_i[i]]`` (a block of H_c^T) in the dot dtype."""
+    return tl.load(p_h + o_i[:, None] + o_j[None, :] * K,
+                   mask=(o_i[:, None] < K) & (o_j[None, :] < K), other=0).to(ACC).to(DT)
 
 
 @triton.jit
-def _chebyshev(b_rhs, b_inv, b_eg, b_m, b_kd, b_htd, ridge, step, c4, num_iter,
-               ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """``num_iter`` Chebyshev steps for ``(H_t / fro_t + a I) y_t = rhs_t`` on every row."""
-    b_prev = tl.zeros_like(b_rhs)
-    b_y = step * b_rhs
+def _scores(b_al, b_ah, b_bl, b_bh, ACC: tl.constexpr, PREC: tl.constexpr):
+    """A @ B^T for A, B given as column halves in the dot dtype."""
+    b_s = tl.dot(b_al, tl.trans(b_bl), input_precision=PREC, out_dtype=ACC)
+    return tl.dot(b_ah, tl.trans(b_bh), b_s, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _half(b_yl, b_yh, b_ht_l, b_ht_h, b_sd, b_kc, b_eg, ACC: tl.constexpr, PREC: tl.constexpr):
+    """One column half of rows(H_t y_t): exp(G) * (Y @ H_c^T[:, half]) + S @ K[:, half], with
+    ``S = (Y @ K^T) * M`` in the dot dtype."""
+    b_p = tl.dot(b_yl, b_ht_l, input_precision=PREC, out_dtype=ACC)
+    b_p = tl.dot(b_yh, b_ht_h, b_p, input_precision=PREC, out_dtype=ACC) * b_eg[:, None]
+    return tl.dot(b_sd, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
+
+
+@triton.jit
+def _apply(b_yl, b_yh, b_m, b_eg, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
+           ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Both column halves of rows(H_t y_t)."""
+    b_ol = b_yl.to(DT)
+    b_oh = b_yh.to(DT)
+    b_sd = (_scores(b_ol, b_oh, b_kl, b_kh, ACC, PREC) * b_m).to(DT)
+    b_pl = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, ACC, PREC)
+    b_ph = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, ACC, PREC)
+    return b_pl, b_ph
+
+
+@triton.jit
+def _bits16(b, DT: tl.constexpr):
+    """``b`` rounded to the 16-bit dtype ``DT``, its bits in the low half of an int32."""
+    return b.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+
+
+@triton.jit
+def _lo16(b_p, DT: tl.constexpr, ACC: tl.constexpr):
+    """Low 16-bit half of a packed int32 tensor, as ``ACC``."""
+    return b_p.to(tl.int16).to(DT, bitcast=True).to(ACC)
+
+
+@triton.jit
+def _hi16(b_p, DT: tl.constexpr, ACC: tl.constexpr):
+    """High 16-bit half of a packed int32 tensor, as ``ACC``."""
+    return (b_p >> 16).to(tl.int16).to(DT, bitcast=True).to(ACC)
+
+
+@triton.jit
+def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
+               ridge, step, c4, num_iter, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """``num_iter`` Chebyshev steps for ``(H_t / fro_t + a I) y_t = rhs_t`` on every row; returns
+    the column halves of ``y``.
+
+    Carried as ``y_i`` (accumulation dtype) and the increment ``d_i = y_i - y_{i-1}``:
+    ``d_i = (w_i - 1) d_{i-1} - step w_i (A y_{i-1} - rhs)``, ``y_i = y_{i-1} + d_i``, ``d_0 = y_0``.
+    Each column half of ``A y`` is consumed by its update before the other is formed. With a
+    16-bit dot dtype, ``d`` (which shrinks as the iteration converges, so its rounding matters
+    less than that of ``y_{i-1}``) and ``rhs`` (exact for bf16 queries) are carried in that dtype,
+    both column halves packed in one int32 tensor (Triton otherwise keeps one 16-bit element per
+    32-bit register)."""
+    PACK: tl.constexpr = DT.primitive_bitwidth == 16
+    b_md = b_m.to(DT)
+    b_yl = step * b_rl
+    b_yh = step * b_rh
+    b_dl = b_yl
+    b_dh = b_yh
+    if PACK:
+        b_rp = _bits16(b_rl, DT) | (_bits16(b_rh, DT) << 16)
+        b_dp = _bits16(b_dl, DT) | (_bits16(b_dh, DT) << 16)
     w = tl.full([], 2.0, ACC)
     for _ in range(num_iter):
         w = 1.0 / (1.0 - c4 * w)
-        b_r = _apply_h(b_y, b_eg, b_m, b_kd, b_htd, ACC, DT, PREC) * b_inv[:, None] + ridge * b_y - b_rhs
-        b_next = b_y - (step * w) * b_r + (w - 1.0) * (b_y - b_prev)
-        b_prev = b_y
-        b_y = b_next
-    return b_y
+        b_ol = b_yl.to(DT)
+        b_oh = b_yh.to(DT)
+        b_sd = (_scores(b_ol, b_oh, b_kl, b_kh, ACC, PREC) * b_md.to(ACC)).to(DT)
+        b_p = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, ACC, PREC)
+        if PACK:
+            b_dl = _lo16(b_dp, DT, ACC)
+            b_rl = _lo16(b_rp, DT, ACC)
+        b_dl = (w - 1.0) * b_dl - (step * w) * (b_p * b_inv[:, None] + ridge * b_yl - b_rl)
+        b_yl += b_dl
+        if PACK:
+            b_dp = (b_dp & -65536) | _bits16(b_dl, DT)
+        b_p = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, ACC, PREC)
+        if PACK:
+            b_dh = _hi16(b_dp, DT, ACC)
+            b_rh = _hi16(b_rp, DT, ACC)
+        b_dh = (w - 1.0) * b_dh - (step * w) * (b_p * b_inv[:, None] + ridge * b_yh - b_rh)
+        b_yh += b_dh
+        if PACK:
+            b_dp = (b_dp & 0xFFFF) | (_bits16(b_dh, DT) << 16)
+    return b_yl, b_yh
 
 
-_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+@triton.jit
+def _frobenius_sq(h, i_s, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+    """||H_c||_F^2 of the stored chunk state, in row blocks of 16."""
+    o_k = tl.arange(0, BK)
+    acc = tl.zeros([BK], dtype=ACC)
+    for r0 in tl.static_range(0, BK, 16):
+        o_r = r0 + tl.arange(0, 16)
+        b = tl.load(h + (i_s * H + i_h) * K * K + o_r[:, None] * K + o_k[None, :],
+                    mask=(o_r[:, None] < K) & (o_k[None, :] < K), other=0).to(ACC)
+        acc += tl.sum(b * b, axis=0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _load_rows(p, o_c, m_t, K: tl.constexpr, ACC: tl.constexpr):
+    """Rows ``p[t]`` (row pointers), columns ``o_c``, as ``ACC``."""
+    return tl.load(p[:, None] + o_c[None, :], mask=m_t[:, None] & (o_c[None, :] < K), other=0).to(ACC)
+
+
+@triton.jit
+def _store_rows(p, o_c, m_t, b, K: tl.constexpr):
+    tl.store(p[:, None] + o_c[None, :], b.to(p.dtype.element_ty), mask=m_t[:, None] & (o_c[None, :] < K))
+
+
+_CONFIGS = [triton.Config({}, num_warps=4, num_stages=s) for s in (1, 2)]
 
 
 @autotune(configs=_CONFIGS, key=["K", "H", "HAS_ALPHA", "IS_VARLEN"])
@@ -102,37 +209,51 @@ def gka_solve_fwd_kernel(
 ):
     """Grid (chunks, B*H): fro (three-term formula), x = (H_t + a fro_t I)^{-1} q_t by
     Chebyshev, qm = q + alpha (x - q)."""
+    BH: tl.constexpr = BK // 2
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     i_hk = i_h // (H // HKV)
     bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    tok, o_t, o_k, m_t, m_k, b_g, b_m, b_k, b_ht = _load_chunk(
-        k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BK, ACC)
-    b_kd = b_k.to(DT)
-    b_htd = b_ht.to(DT)
+    tok, m_t, b_g, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
+        k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
     b_eg = tl.exp(b_g)
 
-    # ||H_t||_F^2, three terms.
-    hn2 = tl.sum(tl.sum(b_ht * b_ht, axis=1), axis=0)
-    b_khk = tl.sum(tl.dot(b_kd, b_htd, input_precision=PREC, out_dtype=ACC) * b_k, axis=1)  # k^T H_c k
-    b_kk = tl.dot(b_kd, tl.trans(b_kd), input_precision=PREC, out_dtype=ACC)
+    # ||H_t||_F^2 = exp(2G) ||H_c||^2 + 2 exp(G) (M @ diag(K H_c K^T)) + rowsum((M @ (K K^T)^2) * M).
+    b_p = tl.dot(b_kl, b_ht_ll, input_precision=PREC, out_dtype=ACC)
+    b_p = tl.dot(b_kh, b_ht_hl, b_p, input_precision=PREC, out_dtype=ACC)
+    b_khk = tl.sum(b_p * b_kl.to(ACC), axis=1)
+    b_p = tl.dot(b_kl, b_ht_lh, input_precision=PREC, out_dtype=ACC)
+    b_p = tl.dot(b_kh, b_ht_hh, b_p, input_precision=PREC, out_dtype=ACC)
+    b_khk += tl.sum(b_p * b_kh.to(ACC), axis=1)
+    b_kk = _scores(b_kl, b_kh, b_kl, b_kh, ACC, PREC)
     b_f3 = tl.dot(b_m, b_kk * b_kk, input_precision=FRO_PREC, out_dtype=ACC) * b_m
+    hn2 = _frobenius_sq(h, i_s, i_h, H, K, BK, ACC)
     b_fro2 = b_eg * b_eg * hn2 + 2.0 * b_eg * tl.sum(b_m * b_khk[None, :], axis=1) + tl.sum(b_f3, axis=1)
     b_fro = tl.sqrt(tl.maximum(b_fro2, 0.0))
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
 
-    m_tk = m_t[:, None] & m_k[None, :]
-    o_row = (tok * H + i_h)[:, None] * K + o_k[None, :]
-    b_q = tl.load(q + o_row, mask=m_tk, other=0).to(ACC)
-    b_y = _chebyshev(b_q, b_inv, b_eg, b_m, b_kd, b_htd, ridge, step, c4, num_iter, ACC, DT, PREC)
-    b_x = b_y * b_inv[:, None]
-    tl.store(x + o_row, b_x.to(x.dtype.element_ty), mask=m_tk)
+    o_l = tl.arange(0, BH)
+    o_h = BH + o_l
+    p_q = q + (tok * H + i_h) * K
+    b_yl, b_yh = _chebyshev(_load_rows(p_q, o_l, m_t, K, ACC), _load_rows(p_q, o_h, m_t, K, ACC),
+                            b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
+                            ridge, step, c4, num_iter, ACC, DT, PREC)
+    b_yl = b_yl * b_inv[:, None]
+    b_yh = b_yh * b_inv[:, None]
+    p_x = x + (tok * H + i_h) * K
+    _store_rows(p_x, o_l, m_t, b_yl, K)
+    _store_rows(p_x, o_h, m_t, b_yh, K)
     if HAS_ALPHA:
         b_a = tl.load(alpha + tok * H + i_h, mask=m_t, other=0).to(ACC)
-        b_x = b_q + b_a[:, None] * (b_x - b_q)
-    tl.store(qm + o_row, b_x.to(qm.dtype.element_ty), mask=m_tk)
+        b_q = _load_rows(p_q, o_l, m_t, K, ACC)
+        b_yl = b_q + b_a[:, None] * (b_yl - b_q)
+        b_q = _load_rows(p_q, o_h, m_t, K, ACC)
+        b_yh = b_q + b_a[:, None] * (b_yh - b_q)
+    p_qm = qm + (tok * H + i_h) * K
+    _store_rows(p_qm, o_l, m_t, b_yl, K)
+    _store_rows(p_qm, o_h, m_t, b_yh, K)
     tl.store(fro + tok * H + i_h, b_fro.to(fro.dtype.element_ty), mask=m_t)
 
 
@@ -147,50 +268,66 @@ def gka_solve_bwd_kernel(
 ):
     """Grid (chunks, B*H): adjoint solve dqs = A^{-1} (alpha dqm) and the per-row scalars
     c, beta, dgp of the key/decay gradients (see the module docstring)."""
+    BH: tl.constexpr = BK // 2
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     i_hk = i_h // (H // HKV)
     bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    tok, o_t, o_k, m_t, m_k, b_g, b_m, b_k, b_ht = _load_chunk(
-        k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BK, ACC)
-    b_kd = b_k.to(DT)
-    b_htd = b_ht.to(DT)
+    tok, m_t, b_g, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
+        k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
     b_eg = tl.exp(b_g)
     b_fro = tl.load(fro + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
 
-    m_tk = m_t[:, None] & m_k[None, :]
-    o_row = (tok * H + i_h)[:, None] * K + o_k[None, :]
-    b_dqm = tl.load(dqm + o_row, mask=m_tk, other=0).to(ACC)
-    b_x = tl.load(x + o_row, mask=m_tk, other=0).to(ACC)
+    o_l = tl.arange(0, BH)
+    o_h = BH + o_l
+    p_row = (tok * H + i_h) * K
     if HAS_ALPHA:
         b_a = tl.load(alpha + tok * H + i_h, mask=m_t, other=0).to(ACC)
-        b_rhs = b_dqm * b_a[:, None]
     else:
-        b_rhs = b_dqm
-    b_dqs = _chebyshev(b_rhs, b_inv, b_eg, b_m, b_kd, b_htd, ridge, step, c4, num_iter, ACC, DT, PREC)
-    b_dqs = b_dqs * b_inv[:, None]
+        b_a = tl.full([BT], 1.0, ACC)
+    b_rl = _load_rows(dqm + p_row, o_l, m_t, K, ACC) * b_a[:, None]
+    b_rh = _load_rows(dqm + p_row, o_h, m_t, K, ACC) * b_a[:, None]
+    b_ql, b_qh = _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl,
+                            b_ht_hh, ridge, step, c4, num_iter, ACC, DT, PREC)
+    b_ql = b_ql * b_inv[:, None]
+    b_qh = b_qh * b_inv[:, None]
+    _store_rows(dqs + p_row, o_l, m_t, b_ql, K)
+    _store_rows(dqs + p_row, o_h, m_t, b_qh, K)
 
-    b_hx = _apply_h(b_x, b_eg, b_m, b_kd, b_htd, ACC, DT, PREC)
-    b_c = bp_coef * tl.sum(b_x * b_dqs, axis=1) * b_inv
-    b_dgp = -tl.sum(b_dqs * b_hx, axis=1) - b_c * b_fro * b_fro
+    # H_t x_t (both halves), then the per-row scalars.
+    b_xl = _load_rows(x + p_row, o_l, m_t, K, ACC)
+    b_xh = _load_rows(x + p_row, o_h, m_t, K, ACC)
+    b_hxl, b_hxh = _apply(b_xl, b_xh, b_m, b_eg, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
+                          ACC, DT, PREC)
+    b_qhx = tl.sum(b_ql * b_hxl, axis=1) + tl.sum(b_qh * b_hxh, axis=1)
+    b_c = bp_coef * (tl.sum(b_xl * b_ql, axis=1) + tl.sum(b_xh * b_qh, axis=1)) * b_inv
+    b_dgp = -b_qhx - b_c * b_fro * b_fro
+    o_t = tl.arange(0, BT)
     m_st = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
     b_e = tl.exp(tl.where(m_st, 2.0 * b_g[None, :] - b_g[:, None], float("-inf")))
     b_beta = tl.sum(b_e * b_c[None, :], axis=1)
 
-    tl.store(dqs + o_row, b_dqs.to(dqs.dtype.element_ty), mask=m_tk)
+    # Total dq = dqs + (1 - alpha) dqm and dalpha = (x - q) . dqm.
+    b_dql = _load_rows(dqm + p_row, o_l, m_t, K, ACC)
+    b_dqh = _load_rows(dqm + p_row, o_h, m_t, K, ACC)
     if HAS_ALPHA:
-        b_q = tl.load(q + o_row, mask=m_tk, other=0).to(ACC)
-        tl.store(dalpha + tok * H + i_h, tl.sum((b_x - b_q) * b_dqm, axis=1).to(dalpha.dtype.element_ty),
-                 mask=m_t)
-        b_dqs += (1.0 - b_a[:, None]) * b_dqm
-    tl.store(dq + o_row, b_dqs.to(dq.dtype.element_ty), mask=m_tk)
+        b_da = tl.sum((b_xl - _load_rows(q + p_row, o_l, m_t, K, ACC)) * b_dql, axis=1)
+        b_da += tl.sum((b_xh - _load_rows(q + p_row, o_h, m_t, K, ACC)) * b_dqh, axis=1)
+        tl.store(dalpha + tok * H + i_h, b_da.to(dalpha.dtype.element_ty), mask=m_t)
+    _store_rows(dq + p_row, o_l, m_t, b_ql + (1.0 - b_a[:, None]) * b_dql, K)
+    _store_rows(dq + p_row, o_h, m_t, b_qh + (1.0 - b_a[:, None]) * b_dqh, K)
     o_s = tok * H + i_h
     tl.store(lam_c + o_s, b_c.to(lam_c.dtype.element_ty), mask=m_t)
     tl.store(beta + o_s, b_beta.to(beta.dtype.element_ty), mask=m_t)
     tl.store(dgp + o_s, b_dgp.to(dgp.dtype.element_ty), mask=m_t)
+
+
+def _padded(K: int) -> int:
+    """Padded key dim: a power of two >= 32, so that its halves are valid ``tl.dot`` sizes."""
+    return max(32, next_power_of_2(K))
 
 
 def _grid(NT: int, B: int, H: int, chunk_indices: torch.Tensor | None) -> tuple[int, int]:
@@ -225,7 +362,7 @@ def gka_solve_fwd(
     gka_solve_fwd_kernel[_grid(NT, B, H, chunk_indices)](
         q, k, gcum, h, alpha, x, qm, fro, cu_seqlens, chunk_indices, T, NT,
         ridge_ratio, step, c4, num_iter,
-        H=H, HKV=k.shape[2], K=K, BT=CHUNK, BK=next_power_of_2(K),
+        H=H, HKV=k.shape[2], K=K, BT=CHUNK, BK=_padded(K),
         HAS_ALPHA=alpha is not None, IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(q.dtype), DT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
         FRO_PREC="ieee" if q.dtype == torch.float64 else "tf32x3",
@@ -264,7 +401,7 @@ def gka_solve_bwd(
     gka_solve_bwd_kernel[_grid(NT, B, H, chunk_indices)](
         q, k, gcum, h, alpha, x, fro, dqm, dq, dqs, dalpha, lam_c, beta, dgp,
         cu_seqlens, chunk_indices, T, NT, ridge_ratio, ridge_ratio if bp_lambda else 0.0, step, c4, num_iter,
-        H=H, HKV=k.shape[2], K=K, BT=CHUNK, BK=next_power_of_2(K),
+        H=H, HKV=k.shape[2], K=K, BT=CHUNK, BK=_padded(K),
         HAS_ALPHA=alpha is not None, IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(q.dtype), DT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
     )
