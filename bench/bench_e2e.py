@@ -2,6 +2,7 @@
 
     python -m bench.bench_e2e --out DIR [--ssm gka|gdn|mamba2] [--ratio 0.5] [--contexts 1024,...,32768]
     python -m bench.bench_e2e --smoke --out DIR          # tiny model on the CPU (checks the script)
+    python -m bench.bench_e2e --plot RESULT.json         # (re)draw the PNG of a saved result
 
 The source is a Llama-architecture model with random weights built from a config (default
 ``~0.9B``: hidden 2048, 16 layers, 16 query / 8 key-value heads of 128, MLP 5632, vocab 32000,
@@ -12,8 +13,8 @@ greedy decode steps through the model's ``forward`` with the cache (what ``gener
 without its bookkeeping), timing the steps after ``--warmup`` untimed ones. It reports decode
 tokens/s (all sequences), prefill tokens/s, the cache bytes after the prefill (the source's KV
 cache grows in every layer; the hybrid's only in its attention layers, plus a fixed SSM state),
-and the peak GPU memory. Writes ``e2e-<card>-<time>.json`` and a PNG plot (needs matplotlib) to
-``--out``.
+and the peak GPU memory. Writes ``e2e-<card>-<time>.json`` and a PNG plot (needs matplotlib; on a
+machine without it, copy the JSON elsewhere and use ``--plot``) to ``--out``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-iter", type=int, default=None, help="GKA Chebyshev iterations (default 30)")
     p.add_argument("--model", default=None, help="JSON of LlamaConfig overrides for the source")
     p.add_argument("--tag", default="", help="suffix for the result file names")
+    p.add_argument("--plot", default=None, help="only draw the PNG of this saved result JSON (next to it)")
     return p.parse_args(argv)
 
 
@@ -172,6 +174,13 @@ def plot(result: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.plot:
+        path = Path(args.plot)
+        result = json.loads(path.read_text())
+        if not plot(result, path.with_suffix(".png")):
+            raise SystemExit("--plot needs matplotlib (pip install matplotlib)")
+        print(f"wrote {path.with_suffix('.png')}")
+        return result
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         raise SystemExit("bench_e2e needs a GPU (the default model and contexts); use --smoke on a CPU")
@@ -215,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     if plot(result, png):
         print(f"wrote {out / (stem + '.json')} and {png}")
     else:
-        print(f"wrote {out / (stem + '.json')} (no PNG: matplotlib is not installed; pip install matplotlib)")
+        print(f"wrote {out / (stem + '.json')} (no PNG: matplotlib is not installed here; draw it elsewhere "
+              f"with python -m bench.bench_e2e --plot {stem}.json)")
     return result
 
 

@@ -141,6 +141,10 @@ class Aligner:
         """Stop after the current step (a checkpoint is written)."""
         self._stop = True
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop
+
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / self.cfg.warmup) if self.cfg.warmup else self.cfg.lr
 

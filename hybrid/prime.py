@@ -1,4 +1,4 @@
-"""``gka-prime``: convert a Transformer into an attention + SSM hybrid and align it (priming).
+"""Convert a Transformer into an attention + SSM hybrid and align it (priming): ``gka-prime``.
 
     gka-prime [SOURCE] [--out DIR] [--ssm gka|gdn|mamba2] [--pattern P | --ratio R | --num-ssm M]
               [--select swa|uniform] [--text FILE] [--eval-text FILE] [--align-steps N] [--resume]
@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=("swa", "uniform"), default="swa",
                    help="where the replaced layers go (default swa)")
     p.add_argument("--swa-window", type=int, default=None,
-                   help="sliding window for --select swa (default seq_len // 8)")
+                   help="sliding window for --select swa (default --seq-len // 4; the scoring "
+                        "windows are 2 * --seq-len tokens long)")
     p.add_argument("--text", type=Path, help="text for selection and alignment (plain or JSONL)")
     p.add_argument("--eval-text", type=Path, help="held-out text for perplexity")
     p.add_argument("--max-text-bytes", type=int, default=2_000_000,
@@ -208,7 +209,7 @@ def _install_stop_handlers(aligner: Aligner) -> dict:
     previous = {}
 
     def handler(signum, frame):
-        if aligner._stop:
+        if aligner.stop_requested:
             raise KeyboardInterrupt
         print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
               "(rerun with --resume to continue; press Ctrl-C again to abort now)", file=sys.stderr, flush=True)
@@ -246,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = _Log()
     try:
-        args.ssm = args.ssm if args.pattern else ssm_token(args.ssm)
+        ssm_token(args.ssm)
     except ValueError as exc:
         raise SystemExit(f"--ssm: {exc}") from None
     source, tok, name = load_source(args.source, device, dtype)
@@ -276,6 +277,9 @@ def run(args: argparse.Namespace) -> dict:
         hybrid.save_pretrained(stage0)
         tok.save(stage0)
     pattern = hybrid.config.hybrid_override_pattern
+    if device.type == "cpu" and "GKA" in parse_pattern(pattern):
+        log("note: on a CPU, GKA layers run the PyTorch reference (a token loop with num_iter Chebyshev "
+            "steps per token): expect minutes; lower --num-iter, use --ssm gdn, or run on a GPU")
 
     t0 = time.time()
     ppl_teacher = perplexity(source, eval_windows)
@@ -288,6 +292,9 @@ def run(args: argparse.Namespace) -> dict:
         cfg = AlignConfig(steps=args.align_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                           checkpoint_every=args.checkpoint_every, seed=args.seed)
         aligner = Aligner(hybrid, source, align_tokens, cfg, out / CHECKPOINTS, progress=not args.quiet)
+        if not args.resume and aligner.checkpoint_path.is_file():
+            aligner.checkpoint_path.unlink()
+            log(f"removed the checkpoint of an earlier run in {aligner.checkpoint_path.parent} (no --resume)")
         previous = _install_stop_handlers(aligner)
         t0 = time.time()
         try:
