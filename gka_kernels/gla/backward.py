@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
+from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.triton_utils import autotune
 
 
@@ -67,15 +68,17 @@ def chunk_bwd_dv_kernel(
         seq_len = T
     GV: tl.constexpr = H // HV
 
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < seq_len
-    last = tl.minimum(i_t * BT + BT, seq_len) - 1
+    # scalar 64-bit bases at the chunk's first row; 32-bit offsets inside the tile
+    row0 = bos + i_t * BT
+    r = tl.arange(0, BT)
+    m_t = r < seq_len - i_t * BT
+    last = tl.minimum(seq_len - i_t * BT, BT) - 1
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     m_tv = m_t[:, None] & m_v[None, :]
-    causal_t = (o_t[:, None] <= o_t[None, :]) & m_t[None, :]  # [j, i]: i >= j
+    causal_t = (r[:, None] <= r[None, :]) & m_t[None, :]  # [j, i]: i >= j
     if HAS_VS or HAS_D:
-        bv = tl.load(v + ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv,
+        bv = tl.load(v + (row0 * HV + i_hv) * V + r[:, None] * (HV * V) + o_v[None, :], mask=m_tv,
                      other=0).to(ACC)
 
     dv_acc = tl.zeros([BT, BV], dtype=ACC)
@@ -84,29 +87,33 @@ def chunk_bwd_dv_kernel(
         i_hq = i_h // (H // HQ)
         i_hk = i_h // (H // HK)
         dh_base = dhs + (i_tg * H + i_h) * K * V
+        q_base = q + (row0 * HQ + i_hq) * K
+        k_base = k + (row0 * HK + i_hk) * K
+        g_base = gc + row0 * H + i_h
         acc_at = tl.zeros([BT, BT], dtype=ACC)
         b_dv = tl.zeros([BT, BV], dtype=ACC)
         for i_k in range(tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
-            bk = tl.load(k + ((bos + o_t[:, None]) * HK + i_hk) * K + o_k[None, :],
+            bk = tl.load(k_base + r[:, None] * (HK * K) + o_k[None, :],
                          mask=m_t[:, None] & m_k[None, :], other=0).to(ACC)
-            bqt = tl.load(q + ((bos + o_t[None, :]) * HQ + i_hq) * K + o_k[:, None],
+            bqt = tl.load(q_base + r[None, :] * (HQ * K) + o_k[:, None],
                           mask=m_k[:, None] & m_t[None, :], other=0).to(ACC)
             bdh = tl.load(dh_base + o_k[:, None] * V + o_v[None, :],
                           mask=m_k[:, None] & m_v[None, :], other=0).to(ACC)
             acc_at += tl.dot(bk.to(DT), bqt.to(DT), out_dtype=ACC, input_precision=PREC)
             b_dv += tl.dot(bk.to(DT), bdh.to(DT), out_dtype=ACC, input_precision=PREC)
-        G = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
-        G_last = tl.load(gc + (bos + last) * H + i_h).to(ACC)
+        G = tl.load(g_base + r * H, mask=m_t, other=0).to(ACC)
+        G_last = tl.load(g_base + last * H).to(ACC)
         b_dv *= tl.where(m_t, tl.exp(G_last - G), 0)[:, None]
         acc_at *= tl.exp(tl.where(causal_t, G[None, :] - G[:, None], float("-inf"))) * scale
-        out_off = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+        out_off = (row0 * H + i_h) * V + r[:, None] * (H * V) + o_v[None, :]
         bdo = tl.load(do + out_off, mask=m_tv, other=0).to(ACC)
         b_dv += tl.dot(acc_at.to(DT), bdo.to(DT), out_dtype=ACC, input_precision=PREC)
         if HAS_VS:
-            tl.store(dvs + ((i_v.to(tl.int64) * TT + bos + o_t) * H + i_h), tl.sum(b_dv * bv, axis=1), mask=m_t)
-            b_dv *= tl.load(vs + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)[:, None]
+            tl.store(dvs + (i_v.to(tl.int64) * TT + row0) * H + i_h + r * H,
+                     tl.sum(b_dv * bv, axis=1), mask=m_t)
+            b_dv *= tl.load(vs + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)[:, None]
         if HAS_D:
             if D_PER_V:
                 b_dv += bdo * tl.load(D + i_h * V + o_v, mask=m_v, other=0).to(ACC)[None, :]
@@ -114,7 +121,7 @@ def chunk_bwd_dv_kernel(
                 b_dv += bdo * tl.load(D + i_h).to(ACC)
             tl.store(dD + (i_tg * H + i_h) * V + o_v, tl.sum(bdo * bv, axis=0), mask=m_v)
         dv_acc += b_dv
-    tl.store(dv + ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :],
+    tl.store(dv + (row0 * HV + i_hv) * V + r[:, None] * (HV * V) + o_v[None, :],
              dv_acc.to(dv.dtype.element_ty), mask=m_tv)
 
 
@@ -136,7 +143,9 @@ def chunk_bwd_dqkg_kernel(
     """Grid (K/BK, chunks, B*H/NG): one program owns a [BT, BK] tile and NG consecutive heads.
     Q_ACC (K_ACC): the NG heads share one query (key) head, whose gradient is summed in registers
     and stored once into dq [B,T,HQ,K] (dk [B,T,HK,K]); otherwise every head's gradient goes to
-    its own slot of dq [B,T,H,K] (dk [B,T,H,K]). dg: [NK,B,T,H] float32 (partial over K blocks; TT = B*T)."""
+    its own slot of dq [B,T,H,K] (dk [B,T,H,K]). dg: [NK,B,T,H] float32, the gradient of the
+    chunk-local cumsum G, partial over K blocks (TT = B*T); the caller sums the blocks and takes
+    the reverse cumulative sum within chunks."""
     i_k = tl.program_id(0)
     i_t = tl.program_id(1)
     i_bg = tl.program_id(2)
@@ -153,13 +162,15 @@ def chunk_bwd_dqkg_kernel(
         bos = i_b.to(tl.int64) * T
         seq_len = T
 
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < seq_len
-    last = tl.minimum(i_t * BT + BT, seq_len) - 1
+    # scalar 64-bit bases at the chunk's first row; 32-bit offsets inside the tile
+    row0 = bos + i_t * BT
+    r = tl.arange(0, BT)
+    m_t = r < seq_len - i_t * BT
+    last = tl.minimum(seq_len - i_t * BT, BT) - 1
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
-    causal = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
+    causal = (r[:, None] >= r[None, :]) & m_t[:, None]
 
     dq_acc = tl.zeros([BT, BK], dtype=ACC)
     dk_acc = tl.zeros([BT, BK], dtype=ACC)
@@ -170,8 +181,9 @@ def chunk_bwd_dqkg_kernel(
         i_hv = i_h // (H // HV)
         h_base = hs + (i_tg * H + i_h) * K * V
         dh_base = dhs + (i_tg * H + i_h) * K * V
-        if HAS_VS:
-            bs = tl.load(vs + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
+        v_base = v + (row0 * HV + i_hv) * V
+        do_base = do + (row0 * H + i_h) * V
+        g_base = gc + row0 * H + i_h
         b_da = tl.zeros([BT, BT], dtype=ACC)
         b_dq = tl.zeros([BT, BK], dtype=ACC)
         b_dk = tl.zeros([BT, BK], dtype=ACC)
@@ -180,12 +192,8 @@ def chunk_bwd_dqkg_kernel(
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
             m_tv = m_t[:, None] & m_v[None, :]
-            bv = tl.load(v + ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :], mask=m_tv,
-                         other=0).to(ACC)
-            if HAS_VS:
-                bv *= bs[:, None]
-            bdo = tl.load(do + ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :], mask=m_tv,
-                          other=0).to(ACC)
+            bv = tl.load(v_base + r[:, None] * (HV * V) + o_v[None, :], mask=m_tv, other=0).to(ACC)
+            bdo = tl.load(do_base + r[:, None] * (H * V) + o_v[None, :], mask=m_tv, other=0).to(ACC)
             # [BV, BK] tiles of h^T and dh^T
             m_vk = m_v[:, None] & m_k[None, :]
             bht = tl.load(h_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
@@ -194,40 +202,44 @@ def chunk_bwd_dqkg_kernel(
             b_dq += tl.dot(bdo.to(DT), bht.to(DT), out_dtype=ACC, input_precision=PREC)
             b_dk += tl.dot(bv.to(DT), bdht.to(DT), out_dtype=ACC, input_precision=PREC)
             b_hdh += tl.sum(bht * bdht, axis=0)
-        bq = tl.load(q + ((bos + o_t[:, None]) * HQ + i_hq) * K + o_k[None, :], mask=m_tk,
+        bq = tl.load(q + (row0 * HQ + i_hq) * K + r[:, None] * (HQ * K) + o_k[None, :], mask=m_tk,
                      other=0).to(ACC)
-        bk = tl.load(k + ((bos + o_t[:, None]) * HK + i_hk) * K + o_k[None, :], mask=m_tk,
+        bk = tl.load(k + (row0 * HK + i_hk) * K + r[:, None] * (HK * K) + o_k[None, :], mask=m_tk,
                      other=0).to(ACC)
-        G = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
-        G_last = tl.load(gc + (bos + last) * H + i_h).to(ACC)
+        G = tl.load(g_base + r * H, mask=m_t, other=0).to(ACC)
+        G_last = tl.load(g_base + last * H).to(ACC)
+        w_k = tl.where(m_t, tl.exp(G_last - G), 0)
+        if HAS_VS:  # v_eff = vs * v: scale the rows of v @ dh^T and the columns of do @ v^T
+            bs = tl.load(vs + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
+            w_k *= bs
+            b_da *= bs[None, :]
         b_dq *= (tl.exp(G) * scale)[:, None]
-        b_dk *= tl.where(m_t, tl.exp(G_last - G), 0)[:, None]
+        b_dk *= w_k[:, None]
         dg_last = tl.sum(b_hdh, axis=0) * tl.exp(G_last) + tl.sum(tl.sum(b_dk * bk, axis=1), axis=0)
         b_da *= tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf"))) * scale
         b_dq += tl.dot(b_da.to(DT), bk.to(DT), out_dtype=ACC, input_precision=PREC)
         b_dk += tl.dot(tl.trans(b_da).to(DT), bq.to(DT), out_dtype=ACC, input_precision=PREC)
-        b_dgi = tl.sum(bq * b_dq, axis=1) - tl.sum(bk * b_dk, axis=1)
-        b_dgi += tl.where(o_t == last, dg_last, 0)
-        b_dgi = tl.where(m_t, b_dgi, 0)
-        b_dg = tl.sum(b_dgi, axis=0) - tl.cumsum(b_dgi, axis=0) + b_dgi
-        tl.store(dg + ((i_k.to(tl.int64) * TT + bos + o_t) * H + i_h), b_dg.to(dg.dtype.element_ty), mask=m_t)
+        b_dg = tl.sum(bq * b_dq, axis=1) - tl.sum(bk * b_dk, axis=1)
+        b_dg += tl.where(r == last, dg_last, 0)
+        tl.store(dg + (i_k.to(tl.int64) * TT + row0) * H + i_h + r * H,
+                 b_dg.to(dg.dtype.element_ty), mask=m_t)
         if Q_ACC:
             dq_acc += b_dq
         else:
-            tl.store(dq + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :],
+            tl.store(dq + (row0 * H + i_h) * K + r[:, None] * (H * K) + o_k[None, :],
                      b_dq.to(dq.dtype.element_ty), mask=m_tk)
         if K_ACC:
             dk_acc += b_dk
         else:
-            tl.store(dk + ((bos + o_t[:, None]) * H + i_h) * K + o_k[None, :],
+            tl.store(dk + (row0 * H + i_h) * K + r[:, None] * (H * K) + o_k[None, :],
                      b_dk.to(dk.dtype.element_ty), mask=m_tk)
     if Q_ACC:
         i_hq0 = (i_hg * NG) // (H // HQ)
-        tl.store(dq + ((bos + o_t[:, None]) * HQ + i_hq0) * K + o_k[None, :],
+        tl.store(dq + (row0 * HQ + i_hq0) * K + r[:, None] * (HQ * K) + o_k[None, :],
                  dq_acc.to(dq.dtype.element_ty), mask=m_tk)
     if K_ACC:
         i_hk0 = (i_hg * NG) // (H // HK)
-        tl.store(dk + ((bos + o_t[:, None]) * HK + i_hk0) * K + o_k[None, :],
+        tl.store(dk + (row0 * HK + i_hk0) * K + r[:, None] * (HK * K) + o_k[None, :],
                  dk_acc.to(dk.dtype.element_ty), mask=m_tk)
 
 
@@ -324,7 +336,9 @@ def chunk_bwd_dqkg(
         dq = dq.view(Bsz, T, HQ, gq, K).sum(3).to(q.dtype)
     if not k_acc and gk > 1:
         dk = dk.view(Bsz, T, HK, gk, K).sum(3).to(k.dtype)
-    return dq, dk, dg.sum(0) if NK > 1 else dg[0]
+    dG = dg.sum(0) if NK > 1 else dg[0]
+    return dq, dk, chunk_local_cumsum(dG, BT, reverse=True, cu_seqlens=cu_seqlens,
+                                      chunk_indices=chunk_indices)
 
 
 register_aot(AotSpec(

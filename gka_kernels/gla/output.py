@@ -57,35 +57,39 @@ def chunk_fwd_o_kernel(
     i_hk = i_h // (H // HK)
     i_hv = i_h // (H // HV)
 
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < seq_len
+    # scalar 64-bit bases at the chunk's first row; 32-bit offsets inside the tile
+    row0 = bos + i_t * BT
+    r = tl.arange(0, BT)
+    m_t = r < seq_len - i_t * BT
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     h_base = hs + (i_tg * H + i_h) * K * V
+    q_base = q + (row0 * HQ + i_hq) * K
+    k_base = k + (row0 * HK + i_hk) * K
 
     acc_o = tl.zeros([BT, BV], dtype=ACC)
     acc_a = tl.zeros([BT, BT], dtype=ACC)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
-        bq = tl.load(q + ((bos + o_t[:, None]) * HQ + i_hq) * K + o_k[None, :],
+        bq = tl.load(q_base + r[:, None] * (HQ * K) + o_k[None, :],
                      mask=m_t[:, None] & m_k[None, :], other=0).to(ACC)
-        bkt = tl.load(k + ((bos + o_t[None, :]) * HK + i_hk) * K + o_k[:, None],
+        bkt = tl.load(k_base + r[None, :] * (HK * K) + o_k[:, None],
                       mask=m_k[:, None] & m_t[None, :], other=0).to(ACC)
         bh = tl.load(h_base + o_k[:, None] * V + o_v[None, :],
                      mask=m_k[:, None] & m_v[None, :], other=0).to(ACC)
         acc_o += tl.dot(bq.to(DT), bh.to(DT), out_dtype=ACC, input_precision=PREC)
         acc_a += tl.dot(bq.to(DT), bkt.to(DT), out_dtype=ACC, input_precision=PREC)
 
-    G = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
+    G = tl.load(gc + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
     acc_o *= tl.exp(G)[:, None]
-    causal = (o_t[:, None] >= o_t[None, :]) & m_t[:, None]
+    causal = (r[:, None] >= r[None, :]) & m_t[:, None]
     acc_a *= tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
     m_tv = m_t[:, None] & m_v[None, :]
-    v_off = ((bos + o_t[:, None]) * HV + i_hv) * V + o_v[None, :]
-    bv = tl.load(v + v_off, mask=m_tv, other=0).to(ACC)
+    bv = tl.load(v + (row0 * HV + i_hv) * V + r[:, None] * (HV * V) + o_v[None, :], mask=m_tv,
+                 other=0).to(ACC)
     if HAS_VS:
-        bs = tl.load(vs + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
+        bs = tl.load(vs + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
         acc_a *= bs[None, :]
     acc_o += tl.dot(acc_a.to(DT), bv.to(DT), out_dtype=ACC, input_precision=PREC)
     acc_o *= scale
@@ -95,12 +99,13 @@ def chunk_fwd_o_kernel(
             acc_o += bv * bd[None, :]
         else:
             acc_o += bv * tl.load(D + i_h).to(ACC)
-    out_off = ((bos + o_t[:, None]) * H + i_h) * V + o_v[None, :]
+    out_base = (row0 * H + i_h) * V
+    out_off = r[:, None] * (H * V) + o_v[None, :]
     if HAS_Z:
-        tl.store(ypre + out_off, acc_o.to(ypre.dtype.element_ty), mask=m_tv)
-        bz = tl.load(z + out_off, mask=m_tv, other=0).to(ACC)
+        tl.store(ypre + out_base + out_off, acc_o.to(ypre.dtype.element_ty), mask=m_tv)
+        bz = tl.load(z + out_base + out_off, mask=m_tv, other=0).to(ACC)
         acc_o *= bz * tl.sigmoid(bz)
-    tl.store(o + out_off, acc_o.to(o.dtype.element_ty), mask=m_tv)
+    tl.store(o + out_base + out_off, acc_o.to(o.dtype.element_ty), mask=m_tv)
 
 
 def chunk_fwd_o(

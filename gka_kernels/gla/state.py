@@ -69,6 +69,7 @@ def chunk_state_pass_kernel(
     S = tl.zeros([BK, BV], dtype=ACC)
     if USE_H0:
         S += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv_off, mask=m_kv, other=0).to(ACC)
+    r = tl.arange(0, BT)
     for i in range(NT):
         if REVERSE:
             i_t = NT - 1 - i
@@ -76,22 +77,23 @@ def chunk_state_pass_kernel(
             i_t = i
         tl.store(hs + ((boh + i_t) * H + i_h) * K * V + kv_off, S.to(hs.dtype.element_ty), mask=m_kv)
 
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < seq_len
-        last = tl.minimum(i_t * BT + BT, seq_len) - 1
-        G = tl.load(gc + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)
-        G_last = tl.load(gc + (bos + last) * H + i_h).to(ACC)
+        # scalar 64-bit base at the chunk's first row; 32-bit offsets inside the tile
+        row0 = bos + i_t * BT
+        m_t = r < seq_len - i_t * BT
+        last = tl.minimum(seq_len - i_t * BT, BT) - 1
+        G = tl.load(gc + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
+        G_last = tl.load(gc + (row0 + last) * H + i_h).to(ACC)
         # a^T tile [BK, BT] and b tile [BT, BV]
-        at = tl.load(a + ((bos + o_t[None, :]) * HA + i_ha) * K + o_k[:, None],
+        at = tl.load(a + (row0 * HA + i_ha) * K + r[None, :] * (HA * K) + o_k[:, None],
                      mask=m_k[:, None] & m_t[None, :], other=0).to(ACC)
-        bt = tl.load(b + ((bos + o_t[:, None]) * HB + i_hb) * V + o_v[None, :],
+        bt = tl.load(b + (row0 * HB + i_hb) * V + r[:, None] * (HB * V) + o_v[None, :],
                      mask=m_t[:, None] & m_v[None, :], other=0).to(ACC)
-        if HAS_VS:
-            bt *= tl.load(vs + (bos + o_t) * H + i_h, mask=m_t, other=0).to(ACC)[:, None]
         if REVERSE:
             w = tl.exp(G) * scale
         else:
             w = tl.exp(G_last - G)
+        if HAS_VS:  # (W a)^T (vs b) = (W vs a)^T b
+            w *= tl.load(vs + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
         w = tl.where(m_t, w, 0)
         S = S * tl.exp(G_last) + tl.dot((at * w[None, :]).to(DT), bt.to(DT), out_dtype=ACC,
                                         input_precision=PREC)
