@@ -56,7 +56,7 @@ static void mamba2_decode(uintptr_t x, uintptr_t dt, uintptr_t A, uintptr_t Bm, 
                           Str sB, Str sC, Str sz, Str so, int64_t D_stride_h, int64_t D_stride_p,
                           int B, int Tn, int H, int x_heads, int B_groups, int C_groups, int P, int N,
                           int dtype, int dt_dtype, int A_dtype, int D_dtype, int dt_bias_dtype,
-                          bool src64, bool dst64, bool softplus, bool clamp_dt, float dt_min,
+                          bool src64, bool dst64, bool softplus, float dt_min,
                           float dt_max, uintptr_t stream) {
   gka::Mamba2Params p{};
   p.x = ptr<const void>(x); p.dt = ptr<const void>(dt); p.A = ptr<const void>(A);
@@ -73,7 +73,7 @@ static void mamba2_decode(uintptr_t x, uintptr_t dt, uintptr_t A, uintptr_t Bm, 
     throw std::invalid_argument("mamba2_decode: x heads and B, C groups must divide H");
   p.x_group = H / x_heads; p.B_group = H / B_groups; p.C_group = H / C_groups;
   p.dt_dtype = dt_dtype; p.A_dtype = A_dtype; p.D_dtype = D_dtype; p.dt_bias_dtype = dt_bias_dtype;
-  p.src64 = src64; p.dst64 = dst64; p.softplus = softplus; p.clamp_dt = clamp_dt;
+  p.src64 = src64; p.dst64 = dst64; p.softplus = softplus;
   p.dt_min = dt_min; p.dt_max = dt_max;
   gka::mamba2_decode_launch(p, dtype, stream);
 }
@@ -123,7 +123,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("Tn"), py::arg("H"), py::arg("x_heads"), py::arg("B_groups"), py::arg("C_groups"),
         py::arg("P"), py::arg("N"), py::arg("dtype"), py::arg("dt_dtype"), py::arg("A_dtype"),
         py::arg("D_dtype"), py::arg("dt_bias_dtype"), py::arg("src64"), py::arg("dst64"),
-        py::arg("softplus"), py::arg("clamp_dt"), py::arg("dt_min"), py::arg("dt_max"), py::arg("stream"),
+        py::arg("softplus"), py::arg("dt_min"), py::arg("dt_max"), py::arg("stream"),
         "Mamba-2 selective state update in place on a float32 state pool [slots, H, P, N]");
   m.def("gka_decode", &gka_decode, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("g"),
         py::arg("alpha"), py::arg("h_kk"), py::arg("h_kv"), py::arg("src_idx"), py::arg("dst_idx"),

@@ -39,8 +39,8 @@ struct Mamba2Params {
   int64_t D_stride_h, D_stride_p;  // D [H] (stride_p 0) or [H, P]
   int B, Tn, H, x_group, B_group, C_group, P, N;
   int dt_dtype, A_dtype, D_dtype, dt_bias_dtype;
-  bool src64, dst64, softplus, clamp_dt;
-  float dt_min, dt_max;
+  bool src64, dst64, softplus;
+  float dt_min, dt_max;  // dt_limit, always applied (SPEC 4)
 };
 
 // Gated KalmaNet with tied decays: H = e^g H + k k^T, U = e^g U + k v^T, Chebyshev solve of

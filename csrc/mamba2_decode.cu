@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
     float d = load_scalar(p.dt, p.dt_dtype, b * p.sdt.b + t * p.sdt.t + h * p.sdt.h);
     if (p.dt_bias) d += load_scalar(p.dt_bias, p.dt_bias_dtype, h);
     if (p.softplus) d = softplus(d);
-    if (p.clamp_dt) d = fminf(fmaxf(d, p.dt_min), p.dt_max);
+    d = fminf(fmaxf(d, p.dt_min), p.dt_max);
     dts[t] = d;
     dAs[t] = __expf(d * load_scalar(p.A, p.A_dtype, h));
   }

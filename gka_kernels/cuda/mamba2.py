@@ -65,9 +65,10 @@ def mamba2_decode_launch_args(state_pool, x, dt, A, B, C, state_indices=None,
     if dt_bias is not None:
         dt_bias = ca.gate("dt_bias", dt_bias, (H,), x.device)
     softplus = ca.flag("dt_softplus", dt_softplus)
-    if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2:
-        raise TypeError(f"dt_limit: expected a (min, max) pair, got {dt_limit!r}")
-    lo, hi = (float(v) for v in dt_limit)
+    if (not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2
+            or any(isinstance(e, bool) or not isinstance(e, (int, float)) for e in dt_limit)):
+        raise TypeError(f"dt_limit: expected a (min, max) pair of floats, got {dt_limit!r}")
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
         raise ValueError(f"dt_limit: expected min <= max, got {tuple(dt_limit)}")
     pool = ca.state_pool("state_pool", state_pool, (None, H, P, N), x.device)
@@ -81,8 +82,7 @@ def mamba2_decode_launch_args(state_pool, x, dt, A, B, C, state_indices=None,
         D_stride_h=d_strides[0], D_stride_p=d_strides[1], B=Bsz, Tn=Tn, H=H, x_heads=Hx,
         B_groups=Bm.shape[2], C_groups=Cm.shape[2], P=P, N=N, dtype=dtype_tag("x", x),
         dt_dtype=dtype_tag("dt", dt), A_dtype=dtype_tag("A", a), D_dtype=ca.tag("D", D),
-        dt_bias_dtype=ca.tag("dt_bias", dt_bias), softplus=softplus,
-        clamp_dt=(lo, hi) != (0.0, math.inf), dt_min=lo, dt_max=hi)
+        dt_bias_dtype=ca.tag("dt_bias", dt_bias), softplus=softplus, dt_min=lo, dt_max=hi)
     return args, o
 
 
@@ -109,7 +109,8 @@ def mamba2_decode(
         dt = dt + dt_bias ; dt = softplus(dt) if dt_softplus ; dt = clamp(dt, *dt_limit)
         s = exp(dt A) s + dt x B^T ;  y = s C + D x ;  y = y * silu(z) if z is given
 
-    ``dt_limit`` is applied only when it differs from the default ``(0, inf)`` (as in ``mamba_ssm``).
+    The clamp to ``dt_limit`` is always applied, also for the default ``(0, inf)`` (SPEC 4, as the
+    reference ``ssd_ref``).
 
     Args:
         state_pool: float32 ``[slots, H, P, N]``, contiguous; updated in place.

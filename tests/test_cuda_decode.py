@@ -1,0 +1,527 @@
+"""CUDA C++ decode kernels (SPEC 8): ``gdn_decode``, ``mamba2_decode``, ``gka_decode``.
+
+CPU: the extension exports the launchers and they accept exactly the arguments the wrappers build
+(when nvcc built it), and every kind of bad input raises a clear error before any launch.
+GPU (``pytest -m gpu``): each kernel against the float64 reference on the same (bf16-rounded)
+inputs, with ragged slot indices and -1 padding (untouched bitwise), src != dst slots (the source
+slot keeps the pre-step state), grouped heads, strided views, 1 and 4 tokens per step, and
+CUDA-graph capture + replay equal to eager.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gka_kernels.cuda import extension_available, extension_error, gdn_decode, gka_decode, load_extension, mamba2_decode
+from gka_kernels.cuda.gdn import gdn_decode_launch_args
+from gka_kernels.cuda.gka import gka_decode_launch_args
+from gka_kernels.cuda.mamba2 import mamba2_decode_launch_args
+from tests.helpers import DECODE_BF16, DECODE_FP32, GKA_GPU_FWD, assert_close
+
+# Six sequences over a pool of nine slots: two padding rows, slot 8 never referenced.
+SRC = [5, -1, 0, 7, -1, 2]
+# Separate destinations: padding rows name slot 6 (must stay untouched), the last sequence stores nothing.
+DST = [1, 6, 3, 4, 6, -1]
+SLOTS = 9
+BATCH = len(SRC)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _indices(dst_mode: str, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``inplace``: int64 state_indices only; ``separate``: int32 src and dst arrays."""
+    if dst_mode == "inplace":
+        return torch.tensor(SRC, dtype=torch.int64, device=device), None
+    return (torch.tensor(SRC, dtype=torch.int32, device=device),
+            torch.tensor(DST, dtype=torch.int32, device=device))
+
+
+def _valid() -> list[int]:
+    return [b for b in range(BATCH) if SRC[b] >= 0]
+
+
+def _written(dst_mode: str) -> list[tuple[int, int]]:
+    """(position among the valid sequences, destination slot) of every state write."""
+    dst = SRC if dst_mode == "inplace" else DST
+    return [(i, dst[b]) for i, b in enumerate(_valid()) if dst[b] >= 0]
+
+
+def _check_step(o, pools_after, pools_before, ref_o, ref_states, dst_mode, tol_o, tol_state=DECODE_FP32):
+    """Outputs of valid rows vs the reference, padding rows 0, written slots vs the reference final
+    states, every other slot bitwise unchanged."""
+    valid = _valid()
+    assert_close("o", o[valid], ref_o, tol_o)
+    for b in range(BATCH):
+        if SRC[b] < 0:
+            assert bool((o[b] == 0).all()), f"padding row {b} of the output is not 0"
+    writes = _written(dst_mode)
+    slots_written = [slot for _, slot in writes]
+    untouched = [s for s in range(SLOTS) if s not in slots_written]
+    names = ["state_pool"] if len(pools_after) == 1 else ["h_kk_pool", "h_kv_pool"]
+    for name, after, before, ref in zip(names, pools_after, pools_before, ref_states):
+        assert_close(name, after[slots_written], ref[[i for i, _ in writes]].to(after.device), tol_state)
+        assert torch.equal(after[untouched], before[untouched]), f"{name}: slots {untouched} changed"
+
+
+def _graph_equals_eager(step, pools):
+    """Capture ``step(pools, out)`` in a CUDA graph, replay once, compare with an eager call."""
+    eager = [p.clone() for p in pools]
+    out_eager = step(eager, None)
+    captured = [p.clone() for p in pools]
+    out = torch.empty_like(out_eager)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step([p.clone() for p in pools], out)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(captured, out)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, out_eager)
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input builders (CPU generation, then moved), shared by the CPU and GPU tests
+# ---------------------------------------------------------------------------------------------
+
+def gdn_inputs(*, Tn=2, H=4, Hq=4, HKV=2, K=32, V=16, dtype=torch.float32, device="cpu", seed=0):
+    gen = _gen(seed)
+    q = torch.randn(BATCH, Tn, Hq, K, generator=gen)
+    k = torch.randn(BATCH, Tn, HKV, K, generator=gen)
+    v = torch.randn(BATCH, Tn, HKV, V, generator=gen)
+    g = torch.log(torch.empty(BATCH, Tn, H).uniform_(0.5, 0.999, generator=gen))
+    beta = torch.rand(BATCH, Tn, H, generator=gen)
+    pool = 0.5 * torch.randn(SLOTS, H, K, V, generator=gen)
+    act = [x.to(device=device, dtype=dtype) for x in (q, k, v)]
+    return dict(q=act[0], k=act[1], v=act[2], g=g.to(device), beta=beta.to(device), state_pool=pool.to(device))
+
+
+def mamba2_inputs(*, Tn=2, H=4, Hx=4, GB=2, GC=2, P=8, N=16, dtype=torch.float32, device="cpu", seed=0,
+                  D_per_p=False, with_z=True):
+    gen = _gen(seed)
+    x = torch.randn(BATCH, Tn, Hx, P, generator=gen)
+    dt = 0.5 * torch.randn(BATCH, Tn, H, generator=gen)
+    A = -torch.empty(H).uniform_(0.5, 2.0, generator=gen)
+    Bm = torch.randn(BATCH, Tn, GB, N, generator=gen)
+    Cm = torch.randn(BATCH, Tn, GC, N, generator=gen)
+    D = torch.randn(H, P, generator=gen) if D_per_p else torch.randn(H, generator=gen)
+    z = torch.randn(BATCH, Tn, H, P, generator=gen)
+    dt_bias = 0.1 * torch.randn(H, generator=gen)
+    pool = torch.randn(SLOTS, H, P, N, generator=gen)
+    act = [t.to(device=device, dtype=dtype) for t in (x, Bm, Cm, z)]
+    return dict(state_pool=pool.to(device), x=act[0], dt=dt.to(device), A=A.to(device), B=act[1], C=act[2],
+                D=D.to(device), z=act[3] if with_z else None, dt_bias=dt_bias.to(device))
+
+
+def gka_inputs(*, Tn=2, H=4, Hq=4, HKV=2, K=32, V=32, dtype=torch.float32, device="cpu", seed=0, history=24):
+    """Normalized q, beta-scaled normalized k and v (as the layer passes them), and pools holding
+    decayed sums of ``history`` outer products, so H is rank-deficient for K > history and the
+    solve runs at the worst condition number the ridge allows."""
+    gen = _gen(seed)
+    q = F.normalize(torch.randn(BATCH, Tn, Hq, K, generator=gen), dim=-1)
+    beta = torch.empty(BATCH, Tn, HKV, 1).uniform_(0.3, 1.0, generator=gen)
+    k = F.normalize(torch.randn(BATCH, Tn, HKV, K, generator=gen), dim=-1) * beta
+    v = torch.randn(BATCH, Tn, HKV, V, generator=gen) * beta
+    g = torch.log(torch.empty(BATCH, Tn, H).uniform_(0.6, 0.999, generator=gen))
+    alpha = torch.rand(BATCH, Tn, H, generator=gen)
+    kh = F.normalize(torch.randn(SLOTS, H, history, K, generator=gen), dim=-1)
+    w = torch.empty(SLOTS, H, history, 1).uniform_(0.05, 1.0, generator=gen)
+    vh = torch.randn(SLOTS, H, history, V, generator=gen)
+    h_kk = (kh * w).transpose(-1, -2) @ kh
+    h_kv = (kh * w).transpose(-1, -2) @ vh
+    act = [t.to(device=device, dtype=dtype) for t in (q, k, v)]
+    return dict(q=act[0], k=act[1], v=act[2], g=g.to(device), alpha=alpha.to(device),
+                h_kk_pool=h_kk.contiguous().to(device), h_kv_pool=h_kv.contiguous().to(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: extension exports and launcher signatures
+# ---------------------------------------------------------------------------------------------
+
+needs_built_extension = pytest.mark.skipif(
+    shutil.which("nvcc") is None or os.environ.get("GKA_KERNELS_BUILD_CUDA") == "off",
+    reason="no nvcc: the extension is not built")
+
+
+@needs_built_extension
+def test_extension_exports_decode_launchers():
+    assert extension_available(), extension_error()
+    ext = load_extension()
+    for name in ("gdn_decode", "mamba2_decode", "gka_decode", "state_copy", "cuda_runtime_version"):
+        assert callable(getattr(ext, name, None)), f"gka_kernels._C lacks {name}"
+
+
+LAUNCH_CASES = {
+    "gdn_decode": lambda: gdn_decode_launch_args(**gdn_inputs(), state_indices=_indices("separate", "cpu")[0]),
+    "mamba2_decode": lambda: mamba2_decode_launch_args(**mamba2_inputs(), state_indices=_indices("inplace", "cpu")[0]),
+    "gka_decode": lambda: gka_decode_launch_args(**gka_inputs(), state_indices=_indices("inplace", "cpu")[0]),
+}
+
+
+@needs_built_extension
+@pytest.mark.skipif(torch.cuda.is_available(), reason="launches with host pointers: only without a CUDA device")
+@pytest.mark.parametrize("fn", sorted(LAUNCH_CASES))
+def test_launcher_accepts_wrapper_arguments_and_reports_no_driver(fn):
+    """The keyword arguments the wrapper builds bind to the C++ launcher, which then fails only for
+    want of a GPU; the launcher's own guard rejects an out-of-range token count."""
+    ext = load_extension()
+    args, _ = LAUNCH_CASES[fn]()
+    with pytest.raises(RuntimeError, match=fn):
+        getattr(ext, fn)(**args, stream=0)
+    with pytest.raises(ValueError, match="Tn must be in"):
+        getattr(ext, fn)(**{**args, "Tn": 9}, stream=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: bad inputs raise before any launch
+# ---------------------------------------------------------------------------------------------
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous view of ``t``'s shape at a 4-byte offset."""
+    return torch.zeros(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+
+
+def _noncontig_last(t: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(*t.shape, 2, dtype=t.dtype)[..., 0]
+
+
+GDN_BAD = [
+    ("q not a tensor", dict(q=[1.0]), TypeError, "q"),
+    ("q 3-d", dict(q=torch.zeros(6, 2, 4)), ValueError, "q"),
+    ("q float64", dict(q=torch.zeros(6, 2, 4, 32, dtype=torch.float64)), TypeError, "q"),
+    ("9 tokens", dict(q=torch.zeros(6, 9, 4, 32)), ValueError, "q: expected 1 to 8 tokens"),
+    ("k dtype", dict(k=torch.zeros(6, 2, 2, 32, dtype=torch.bfloat16)), TypeError, "k"),
+    ("k head dim", dict(k=torch.zeros(6, 2, 2, 16)), ValueError, "k"),
+    ("v batch", dict(v=torch.zeros(5, 2, 2, 16)), ValueError, "v"),
+    ("g rank", dict(g=torch.zeros(6, 2)), ValueError, "g"),
+    ("beta heads", dict(beta=torch.zeros(6, 2, 3)), ValueError, "beta"),
+    ("k heads", dict(k=torch.zeros(6, 2, 3, 32)), ValueError, "k: number of heads 3"),
+    ("q heads", dict(q=torch.zeros(6, 2, 3, 32)), ValueError, "q: number of heads 3"),
+    ("K too large", dict(q=torch.zeros(6, 2, 4, 300), k=torch.zeros(6, 2, 2, 300)), ValueError, "q: head dim"),
+    ("V not multiple of 4", dict(v=torch.zeros(6, 2, 2, 6)), ValueError, "v: head dim"),
+    ("q last dim strided", dict(q=_noncontig_last(torch.zeros(6, 2, 4, 32))), ValueError, "q: expected the last"),
+    ("pool dtype", dict(state_pool=torch.zeros(9, 4, 32, 16, dtype=torch.float64)), TypeError, "state_pool"),
+    ("pool shape", dict(state_pool=torch.zeros(9, 4, 16, 32)), ValueError, "state_pool"),
+    ("pool non-contiguous", dict(state_pool=torch.zeros(9, 4, 16, 32).transpose(2, 3)), ValueError, "state_pool"),
+    ("pool misaligned", dict(state_pool=_misaligned(torch.zeros(9, 4, 32, 16))), ValueError, "state_pool: expected a 16-byte"),
+    ("indices dtype", dict(state_indices=torch.zeros(6)), TypeError, "state_indices"),
+    ("indices length", dict(state_indices=torch.zeros(5, dtype=torch.int64)), ValueError, "state_indices: expected 6"),
+    ("indices rank", dict(state_indices=torch.zeros(6, 1, dtype=torch.int64)), ValueError, "state_indices"),
+    ("dst length", dict(dst_state_indices=torch.zeros(4, dtype=torch.int32)), ValueError, "dst_state_indices"),
+    ("no indices, small pool", dict(state_indices=None, state_pool=torch.zeros(4, 4, 32, 16)), ValueError,
+     "state_indices: required"),
+    ("scale type", dict(scale="1"), TypeError, "scale"),
+    ("scale nan", dict(scale=math.nan), ValueError, "scale"),
+    ("l2norm flag", dict(use_qk_l2norm=1), TypeError, "use_qk_l2norm"),
+    ("out shape", dict(out=torch.zeros(6, 2, 4, 32)), ValueError, "out"),
+    ("out dtype", dict(out=torch.zeros(6, 2, 4, 16, dtype=torch.float16)), TypeError, "out"),
+    ("cpu tensors", dict(), ValueError, "gdn_decode: expected CUDA tensors"),
+]
+
+
+@pytest.mark.parametrize("case", GDN_BAD, ids=[c[0] for c in GDN_BAD])
+def test_gdn_decode_bad_input(case):
+    _, change, exc, match = case
+    kwargs = {**gdn_inputs(), "state_indices": torch.tensor(SRC)}
+    kwargs.update(change)
+    with pytest.raises(exc, match=match):
+        gdn_decode(**kwargs)
+
+
+MAMBA_BAD = [
+    ("x 2-d", dict(x=torch.zeros(6, 4)), ValueError, "x"),
+    ("x float64", dict(x=torch.zeros(6, 2, 4, 8, dtype=torch.float64)), TypeError, "x"),
+    ("9 tokens", dict(x=torch.zeros(6, 9, 4, 8)), ValueError, "x: expected 1 to 8 tokens"),
+    ("dt shape", dict(dt=torch.zeros(6, 3, 4)), ValueError, "dt"),
+    ("A shape", dict(A=torch.zeros(3)), ValueError, "A"),
+    ("B dtype", dict(B=torch.zeros(6, 2, 2, 16, dtype=torch.float16)), TypeError, "B"),
+    ("C state size", dict(C=torch.zeros(6, 2, 2, 8)), ValueError, "C"),
+    ("B groups", dict(B=torch.zeros(6, 2, 3, 16)), ValueError, "B: number of heads 3"),
+    ("x heads", dict(x=torch.zeros(6, 2, 3, 8)), ValueError, "x: number of heads 3"),
+    ("N not multiple of 4", dict(B=torch.zeros(6, 2, 2, 10), C=torch.zeros(6, 2, 2, 10)), ValueError, "B: head dim"),
+    ("D shape", dict(D=torch.zeros(4, 9)), ValueError, "D"),
+    ("z shape", dict(z=torch.zeros(6, 2, 2, 8)), ValueError, "z"),
+    ("dt_bias shape", dict(dt_bias=torch.zeros(4, 1)), ValueError, "dt_bias"),
+    ("dt_softplus type", dict(dt_softplus="yes"), TypeError, "dt_softplus"),
+    ("dt_limit type", dict(dt_limit=0.5), TypeError, "dt_limit"),
+    ("dt_limit order", dict(dt_limit=(1.0, 0.0)), ValueError, "dt_limit"),
+    ("pool shape", dict(state_pool=torch.zeros(9, 4, 16, 8)), ValueError, "state_pool"),
+    ("pool dtype", dict(state_pool=torch.zeros(9, 4, 8, 16, dtype=torch.bfloat16)), TypeError, "state_pool"),
+    ("indices device", dict(state_indices=torch.zeros(6, dtype=torch.int64, device="meta")), ValueError,
+     "state_indices: expected device"),
+    ("single-token form, 4-d dt", dict(x=torch.zeros(6, 4, 8)), ValueError, "dt: expected 2 dimensions"),
+    ("out shape", dict(out=torch.zeros(6, 2, 4, 16)), ValueError, "out"),
+    ("cpu tensors", dict(), ValueError, "mamba2_decode: expected CUDA tensors"),
+]
+
+
+@pytest.mark.parametrize("case", MAMBA_BAD, ids=[c[0] for c in MAMBA_BAD])
+def test_mamba2_decode_bad_input(case):
+    _, change, exc, match = case
+    kwargs = {**mamba2_inputs(), "state_indices": torch.tensor(SRC)}
+    kwargs.update(change)
+    with pytest.raises(exc, match=match):
+        mamba2_decode(**kwargs)
+
+
+GKA_BAD = [
+    ("q 5-d", dict(q=torch.zeros(6, 2, 4, 32, 1)), ValueError, "q"),
+    ("q float64", dict(q=torch.zeros(6, 2, 4, 32, dtype=torch.float64)), TypeError, "q"),
+    ("0 tokens", dict(q=torch.zeros(6, 0, 4, 32)), ValueError, "q: expected 1 to 8 tokens"),
+    ("v dtype", dict(v=torch.zeros(6, 2, 2, 32, dtype=torch.bfloat16)), TypeError, "v"),
+    ("k heads", dict(k=torch.zeros(6, 2, 3, 32)), ValueError, "k: number of heads 3"),
+    ("K too large", dict(q=torch.zeros(6, 2, 4, 256), k=torch.zeros(6, 2, 2, 256),
+                         h_kk_pool=torch.zeros(9, 4, 256, 256), h_kv_pool=torch.zeros(9, 4, 256, 32)),
+     ValueError, "q: head dim"),
+    ("K not multiple of 4", dict(q=torch.zeros(6, 2, 4, 30), k=torch.zeros(6, 2, 2, 30)), ValueError, "q: head dim"),
+    ("V too large", dict(v=torch.zeros(6, 2, 2, 132)), ValueError, "v: head dim"),
+    ("alpha shape", dict(alpha=torch.zeros(6, 2, 2)), ValueError, "alpha"),
+    ("g dtype", dict(g=torch.zeros(6, 2, 4, dtype=torch.int32)), TypeError, "g"),
+    ("h_kk shape", dict(h_kk_pool=torch.zeros(9, 4, 32, 16)), ValueError, "h_kk_pool"),
+    ("h_kv slots", dict(h_kv_pool=torch.zeros(8, 4, 32, 32)), ValueError, "h_kv_pool"),
+    ("h_kv dtype", dict(h_kv_pool=torch.zeros(9, 4, 32, 32, dtype=torch.float16)), TypeError, "h_kv_pool"),
+    ("num_iter 0", dict(num_iter=0), ValueError, "num_iter"),
+    ("num_iter 65", dict(num_iter=65), ValueError, "num_iter"),
+    ("num_iter float", dict(num_iter=10.0), TypeError, "num_iter"),
+    ("ridge negative", dict(ridge_ratio=-0.1), ValueError, "ridge_ratio"),
+    ("ridge inf", dict(ridge_ratio=math.inf), ValueError, "ridge_ratio"),
+    ("ridge type", dict(ridge_ratio="0.02"), TypeError, "ridge_ratio"),
+    ("dst dtype", dict(dst_state_indices=torch.zeros(6, dtype=torch.float32)), TypeError, "dst_state_indices"),
+    ("out dtype", dict(out=torch.zeros(6, 2, 4, 32, dtype=torch.bfloat16)), TypeError, "out"),
+    ("cpu tensors", dict(), ValueError, "gka_decode: expected CUDA tensors"),
+]
+
+
+@pytest.mark.parametrize("case", GKA_BAD, ids=[c[0] for c in GKA_BAD])
+def test_gka_decode_bad_input(case):
+    _, change, exc, match = case
+    kwargs = {**gka_inputs(), "state_indices": torch.tensor(SRC)}
+    kwargs.update(change)
+    with pytest.raises(exc, match=match):
+        gka_decode(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: kernels vs the float64 references
+# ---------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+
+@pytest.fixture
+def cuda_ext():
+    if not extension_available():
+        pytest.skip(f"gka_kernels._C not built: {extension_error()}")
+    return load_extension()
+
+
+def _tol(dtype, bf16_tol):
+    return DECODE_FP32 if dtype == torch.float32 else bf16_tol
+
+
+def _expand(t: torch.Tensor, H: int) -> torch.Tensor:
+    """Repeat grouped heads (dim 2) to H heads, as the kernels read them (head h -> h // group)."""
+    return t.repeat_interleave(H // t.shape[2], dim=2)
+
+
+GDN_LAYOUTS = {  # H, Hq, HKV, K, V
+    "mha-k128-v128": (4, 4, 4, 128, 128),
+    "gqa-k64-v100": (8, 8, 2, 64, 100),
+    "grouped-q-k100-v64": (8, 4, 2, 100, 64),
+}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Tn", [1, 4])
+@pytest.mark.parametrize("layout", sorted(GDN_LAYOUTS))
+@pytest.mark.parametrize("dst_mode", ["inplace", "separate"])
+def test_gdn_decode_matches_reference(cuda_ext, dtype, Tn, layout, dst_mode):
+    from gka_kernels.reference.gdn import gated_delta_rule_ref
+
+    H, Hq, HKV, K, V = GDN_LAYOUTS[layout]
+    inp = gdn_inputs(Tn=Tn, H=H, Hq=Hq, HKV=HKV, K=K, V=V, dtype=dtype, device="cuda", seed=Tn + K)
+    src, dst = _indices(dst_mode, "cuda")
+    before = inp["state_pool"].clone()
+    o = gdn_decode(**inp, state_indices=src, dst_state_indices=dst, use_qk_l2norm=True)
+    torch.cuda.synchronize()
+    valid = _valid()
+    d = {n: inp[n][valid].double() for n in ("q", "k", "v", "g", "beta")}
+    ref_o, ref_s = gated_delta_rule_ref(_expand(d["q"], H), d["k"], d["v"], d["g"], d["beta"],
+                                        initial_state=before[[SRC[b] for b in valid]].double(),
+                                        output_final_state=True, use_qk_l2norm=True)
+    _check_step(o, [inp["state_pool"]], [before], ref_o, [ref_s], dst_mode, _tol(dtype, DECODE_BF16))
+
+
+@gpu
+def test_gdn_decode_without_l2norm_and_custom_scale(cuda_ext):
+    from gka_kernels.reference.gdn import gated_delta_rule_ref
+
+    inp = gdn_inputs(Tn=3, H=4, Hq=4, HKV=4, K=64, V=64, device="cuda", seed=3)
+    inp["q"], inp["k"] = F.normalize(inp["q"], dim=-1), F.normalize(inp["k"], dim=-1)
+    src, _ = _indices("inplace", "cuda")
+    before = inp["state_pool"].clone()
+    o = gdn_decode(**inp, state_indices=src, scale=0.3, use_qk_l2norm=False)
+    valid = _valid()
+    d = {n: inp[n][valid].double() for n in ("q", "k", "v", "g", "beta")}
+    ref_o, ref_s = gated_delta_rule_ref(d["q"], d["k"], d["v"], d["g"], d["beta"], scale=0.3,
+                                        initial_state=before[[SRC[b] for b in valid]].double(),
+                                        output_final_state=True, use_qk_l2norm=False)
+    _check_step(o, [inp["state_pool"]], [before], ref_o, [ref_s], "inplace", DECODE_FP32)
+
+
+@gpu
+def test_gdn_decode_strided_views_and_cuda_graph(cuda_ext):
+    """q, k, v as head slices of one projection output (no copies) give the same bits as
+    contiguous inputs, and a captured graph replays to the eager result."""
+    B, Tn, H, K = BATCH, 2, 4, 128
+    proj = torch.randn(B, Tn, H, 3 * K, device="cuda", dtype=torch.bfloat16)
+    q, k, v = proj[..., :K], proj[..., K:2 * K], proj[..., 2 * K:]
+    g = torch.log(torch.empty(B, Tn, H, device="cuda").uniform_(0.5, 0.99))
+    beta = torch.rand(B, Tn, H, device="cuda")
+    pool = torch.randn(SLOTS, H, K, K, device="cuda")
+    src, dst = _indices("separate", "cuda")
+    ref_pool = pool.clone()
+    o_ref = gdn_decode(q.contiguous(), k.contiguous(), v.contiguous(), g, beta, ref_pool, src, dst)
+    o = gdn_decode(q, k, v, g, beta, pool, src, dst)
+    assert torch.equal(o, o_ref) and torch.equal(pool, ref_pool)
+
+    def step(pools, out):
+        return gdn_decode(q, k, v, g, beta, pools[0], src, dst, out=out)
+
+    _graph_equals_eager(step, [ref_pool])
+
+
+MAMBA_LAYOUTS = {  # H, Hx, GB, GC, P, N, D per P, z, dt_limit
+    "p64-n128-z": (8, 8, 2, 2, 64, 128, False, True, (0.0, math.inf)),
+    "grouped-x-p100-n64-clamp": (8, 2, 2, 8, 100, 64, True, False, (0.02, 0.4)),
+    "p32-n256": (4, 4, 1, 1, 32, 256, False, True, (0.0, math.inf)),
+}
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Tn", [1, 4])
+@pytest.mark.parametrize("layout", sorted(MAMBA_LAYOUTS))
+@pytest.mark.parametrize("dst_mode", ["inplace", "separate"])
+def test_mamba2_decode_matches_reference(cuda_ext, dtype, Tn, layout, dst_mode):
+    from gka_kernels.reference.mamba2 import ssd_ref
+
+    H, Hx, GB, GC, P, N, D_per_p, with_z, dt_limit = MAMBA_LAYOUTS[layout]
+    inp = mamba2_inputs(Tn=Tn, H=H, Hx=Hx, GB=GB, GC=GC, P=P, N=N, dtype=dtype, device="cuda",
+                        seed=Tn + P, D_per_p=D_per_p, with_z=with_z)
+    src, dst = _indices(dst_mode, "cuda")
+    before = inp["state_pool"].clone()
+    y = mamba2_decode(**inp, state_indices=src, dst_state_indices=dst, dt_softplus=True, dt_limit=dt_limit)
+    torch.cuda.synchronize()
+    valid = _valid()
+    d = {n: inp[n][valid].double() for n in ("x", "dt", "B", "C") + (("z",) if with_z else ())}
+    ref_y, ref_s = ssd_ref(_expand(d["x"], H), d["dt"], inp["A"].double(), _expand(d["B"], H),
+                           _expand(d["C"], H), D=inp["D"].double(), z=d.get("z"),
+                           dt_bias=inp["dt_bias"].double(),
+                           initial_states=before[[SRC[b] for b in valid]].double(), dt_softplus=True,
+                           dt_limit=dt_limit)
+    _check_step(y, [inp["state_pool"]], [before], ref_y, [ref_s], dst_mode, _tol(dtype, DECODE_BF16))
+
+
+@gpu
+def test_mamba2_decode_single_token_form_views_and_cuda_graph(cuda_ext):
+    """The selective_state_update form (no token dim) equals the 4-d form bit for bit, inputs may be
+    column slices of one in_proj output (attention-compatible split), and graph replay equals eager."""
+    B, H, Hx, G, P, N = BATCH, 8, 2, 2, 64, 128
+    widths = [H * P, Hx * P, G * N, H * N, H]  # z, x, B, C, dt
+    proj = torch.randn(B, 1, sum(widths), device="cuda", dtype=torch.bfloat16)
+    z, x, Bm, Cm, dt = torch.split(proj, widths, dim=-1)
+    z, x, Bm, Cm = z.unflatten(-1, (H, P)), x.unflatten(-1, (Hx, P)), Bm.unflatten(-1, (G, N)), Cm.unflatten(-1, (H, N))
+    A = -torch.rand(H, device="cuda") - 0.5
+    D = torch.randn(H, device="cuda")
+    dt_bias = torch.randn(H, device="cuda") * 0.1
+    pool = torch.randn(SLOTS, H, P, N, device="cuda")
+    src, _ = _indices("inplace", "cuda")
+    pool4 = pool.clone()
+    y4 = mamba2_decode(pool4, x.contiguous(), dt.contiguous(), A, Bm.contiguous(), Cm.contiguous(), src,
+                       D=D, z=z.contiguous(), dt_bias=dt_bias, dt_softplus=True)
+    y3 = mamba2_decode(pool, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], src, D=D, z=z[:, 0], dt_bias=dt_bias,
+                       dt_softplus=True)
+    assert y3.shape == (B, H, P)
+    assert torch.equal(y3, y4[:, 0]) and torch.equal(pool, pool4)
+
+    def step(pools, out):
+        return mamba2_decode(pools[0], x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], src, D=D, z=z[:, 0],
+                             dt_bias=dt_bias, dt_softplus=True, out=out)
+
+    _graph_equals_eager(step, [pool4])
+
+
+GKA_CASES = [  # Tn, (H, Hq, HKV, K, V)
+    pytest.param(1, (4, 4, 4, 128, 128), id="t1-mha-k128"),
+    pytest.param(4, (4, 4, 4, 128, 128), id="t4-mha-k128"),
+    pytest.param(4, (8, 4, 2, 64, 100), id="t4-grouped-k64-v100"),
+]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_iter", [1, 10, 30])
+@pytest.mark.parametrize("Tn,layout", GKA_CASES)
+@pytest.mark.parametrize("dst_mode", ["inplace", "separate"])
+def test_gka_decode_matches_reference(cuda_ext, dtype, num_iter, Tn, layout, dst_mode):
+    from gka_kernels.reference.gka import gka_ref
+
+    H, Hq, HKV, K, V = layout
+    inp = gka_inputs(Tn=Tn, H=H, Hq=Hq, HKV=HKV, K=K, V=V, dtype=dtype, device="cuda", seed=num_iter + Tn)
+    src, dst = _indices(dst_mode, "cuda")
+    before = (inp["h_kk_pool"].clone(), inp["h_kv_pool"].clone())
+    o = gka_decode(**inp, state_indices=src, dst_state_indices=dst, num_iter=num_iter, ridge_ratio=0.02)
+    torch.cuda.synchronize()
+    valid = _valid()
+    rows = [SRC[b] for b in valid]
+    d = {n: inp[n][valid].double() for n in ("q", "k", "v", "g", "alpha")}
+    ref_o, (ref_kk, ref_kv) = gka_ref(_expand(d["q"], H), d["k"], d["v"], d["g"], alpha=d["alpha"],
+                                      ridge_ratio=0.02, num_iter=num_iter,
+                                      initial_state=(before[0][rows].double(), before[1][rows].double()),
+                                      output_final_state=True)
+    _check_step(o, [inp["h_kk_pool"], inp["h_kv_pool"]], list(before), ref_o, [ref_kk, ref_kv], dst_mode,
+                _tol(dtype, GKA_GPU_FWD))
+
+
+@gpu
+def test_gka_decode_alpha_none_zero_state_and_cuda_graph(cuda_ext):
+    """alpha=None means alpha = 1; a sequence whose H stays 0 (zero state, zero keys: fro = 0, so
+    fro = 1 for the step size) reads out U through that solve; graph replay equals eager."""
+    from gka_kernels.reference.gka import gka_ref
+
+    inp = gka_inputs(Tn=2, H=4, Hq=4, HKV=4, K=128, V=128, device="cuda", seed=7)
+    inp["alpha"] = None
+    inp["h_kk_pool"][SRC[0]].zero_()
+    inp["k"][0].zero_()
+    src, dst = _indices("separate", "cuda")
+    before = (inp["h_kk_pool"].clone(), inp["h_kv_pool"].clone())
+    o = gka_decode(**inp, state_indices=src, dst_state_indices=dst, num_iter=30)
+    valid = _valid()
+    rows = [SRC[b] for b in valid]
+    d = {n: inp[n][valid].double() for n in ("q", "k", "v", "g")}
+    ref_o, (ref_kk, ref_kv) = gka_ref(d["q"], d["k"], d["v"], d["g"], alpha=None, num_iter=30,
+                                      initial_state=(before[0][rows].double(), before[1][rows].double()),
+                                      output_final_state=True)
+    _check_step(o, [inp["h_kk_pool"], inp["h_kv_pool"]], list(before), ref_o, [ref_kk, ref_kv], "separate",
+                DECODE_FP32)
+
+    def step(pools, out):
+        return gka_decode(inp["q"], inp["k"], inp["v"], inp["g"], None, pools[0], pools[1], src, dst,
+                          num_iter=30, out=out)
+
+    _graph_equals_eager(step, list(before))
