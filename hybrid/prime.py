@@ -158,14 +158,6 @@ class _Log:
         self.lines.append(line)
 
 
-def _tokens_for(tok: Tokenizer, path: Path | None, split: str, max_bytes: int) -> torch.Tensor:
-    text = read_text(path) if path is not None else stdlib_text(split, max_bytes=max_bytes)
-    ids = tok.encode(text)
-    if ids.numel() < 2:
-        raise SystemExit(f"text {path or split}: too short")
-    return ids
-
-
 def _windows(tokens: torch.Tensor, seq_len: int, count: int) -> torch.Tensor:
     n = min(count, tokens.numel() // seq_len)
     if n < 1:
@@ -234,113 +226,149 @@ def _cache_numbers(model, prompt: torch.Tensor) -> tuple[int, int]:
     return 2 * cfg.num_key_value_heads * head_dim * element * cfg.num_hidden_layers, 0
 
 
-def run(args: argparse.Namespace) -> dict:
-    """The whole command; returns the report written to ``DIR/prime_report.json``."""
-    t_start = time.time()
-    torch.manual_seed(args.seed)
-    if args.threads < 1:
-        raise SystemExit(f"--threads: expected >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    log = _Log()
-    try:
-        ssm_token(args.ssm)
-    except ValueError as exc:
-        raise SystemExit(f"--ssm: {exc}") from None
-    source, tok, name = load_source(args.source, device, dtype)
-    log(f"source: {name} ({type(source).__name__}, {count_parameters(source):,} parameters, "
-        f"{source.config.num_hidden_layers} layers) on {device}")
+def _texts(args, tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alignment/selection tokens, held-out evaluation windows). Without ``--eval-text``, the
+    held-out text is the standard library's held-out files, or the tail of ``--text`` (which is
+    then not used for alignment)."""
+    span = args.seq_len * 2
+    if args.text is not None:
+        tokens = tok.encode(read_text(args.text))
+    else:
+        tokens = tok.encode(stdlib_text("train", max_bytes=args.max_text_bytes))
+    if args.eval_text is not None:
+        heldout = tok.encode(read_text(args.eval_text))
+    elif args.text is not None:
+        cut = max(tokens.numel() // 10, args.eval_windows * span)
+        if tokens.numel() - cut < span:
+            raise SystemExit(f"--text {args.text}: {tokens.numel()} tokens are too few to hold out "
+                             f"{cut} for evaluation and align on the rest; pass --eval-text or more text")
+        tokens, heldout = tokens[:-cut], tokens[-cut:]
+    else:
+        heldout = tok.encode(stdlib_text("heldout", max_bytes=args.eval_windows * span * 8))
+    return tokens, _windows(heldout, span, args.eval_windows)
 
-    align_tokens = _tokens_for(tok, args.text, "train", max_bytes=args.max_text_bytes)
-    eval_tokens = _tokens_for(tok, args.eval_text, "heldout", max_bytes=args.eval_windows * args.seq_len * 2 * 8)
-    eval_windows = _windows(eval_tokens, args.seq_len * 2, args.eval_windows)
-    sel_windows = _windows(align_tokens, args.seq_len * 2, args.eval_windows)
 
+def _stage0(args, source, tok: Tokenizer, name: str, sel_windows: torch.Tensor, out: Path, log: _Log):
+    """The converted (unaligned) hybrid: built now, or reloaded from ``DIR/stage0`` on ``--resume``."""
     stage0 = out / STAGE0
     if args.resume:
         if not (stage0 / "config.json").is_file():
             raise SystemExit(f"--resume: {stage0} does not exist; run without --resume first")
-        hybrid = HybridForCausalLM.from_pretrained(stage0, local_files_only=True, dtype=dtype).to(device).eval()
+        hybrid = HybridForCausalLM.from_pretrained(stage0, local_files_only=True, dtype=source.dtype)
+        hybrid = hybrid.to(source.device).eval()
         if args.pattern and args.pattern != hybrid.config.hybrid_override_pattern:
             raise SystemExit(f"--resume: {stage0} has pattern {hybrid.config.hybrid_override_pattern}, "
                              f"not {args.pattern}")
         log(f"resuming: stage-0 hybrid from {stage0}, pattern {hybrid.config.hybrid_override_pattern}")
-    else:
-        pattern = _choose_pattern(args, source, sel_windows, log)
-        hybrid, transfer_log = convert_to_hybrid(source, pattern, _ssm_config(args, pattern), source_name=name)
-        log("weight transfer (priming stage 0):")
-        for line in transfer_log:
-            log("  " + line)
-        hybrid.save_pretrained(stage0)
-        tok.save(stage0)
-    pattern = hybrid.config.hybrid_override_pattern
-    if device.type == "cpu" and "GKA" in parse_pattern(pattern):
-        log("note: on a CPU, GKA layers run the PyTorch reference (a token loop with num_iter Chebyshev "
-            "steps per token): expect minutes; lower --num-iter, use --ssm gdn, or run on a GPU")
+        return hybrid
+    pattern = _choose_pattern(args, source, sel_windows, log)
+    hybrid, transfer_log = convert_to_hybrid(source, pattern, _ssm_config(args, pattern), source_name=name)
+    log("weight transfer (priming stage 0):")
+    for line in transfer_log:
+        log("  " + line)
+    hybrid.save_pretrained(stage0)
+    tok.save(stage0)
+    return hybrid
 
+
+def _align(args, hybrid, source, tokens: torch.Tensor, out: Path, log: _Log):
+    """Run (or resume) alignment; exits with status 130 when stopped by a signal."""
+    cfg = AlignConfig(steps=args.align_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed)
+    aligner = Aligner(hybrid, source, tokens, cfg, out / CHECKPOINTS, progress=not args.quiet)
+    if not args.resume and aligner.checkpoint_path.is_file():
+        aligner.checkpoint_path.unlink()
+        log(f"removed the checkpoint of an earlier run in {aligner.checkpoint_path.parent} (no --resume)")
+    previous = _install_stop_handlers(aligner)
     t0 = time.time()
-    ppl_teacher = perplexity(source, eval_windows)
-    ppl_before = perplexity(hybrid, eval_windows)
-    log(f"perplexity on {eval_windows.numel()} held-out tokens: teacher {ppl_teacher:.3f}, "
-        f"hybrid before alignment {ppl_before:.3f} ({time.time() - t0:.1f} s)")
-
-    result = None
-    if args.align_steps > 0 and hybrid.config.ssm_layers:
-        cfg = AlignConfig(steps=args.align_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                          checkpoint_every=args.checkpoint_every, seed=args.seed)
-        aligner = Aligner(hybrid, source, align_tokens, cfg, out / CHECKPOINTS, progress=not args.quiet)
-        if not args.resume and aligner.checkpoint_path.is_file():
-            aligner.checkpoint_path.unlink()
-            log(f"removed the checkpoint of an earlier run in {aligner.checkpoint_path.parent} (no --resume)")
-        previous = _install_stop_handlers(aligner)
-        t0 = time.time()
-        try:
-            result = aligner.run(resume=args.resume)
-        finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
-        if result.interrupted:
-            log(f"alignment stopped at step {result.steps_done}/{args.align_steps}; checkpoint in "
-                f"{aligner.checkpoint_path}. Continue with the same command plus --resume.")
-            sys.exit(130)
+    try:
+        result = aligner.run(resume=args.resume)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if result.interrupted:
+        log(f"alignment stopped at step {result.steps_done}/{args.align_steps}; checkpoint in "
+            f"{aligner.checkpoint_path}. Continue with the same command plus --resume.")
+        sys.exit(130)
+    if result.losses:
         log(f"alignment: {result.steps_done} steps, loss {result.losses[0]:.4g} -> {result.losses[-1]:.4g} "
-            f"({time.time() - t0:.1f} s this run)" if result.losses else "alignment: nothing to do")
-    ppl_after = perplexity(hybrid, eval_windows) if result is not None else ppl_before
-    hybrid.save_pretrained(out)
-    tok.save(out)
+            f"({time.time() - t0:.1f} s this run)")
+    return result
 
-    prompt = eval_windows[:1, : min(64, eval_windows.shape[1])]
+
+def _summary(args, source, hybrid, windows: torch.Tensor, ppl: dict[str, float]) -> list[dict]:
+    """Table rows: perplexity, parameters, cache bytes per token, fixed SSM state, decode speed."""
+    prompt = windows[:1, : min(64, windows.shape[1])]
     src_per_tok, _ = _cache_numbers(source, prompt)
     hyb_per_tok, hyb_fixed = _cache_numbers(hybrid, prompt)
-    src_params, hyb_params = count_parameters(source), count_parameters(hybrid)
-    hyb_tok_s = decode_tokens_per_second(hybrid, prompt, args.decode_tokens)
-    rows = [
-        {"model": "teacher (source)", "perplexity": ppl_teacher, "parameters": src_params,
+    hyb = {"parameters": count_parameters(hybrid), "cache_bytes_per_token": hyb_per_tok,
+           "fixed_state_bytes": hyb_fixed,
+           "decode_tokens_per_s": decode_tokens_per_second(hybrid, prompt, args.decode_tokens)}
+    return [
+        {"model": "teacher (source)", "perplexity": ppl["teacher"], "parameters": count_parameters(source),
          "cache_bytes_per_token": src_per_tok, "fixed_state_bytes": 0,
          "decode_tokens_per_s": decode_tokens_per_second(source, prompt, args.decode_tokens)},
-        {"model": "hybrid, stage 0", "perplexity": ppl_before, "parameters": hyb_params,
-         "cache_bytes_per_token": hyb_per_tok, "fixed_state_bytes": hyb_fixed, "decode_tokens_per_s": hyb_tok_s},
-        {"model": "hybrid, aligned", "perplexity": ppl_after, "parameters": hyb_params,
-         "cache_bytes_per_token": hyb_per_tok, "fixed_state_bytes": hyb_fixed, "decode_tokens_per_s": hyb_tok_s},
+        {"model": "hybrid, stage 0", "perplexity": ppl["before"], **hyb},
+        {"model": "hybrid, aligned", "perplexity": ppl["after"], **hyb},
     ]
 
+
+def _print_table(rows: list[dict], hybrid, args, device, log: _Log) -> None:
+    cfg = hybrid.config
     log("")
-    log(f"pattern {pattern}   ({len(hybrid.config.ssm_layers)} SSM / {len(hybrid.config.attention_layers)} attention layers)")
-    header = f"{'model':<18} {'perplexity':>10} {'parameters':>11} {'cache B/token':>13} {'SSM state B':>11} {'decode tok/s':>12}"
+    log(f"pattern {cfg.hybrid_override_pattern}   ({len(cfg.ssm_layers)} SSM / {len(cfg.attention_layers)} "
+        "attention layers)")
+    header = (f"{'model':<18} {'perplexity':>10} {'parameters':>11} {'cache B/token':>13} {'SSM state B':>11} "
+              f"{'decode tok/s':>12}")
     log(header)
     log("-" * len(header))
     for r in rows:
         log(f"{r['model']:<18} {r['perplexity']:>10.3f} {r['parameters']:>11,} {r['cache_bytes_per_token']:>13,} "
             f"{r['fixed_state_bytes']:>11,} {r['decode_tokens_per_s']:>12.1f}")
-    log(f"(cache B/token: growth of the KV cache per generated token for one sequence; the hybrid's SSM "
-        f"layers add a fixed state instead. Decode: greedy, batch 1, {args.decode_tokens} tokens on {device}.)")
-    log(f"saved: aligned hybrid in {out}, stage-0 hybrid in {stage0}; total {time.time() - t_start:.1f} s")
+    log("(cache B/token: growth of the KV cache per generated token for one sequence; the hybrid's SSM "
+        f"layers hold a fixed state instead. Decode: greedy, batch 1, {args.decode_tokens} tokens on {device}.)")
 
-    report = {"source": name, "pattern": pattern, "device": str(device), "dtype": args.dtype,
-              "align_steps": result.steps_done if result else 0,
+
+def run(args: argparse.Namespace) -> dict:
+    """The whole command; returns the report written to ``DIR/prime_report.json``."""
+    t_start = time.time()
+    if args.threads < 1:
+        raise SystemExit(f"--threads: expected >= 1, got {args.threads}")
+    try:
+        ssm_token(args.ssm)
+    except ValueError as exc:
+        raise SystemExit(f"--ssm: {exc}") from None
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log = _Log()
+    source, tok, name = load_source(args.source, device, getattr(torch, args.dtype))
+    log(f"source: {name} ({type(source).__name__}, {count_parameters(source):,} parameters, "
+        f"{source.config.num_hidden_layers} layers) on {device}")
+    align_tokens, eval_windows = _texts(args, tok)
+    hybrid = _stage0(args, source, tok, name, _windows(align_tokens, args.seq_len * 2, args.eval_windows), out, log)
+    if device.type == "cpu" and "GKA" in hybrid.config.layer_pattern:
+        log("note: on a CPU, GKA layers run the PyTorch reference (a token loop with num_iter Chebyshev "
+            "steps per token): expect minutes; lower --num-iter, use --ssm gdn, or run on a GPU")
+
+    t0 = time.time()
+    ppl = {"teacher": perplexity(source, eval_windows), "before": perplexity(hybrid, eval_windows)}
+    log(f"perplexity on {eval_windows.numel()} held-out tokens: teacher {ppl['teacher']:.3f}, "
+        f"hybrid before alignment {ppl['before']:.3f} ({time.time() - t0:.1f} s)")
+    result = None
+    if args.align_steps > 0 and hybrid.config.ssm_layers:
+        result = _align(args, hybrid, source, align_tokens, out, log)
+    ppl["after"] = perplexity(hybrid, eval_windows) if result is not None else ppl["before"]
+    hybrid.save_pretrained(out)
+    tok.save(out)
+
+    rows = _summary(args, source, hybrid, eval_windows, ppl)
+    _print_table(rows, hybrid, args, device, log)
+    log(f"saved: aligned hybrid in {out}, stage-0 hybrid in {out / STAGE0}; total {time.time() - t_start:.1f} s")
+    report = {"source": name, "pattern": hybrid.config.hybrid_override_pattern, "device": str(device),
+              "dtype": args.dtype, "align_steps": result.steps_done if result else 0,
               "align_losses": result.losses if result else [], "rows": rows,
               "eval_tokens": eval_windows.numel(), "seconds": round(time.time() - t_start, 1)}
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")

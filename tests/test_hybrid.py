@@ -394,17 +394,16 @@ def test_sigint_during_alignment_stops_with_a_checkpoint(tmp_path):
     assert state["step"] == 1 and state["data"]["position"] == 2 * 16
 
 
-def test_bench_e2e_smoke(tmp_path):
-    import subprocess
-    import sys
+def test_bench_e2e_smoke(tmp_path, monkeypatch):
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-m", "bench.bench_e2e", "--smoke", "--ssm", "gdn", "--out", str(tmp_path)],
-                          cwd=root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(next(tmp_path.glob("e2e-*.json")).read_text())
-    src, hyb = result["models"]["source"], result["models"]["hybrid gdn"]
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from bench import bench_e2e
+
+    result = bench_e2e.main(["--smoke", "--ssm", "gdn", "--out", str(tmp_path)])
+    saved = json.loads(next(tmp_path.glob("e2e-*.json")).read_text())
+    assert saved["pattern"] == result["pattern"] == "*-GDN-*-GDN"
+    src, hyb = saved["models"]["source"], saved["models"]["hybrid gdn"]
     assert [r["context"] for r in src] == [16, 64] and all(r["decode_tokens_per_s"] > 0 for r in src + hyb)
     # KV grows in 4 layers for the source, in 2 for the hybrid (plus a fixed SSM state)
     grow_src = src[1]["cache_bytes_after_prefill"] - src[0]["cache_bytes_after_prefill"]
