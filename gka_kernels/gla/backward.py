@@ -27,17 +27,16 @@ from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.triton_utils import autotune
 
 
-#: Smallest value block of the dv kernel's configs: sizes the buffer of partial sums over V blocks.
-_DV_MIN_BV = 64
+#: Value block of the dv kernel (fixed, not tuned: it sizes the buffer of partial sums over V blocks).
+_DV_BV = 64
 
 
 @autotune(
     configs=[
-        triton.Config({"BK": BK, "BV": BV}, num_warps=w, num_stages=s)
-        for BK in (64, 128) for BV in (_DV_MIN_BV, 128) for w in (4, 8) for s in (2, 3)
+        triton.Config({"BK": BK}, num_warps=w, num_stages=s)
+        for BK in (64, 128) for w in (8, 4) for s in (2, 3)
     ],
-    key=["H", "HV", "K", "V", "BT", "HAS_VS", "HAS_D", "DT"],
-    reset_to_zero=["dvs"],
+    key=["H", "HV", "K", "V", "BT", "BV", "HAS_VS", "HAS_D", "DT"],
 )
 @triton.jit
 def chunk_bwd_dv_kernel(
@@ -128,7 +127,7 @@ def chunk_bwd_dv_kernel(
 @autotune(
     configs=[
         triton.Config({"BV": BV}, num_warps=w, num_stages=s)
-        for BV in (64, 32, 128) for w in (4, 8) for s in (2, 3)
+        for BV in (32, 64) for w in (8, 4) for s in (2, 3)
     ],
     key=["H", "NG", "K", "V", "BT", "BK", "HAS_VS", "DT"],
 )
@@ -172,21 +171,40 @@ def chunk_bwd_dqkg_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     causal = (r[:, None] >= r[None, :]) & m_t[:, None]
 
+    # dq_acc / dk_acc accumulate the gradients of the NG heads (or of one head when not shared);
+    # sq / sk hold rowsum(q * dq_acc) / rowsum(k * dk_acc) so far, so that each head's
+    # dG = q . dq_h - k . dk_h is a difference of running sums (no per-head gradient tiles).
     dq_acc = tl.zeros([BT, BK], dtype=ACC)
     dk_acc = tl.zeros([BT, BK], dtype=ACC)
+    sq = tl.zeros([BT], dtype=ACC)
+    sk = tl.zeros([BT], dtype=ACC)
+    q_off = r[:, None] * (HQ * K) + o_k[None, :]
+    k_off = r[:, None] * (HK * K) + o_k[None, :]
+    if Q_ACC:
+        bq = tl.load(q + (row0 * HQ + (i_hg * NG) // (H // HQ)) * K + q_off, mask=m_tk,
+                     other=0).to(ACC)
+    if K_ACC:
+        bk = tl.load(k + (row0 * HK + (i_hg * NG) // (H // HK)) * K + k_off, mask=m_tk,
+                     other=0).to(ACC)
     for i_g in range(NG):
         i_h = i_hg * NG + i_g
-        i_hq = i_h // (H // HQ)
-        i_hk = i_h // (H // HK)
-        i_hv = i_h // (H // HV)
+        if not Q_ACC:
+            bq = tl.load(q + (row0 * HQ + i_h // (H // HQ)) * K + q_off, mask=m_tk, other=0).to(ACC)
+        if not K_ACC:
+            bk = tl.load(k + (row0 * HK + i_h // (H // HK)) * K + k_off, mask=m_tk, other=0).to(ACC)
         h_base = hs + (i_tg * H + i_h) * K * V
         dh_base = dhs + (i_tg * H + i_h) * K * V
-        v_base = v + (row0 * HV + i_hv) * V
+        v_base = v + (row0 * HV + i_h // (H // HV)) * V
         do_base = do + (row0 * H + i_h) * V
         g_base = gc + row0 * H + i_h
+        G = tl.load(g_base + r * H, mask=m_t, other=0).to(ACC)
+        G_last = tl.load(g_base + last * H).to(ACC)
+        w_q = tl.exp(G) * scale
+        w_k = tl.where(m_t, tl.exp(G_last - G), 0)
+        if HAS_VS:  # v_eff = vs * v: scale the rows of v @ dh^T and the columns of do @ v^T
+            bs = tl.load(vs + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
+            w_k *= bs
         b_da = tl.zeros([BT, BT], dtype=ACC)
-        b_dq = tl.zeros([BT, BK], dtype=ACC)
-        b_dk = tl.zeros([BT, BK], dtype=ACC)
         b_hdh = tl.zeros([BK], dtype=ACC)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
@@ -199,47 +217,40 @@ def chunk_bwd_dqkg_kernel(
             bht = tl.load(h_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
             bdht = tl.load(dh_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
             b_da += tl.dot(bdo.to(DT), tl.trans(bv.to(DT)), out_dtype=ACC, input_precision=PREC)
-            b_dq += tl.dot(bdo.to(DT), bht.to(DT), out_dtype=ACC, input_precision=PREC)
-            b_dk += tl.dot(bv.to(DT), bdht.to(DT), out_dtype=ACC, input_precision=PREC)
+            dq_acc += tl.dot((bdo * w_q[:, None]).to(DT), bht.to(DT), out_dtype=ACC,
+                             input_precision=PREC)
+            dk_acc += tl.dot((bv * w_k[:, None]).to(DT), bdht.to(DT), out_dtype=ACC,
+                             input_precision=PREC)
             b_hdh += tl.sum(bht * bdht, axis=0)
-        bq = tl.load(q + (row0 * HQ + i_hq) * K + r[:, None] * (HQ * K) + o_k[None, :], mask=m_tk,
-                     other=0).to(ACC)
-        bk = tl.load(k + (row0 * HK + i_hk) * K + r[:, None] * (HK * K) + o_k[None, :], mask=m_tk,
-                     other=0).to(ACC)
-        G = tl.load(g_base + r * H, mask=m_t, other=0).to(ACC)
-        G_last = tl.load(g_base + last * H).to(ACC)
-        w_k = tl.where(m_t, tl.exp(G_last - G), 0)
-        if HAS_VS:  # v_eff = vs * v: scale the rows of v @ dh^T and the columns of do @ v^T
-            bs = tl.load(vs + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
-            w_k *= bs
-            b_da *= bs[None, :]
-        b_dq *= (tl.exp(G) * scale)[:, None]
-        b_dk *= w_k[:, None]
-        dg_last = tl.sum(b_hdh, axis=0) * tl.exp(G_last) + tl.sum(tl.sum(b_dk * bk, axis=1), axis=0)
+        sk_inter = tl.sum(bk * dk_acc, axis=1)
+        dg_last = tl.sum(b_hdh, axis=0) * tl.exp(G_last) + tl.sum(sk_inter - sk, axis=0)
         b_da *= tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf"))) * scale
-        b_dq += tl.dot(b_da.to(DT), bk.to(DT), out_dtype=ACC, input_precision=PREC)
-        b_dk += tl.dot(tl.trans(b_da).to(DT), bq.to(DT), out_dtype=ACC, input_precision=PREC)
-        b_dg = tl.sum(bq * b_dq, axis=1) - tl.sum(bk * b_dk, axis=1)
-        b_dg += tl.where(r == last, dg_last, 0)
+        if HAS_VS:
+            b_da *= bs[None, :]
+        dq_acc += tl.dot(b_da.to(DT), bk.to(DT), out_dtype=ACC, input_precision=PREC)
+        dk_acc += tl.dot(tl.trans(b_da).to(DT), bq.to(DT), out_dtype=ACC, input_precision=PREC)
+        sq_new = tl.sum(bq * dq_acc, axis=1)
+        sk_new = tl.sum(bk * dk_acc, axis=1)
+        b_dg = (sq_new - sq) - (sk_new - sk) + tl.where(r == last, dg_last, 0)
         tl.store(dg + (i_k.to(tl.int64) * TT + row0) * H + i_h + r * H,
                  b_dg.to(dg.dtype.element_ty), mask=m_t)
         if Q_ACC:
-            dq_acc += b_dq
+            sq = sq_new
         else:
             tl.store(dq + (row0 * H + i_h) * K + r[:, None] * (H * K) + o_k[None, :],
-                     b_dq.to(dq.dtype.element_ty), mask=m_tk)
+                     dq_acc.to(dq.dtype.element_ty), mask=m_tk)
+            dq_acc = tl.zeros([BT, BK], dtype=ACC)
         if K_ACC:
-            dk_acc += b_dk
+            sk = sk_new
         else:
             tl.store(dk + (row0 * H + i_h) * K + r[:, None] * (H * K) + o_k[None, :],
-                     b_dk.to(dk.dtype.element_ty), mask=m_tk)
+                     dk_acc.to(dk.dtype.element_ty), mask=m_tk)
+            dk_acc = tl.zeros([BT, BK], dtype=ACC)
     if Q_ACC:
-        i_hq0 = (i_hg * NG) // (H // HQ)
-        tl.store(dq + (row0 * HQ + i_hq0) * K + r[:, None] * (HQ * K) + o_k[None, :],
+        tl.store(dq + (row0 * HQ + (i_hg * NG) // (H // HQ)) * K + q_off,
                  dq_acc.to(dq.dtype.element_ty), mask=m_tk)
     if K_ACC:
-        i_hk0 = (i_hg * NG) // (H // HK)
-        tl.store(dk + (row0 * HK + i_hk0) * K + r[:, None] * (HK * K) + o_k[None, :],
+        tl.store(dk + (row0 * HK + (i_hg * NG) // (H // HK)) * K + k_off,
                  dk_acc.to(dk.dtype.element_ty), mask=m_tk)
 
 
@@ -269,14 +280,14 @@ def chunk_bwd_dv(
     HK, HV, V = k.shape[2], v.shape[2], v.shape[3]
     fdt = torch.float64 if acc == tl.float64 else torch.float32
     dv = torch.empty_like(v)
-    # partial sums over V blocks; blocks beyond the chosen BV's count stay zero
-    dvs = v.new_zeros(triton.cdiv(V, _DV_MIN_BV), Bsz, T, H, dtype=fdt) if v_scale is not None else None
+    BV = min(_DV_BV, max(16, triton.next_power_of_2(V)))
+    dvs = v.new_empty(triton.cdiv(V, BV), Bsz, T, H, dtype=fdt) if v_scale is not None else None
     dD = v.new_empty(num_chunks, H, V, dtype=fdt) if D is not None else None
     chunks = num_chunks if cu_seqlens is not None else triton.cdiv(T, BT)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), chunks, (Bsz * HV if cu_seqlens is None else HV))  # noqa: E731
+    grid = (triton.cdiv(V, BV), chunks, (Bsz * HV if cu_seqlens is None else HV))
     chunk_bwd_dv_kernel[grid](
         q, k, v, v_scale, gc, dhs, do, D, dv, dvs, dD, cu_seqlens, chunk_indices, T, Bsz * T, scale,
-        H=H, HQ=HQ, HK=HK, HV=HV, K=K, V=V, BT=BT,
+        H=H, HQ=HQ, HK=HK, HV=HV, K=K, V=V, BT=BT, BV=BV,
         HAS_VS=v_scale is not None, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2,
         IS_VARLEN=cu_seqlens is not None, ACC=acc, DT=dot_dtype, PREC=precision,
     )
@@ -350,7 +361,7 @@ register_aot(AotSpec(
     constexprs={"H": 32, "HQ": 8, "HK": 8, "HV": 32, "K": 128, "V": 128, "BT": 64, "BK": 64,
                 "BV": 64, "HAS_VS": True, "HAS_D": True, "D_PER_V": True, "IS_VARLEN": False,
                 "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
-    num_warps=4, num_stages=2,
+    num_warps=8, num_stages=2,
 ))
 for _name, _hq, _hk, _hv in (("mamba2", 8, 8, 32), ("gqa", 32, 8, 8)):
     register_aot(AotSpec(
@@ -361,8 +372,9 @@ for _name, _hq, _hk, _hv in (("mamba2", 8, 8, 32), ("gqa", 32, 8, 8)):
                "dg": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "TT": "i64",
                "scale": "fp32"},
         constexprs={"H": 32, "HQ": _hq, "HK": _hk, "HV": _hv, "NG": 32 // min(_hq, _hk),
-                    "K": 128, "V": 128, "BT": 64, "BK": 64, "BV": 64,
-                    "Q_ACC": _hq == min(_hq, _hk), "K_ACC": _hk == min(_hq, _hk), "HAS_VS": _name == "mamba2", "IS_VARLEN": True,
+                    "K": 128, "V": 128, "BT": 64, "BK": 64, "BV": 32,
+                    "Q_ACC": _hq == min(_hq, _hk), "K_ACC": _hk == min(_hq, _hk),
+                    "HAS_VS": _name == "mamba2", "IS_VARLEN": True,
                     "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
-        num_warps=4, num_stages=2,
+        num_warps=8, num_stages=2,
     ))

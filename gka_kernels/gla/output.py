@@ -24,7 +24,7 @@ from gka_kernels.common.triton_utils import autotune
 @autotune(
     configs=[
         triton.Config({"BK": BK, "BV": BV}, num_warps=w, num_stages=s)
-        for BK in (64, 128) for BV in (64, 128) for w in (4, 8) for s in (2, 3, 4)
+        for BK in (64, 128) for BV in (64, 128) for w in (8, 4) for s in (2, 3, 4)
     ],
     key=["H", "K", "V", "BT", "HAS_VS", "HAS_D", "HAS_Z", "DT"],
 )
@@ -155,5 +155,16 @@ register_aot(AotSpec(
     constexprs={"H": 32, "HQ": 8, "HK": 8, "HV": 32, "K": 128, "V": 128, "BT": 64, "BK": 64,
                 "BV": 64, "HAS_VS": True, "HAS_D": True, "D_PER_V": False, "HAS_Z": True,
                 "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
-    num_warps=4, num_stages=2,
+    num_warps=8, num_stages=2,
+))
+register_aot(AotSpec(
+    name="gla_fwd_o[fp32,tf32x3,k100,v64]",
+    kernel=chunk_fwd_o_kernel,
+    types={"q": "*fp32", "k": "*fp32", "v": "*fp32", "vs": "*fp32", "gc": "*fp32", "hs": "*fp32",
+           "D": "*fp32", "z": "*fp32", "o": "*fp32", "ypre": "*fp32", "cu_seqlens": "*i32",
+           "chunk_indices": "*i32", "scale": "fp32"},
+    constexprs={"H": 8, "HQ": 8, "HK": 2, "HV": 2, "K": 100, "V": 64, "BT": 64, "BK": 64,
+                "BV": 64, "HAS_VS": False, "HAS_D": False, "D_PER_V": False, "HAS_Z": False,
+                "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.float32, "PREC": "tf32x3"},
+    num_warps=8, num_stages=2,
 ))

@@ -28,7 +28,7 @@ from gka_kernels.common.triton_utils import autotune
 @autotune(
     configs=[
         triton.Config({"BK": BK, "BV": BV}, num_warps=w, num_stages=s)
-        for BK in (64, 32) for BV in (64, 32) for w in (4, 2, 8) for s in (2, 3, 4)
+        for BK in (64, 32) for BV in (64, 32) for w in (8, 4) for s in (2, 3, 4)
     ],
     key=["H", "K", "V", "BT", "NH", "REVERSE", "HAS_VS", "DT"],
 )
@@ -151,5 +151,5 @@ for _rev in (False, True):
         constexprs={"H": 32, "HA": 8, "HB": 32, "K": 128, "V": 128, "BT": 64, "BK": 64, "BV": 64,
                     "REVERSE": _rev, "HAS_VS": not _rev, "USE_H0": True, "STORE_HT": True,
                     "IS_VARLEN": True, "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
-        num_warps=4, num_stages=3,
+        num_warps=8, num_stages=3,
     ))
