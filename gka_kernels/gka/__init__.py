@@ -2,5 +2,6 @@
 (token loop, forward only, for decode and short sequences)."""
 
 from gka_kernels.gka.chunk import chunk_gka
+from gka_kernels.gka.fused_recurrent import fused_recurrent_gka
 
-__all__ = ["chunk_gka"]
+__all__ = ["chunk_gka", "fused_recurrent_gka"]

@@ -1,0 +1,380 @@
+"""Gated KalmaNet (SPEC 5): ``chunk_gka`` and ``fused_recurrent_gka`` against the token loop
+``gka_kernels.reference.gka.gka_ref`` (float64).
+
+Forward: against the Chebyshev reference at the same ``num_iter`` (tight). Gradients: against
+autograd through the exact-solve reference at ``num_iter = 30`` on well-conditioned data (the
+implicit-differentiation backward is exact only at convergence; ``ridge_ratio = 0.05`` bounds the
+condition number by 21, where 30 iterations converge to ~1e-6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gka_kernels.gka import chunk_gka, fused_recurrent_gka
+from gka_kernels.reference.gka import gka_ref
+from tests.helpers import (
+    CPU_FWD, CPU_GRAD, DECODE_BF16, DECODE_FP32, GKA_GPU_FWD, GKA_GPU_GRAD, assert_close, rel_err,
+)
+
+WELL_CONDITIONED = 0.05
+
+
+def make_inputs(B, T, H, HKV, K, V, *, N=None, decay=(1e-3, 0.5), dtype=torch.float32, device="cpu",
+                with_gk=True, with_alpha=True, with_h0=True):
+    """Layer-like inputs: unit-norm q, k; k and v scaled by a beta in (0, 1); log decays with
+    log-uniform magnitude in ``decay``; a symmetric PSD initial ``h_kk``."""
+    def gate():
+        lo, hi = torch.tensor(decay, dtype=torch.float64).log()
+        return -torch.exp(lo + (hi - lo) * torch.rand(B, T, H, dtype=torch.float64))
+
+    beta = torch.rand(B, T, HKV, 1, dtype=torch.float64) * 0.9 + 0.1
+    q = F.normalize(torch.randn(B, T, H, K, dtype=torch.float64), dim=-1)
+    k = F.normalize(torch.randn(B, T, HKV, K, dtype=torch.float64), dim=-1) * beta
+    v = torch.randn(B, T, HKV, V, dtype=torch.float64) * beta
+    g = gate()
+    gk = gate() if with_gk else None
+    alpha = torch.rand(B, T, H, dtype=torch.float64) if with_alpha else None
+    h0 = None
+    if with_h0:
+        n = N or B
+        a = torch.randn(n, H, K, 3, dtype=torch.float64)
+        h0 = (a @ a.transpose(-1, -2), torch.randn(n, H, K, V, dtype=torch.float64) * 0.3)
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def cast(t, dt=dtype):
+        return None if t is None else t.to(device=device, dtype=dt)
+
+    gate_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return dict(q=cast(q), k=cast(k), v=cast(v), g=cast(g, gate_dtype), gk=cast(gk, gate_dtype),
+                alpha=cast(alpha),
+                initial_state=None if h0 is None else (cast(h0[0], state_dtype), cast(h0[1], state_dtype)))
+
+
+TENSOR_ARGS = ("q", "k", "v", "g", "gk", "alpha")
+
+
+def run(fn, inputs, *, grads=False, seed=1, **kw):
+    """Forward (and gradients of a random projection of the output and final states)."""
+    leaves = {n: inputs[n].detach().clone().requires_grad_(grads) for n in TENSOR_ARGS
+              if inputs.get(n) is not None}
+    h0 = inputs.get("initial_state")
+    h0l = None if h0 is None else tuple(t.detach().clone().requires_grad_(grads) for t in h0)
+    o, final = fn(**leaves, initial_state=h0l, output_final_state=True, **kw)
+    if not grads:
+        return o.detach(), tuple(t.detach() for t in final), None
+    gen = torch.Generator().manual_seed(seed)
+    w = [torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device) for t in (o, *final)]
+    loss = sum((t.double() * wt).sum() for t, wt in zip((o, *final), w))
+    names = list(leaves) + (["h_kk0", "h_kv0"] if h0l is not None else [])
+    tensors = list(leaves.values()) + (list(h0l) if h0l is not None else [])
+    return o.detach(), tuple(t.detach() for t in final), dict(zip(names, torch.autograd.grad(loss, tensors)))
+
+
+def ref_inputs(inputs, dtype=torch.float64):
+    out = {n: (None if inputs.get(n) is None else inputs[n].to(dtype)) for n in TENSOR_ARGS}
+    h0 = inputs.get("initial_state")
+    out["initial_state"] = None if h0 is None else tuple(t.to(dtype) for t in h0)
+    return out
+
+
+def check_forward(inputs, num_iter, tol, fn=chunk_gka, **kw):
+    o, final, _ = run(fn, inputs, num_iter=num_iter, **kw)
+    o_r, final_r, _ = run(gka_ref, ref_inputs(inputs), num_iter=num_iter, **kw)
+    assert_close("o", o, o_r, tol)
+    assert_close("h_kk", final[0], final_r[0], tol)
+    assert_close("h_kv", final[1], final_r[1], tol)
+
+
+def check_gradients(inputs, tol, ref_dtype=torch.float64, **kw):
+    kw.setdefault("ridge_ratio", WELL_CONDITIONED)
+    _, _, grads = run(chunk_gka, inputs, grads=True, num_iter=30, **kw)
+    _, _, grads_r = run(gka_ref, ref_inputs(inputs, ref_dtype), grads=True, solver="exact", **kw)
+    assert set(grads) == set(grads_r)
+    for name in grads:
+        assert_close(f"d{name}", grads[name], grads_r[name], tol)
+    return grads
+
+
+# ------------------------------------------------------------------ CPU (interpreter)
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("num_iter", [1, 3, 10, 30])
+def test_forward_matches_chebyshev_reference(num_iter):
+    inputs = make_inputs(1, 70, 2, 1, 16, 16)
+    check_forward(inputs, num_iter, CPU_FWD)
+
+
+@pytest.mark.interpreter
+def test_forward_grouped_heads_non_power_of_two():
+    inputs = make_inputs(2, 65, 4, 1, 20, 12, decay=(1e-3, 3.0))
+    check_forward(inputs, 5, CPU_FWD, ridge_ratio=0.1, scale=0.7)
+
+
+@pytest.mark.interpreter
+def test_gradients_match_exact_solve():
+    """All gradients (q, k, v, g, gk, alpha, both initial states), grouped heads, gk != g, T
+    past one chunk."""
+    inputs = make_inputs(1, 67, 4, 2, 16, 16)
+    check_gradients(inputs, CPU_GRAD)
+
+
+@pytest.mark.interpreter
+def test_gradients_without_lambda_path():
+    """bp_lambda=False equals the reference with ||H_t||_F detached, and differs measurably from
+    the full gradient (so the lambda path is really exercised)."""
+    inputs = make_inputs(1, 40, 2, 1, 16, 16, with_h0=False)
+    grads = check_gradients(inputs, CPU_GRAD, bp_lambda=False)
+    _, _, full = run(gka_ref, ref_inputs(inputs), grads=True, solver="exact", ridge_ratio=WELL_CONDITIONED)
+    assert rel_err(grads["k"], full["k"]) > 100 * CPU_GRAD
+
+
+@pytest.mark.interpreter
+def test_alpha_none_and_tied_decays():
+    """alpha=None means qm = x; gk=None means gk = g (the gradient of g then has both parts)."""
+    inputs = make_inputs(1, 70, 2, 2, 16, 16, with_gk=False, with_alpha=False, with_h0=False)
+    check_gradients(inputs, CPU_GRAD)
+
+
+@pytest.mark.interpreter
+def test_varlen_per_sequence_states():
+    cu = torch.tensor([0, 1, 15, 80, 90], dtype=torch.int32)
+    inputs = make_inputs(1, 90, 2, 1, 16, 16, N=4)
+    check_gradients(inputs, CPU_GRAD, cu_seqlens=cu)
+
+
+@pytest.mark.interpreter
+def test_varlen_equals_separate_calls():
+    cu = torch.tensor([0, 30, 30, 100], dtype=torch.int64)
+    inputs = make_inputs(1, 100, 2, 1, 16, 16, N=3)
+    o, final, _ = run(chunk_gka, inputs, num_iter=4, cu_seqlens=cu)
+    for i in range(3):
+        s, e = int(cu[i]), int(cu[i + 1])
+        part = {n: None if inputs[n] is None else inputs[n][:, s:e] for n in TENSOR_ARGS}
+        part["initial_state"] = tuple(t[i:i + 1] for t in inputs["initial_state"])
+        o_i, final_i, _ = run(chunk_gka, part, num_iter=4)
+        if e > s:
+            assert_close(f"o[{i}]", o[:, s:e], o_i, CPU_FWD)
+        assert_close(f"h_kk[{i}]", final[0][i:i + 1], final_i[0], CPU_FWD)
+        assert_close(f"h_kv[{i}]", final[1][i:i + 1], final_i[1], CPU_FWD)
+
+
+@pytest.mark.interpreter
+def test_chained_calls_match_one_call():
+    """Two calls handing the state over (split off a chunk boundary) equal one call, gradients
+    of the first call's initial states included."""
+    inputs = make_inputs(1, 90, 2, 1, 16, 16)
+    kw = dict(num_iter=30, ridge_ratio=WELL_CONDITIONED)
+    o, final, grads = run(chunk_gka, inputs, grads=True, **kw)
+
+    def two_calls(q, k, v, g, gk, alpha, initial_state, output_final_state):
+        split = 37
+        o1, st = chunk_gka(q[:, :split], k[:, :split], v[:, :split], g[:, :split], gk[:, :split],
+                           alpha[:, :split], initial_state=initial_state, output_final_state=True, **kw)
+        o2, st = chunk_gka(q[:, split:], k[:, split:], v[:, split:], g[:, split:], gk[:, split:],
+                           alpha[:, split:], initial_state=st, output_final_state=output_final_state, **kw)
+        return torch.cat([o1, o2], 1), st
+
+    o2, final2, grads2 = run(two_calls, inputs, grads=True)
+    assert_close("o", o2, o, CPU_FWD)
+    assert_close("h_kk", final2[0], final[0], CPU_FWD)
+    assert_close("h_kv", final2[1], final[1], CPU_FWD)
+    for name in grads:
+        assert_close(f"d{name}", grads2[name], grads[name], CPU_GRAD)
+
+
+@pytest.mark.interpreter
+def test_decode_loop_equals_chunked_call():
+    inputs = make_inputs(2, 6, 2, 1, 16, 16)
+    o, final, _ = run(chunk_gka, inputs, num_iter=8)
+    state = inputs["initial_state"]
+    outs = []
+    for t in range(6):
+        step = {n: None if inputs[n] is None else inputs[n][:, t:t + 1] for n in TENSOR_ARGS}
+        o_t, state = fused_recurrent_gka(**step, num_iter=8, initial_state=state, output_final_state=True)
+        outs.append(o_t)
+    assert_close("o", torch.cat(outs, 1), o, DECODE_FP32)
+    assert_close("h_kk", state[0], final[0], DECODE_FP32)
+    assert_close("h_kv", state[1], final[1], DECODE_FP32)
+
+
+@pytest.mark.interpreter
+def test_fused_recurrent_varlen_grouped_matches_reference():
+    cu = torch.tensor([0, 1, 5, 9], dtype=torch.int32)
+    inputs = make_inputs(1, 9, 4, 2, 16, 24, N=3)
+    check_forward(inputs, 6, CPU_FWD, fn=fused_recurrent_gka, cu_seqlens=cu)
+
+
+@pytest.mark.interpreter
+def test_fused_recurrent_is_forward_only():
+    inputs = make_inputs(1, 2, 2, 1, 16, 16, with_h0=False)
+    q = inputs["q"].clone().requires_grad_()
+    o, _ = fused_recurrent_gka(q, inputs["k"], inputs["v"], inputs["g"], num_iter=2)
+    with pytest.raises(NotImplementedError, match="forward only"):
+        o.sum().backward()
+
+
+@pytest.mark.interpreter
+def test_gradcheck_converged_float64():
+    """Implicit differentiation is the exact gradient of the op once the iteration has converged:
+    float64 gradcheck with a strongly regularized (condition number <= 3), 20-iteration solve
+    (two chunks)."""
+    inputs = make_inputs(1, 66, 1, 1, 8, 8, dtype=torch.float64, decay=(0.01, 0.3))
+    names = TENSOR_ARGS + ("h_kk0", "h_kv0")
+    tensors = [inputs[n] for n in TENSOR_ARGS] + list(inputs["initial_state"])
+    tensors = [t.clone().requires_grad_() for t in tensors]
+
+    def f(q, k, v, g, gk, alpha, h_kk0, h_kv0):
+        sym = 0.5 * (h_kk0 + h_kk0.transpose(-1, -2))      # h_kk is a symmetric state
+        o, (a, b) = chunk_gka(q, k, v, g, gk, alpha, ridge_ratio=0.5, num_iter=20,
+                              initial_state=(sym, h_kv0), output_final_state=True)
+        return o, a, b
+
+    assert len(names) == len(tensors)
+    assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+def test_chebyshev_reference_gradcheck():
+    """The reference's autograd through the iteration (including the step size's and lambda's
+    dependence on ||H_t||_F) is correct."""
+    inputs = make_inputs(1, 5, 2, 1, 4, 3, dtype=torch.float64)
+    tensors = [inputs[n].clone().requires_grad_() for n in TENSOR_ARGS] + \
+        [t.clone().requires_grad_() for t in inputs["initial_state"]]
+
+    def f(q, k, v, g, gk, alpha, h_kk0, h_kv0):
+        return gka_ref(q, k, v, g, gk, alpha, num_iter=4, initial_state=(h_kk0, h_kv0),
+                       output_final_state=True)[0]
+
+    assert torch.autograd.gradcheck(f, tensors, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+def test_reference_chebyshev_converges_to_exact():
+    """Sanity of the oracle: 30 iterations with the default ridge match the exact solve."""
+    inputs = make_inputs(1, 12, 2, 1, 8, 4, dtype=torch.float64)
+    o_c, _ = gka_ref(**ref_inputs(inputs), num_iter=30)
+    o_e, _ = gka_ref(**ref_inputs(inputs), solver="exact")
+    o_1, _ = gka_ref(**ref_inputs(inputs), num_iter=1)
+    assert rel_err(o_c, o_e) < 1e-3 < rel_err(o_1, o_e)
+
+
+@pytest.mark.interpreter
+def test_empty_sequence_and_nan_propagation():
+    inputs = make_inputs(1, 0, 2, 1, 16, 16)
+    o, (a, b) = chunk_gka(**inputs, output_final_state=True)
+    assert o.shape == (1, 0, 2, 16)
+    assert torch.equal(a, inputs["initial_state"][0]) and torch.equal(b, inputs["initial_state"][1])
+    inputs = make_inputs(1, 3, 2, 1, 16, 16, with_h0=False)
+    inputs["q"][0, 1, 0, 0] = float("nan")
+    o, _ = chunk_gka(**inputs, num_iter=2)
+    assert torch.isnan(o[0, 1, 0]).all()
+    assert torch.isfinite(o[0, 0]).all() and torch.isfinite(o[0, 2]).all() and torch.isfinite(o[0, :, 1]).all()
+
+
+def _bad(**changes):
+    inputs = make_inputs(1, 4, 2, 1, 16, 16, with_h0=False)
+    inputs.update(changes)
+    return inputs
+
+
+@pytest.mark.parametrize("fn", [chunk_gka, fused_recurrent_gka])
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: _bad(q=torch.randn(1, 4, 2, 16, dtype=torch.float16)), TypeError, "q"),
+    (lambda: _bad(k=torch.randn(1, 4, 1, 16, dtype=torch.float64)), TypeError, "k"),
+    (lambda: _bad(q=torch.randn(4, 2, 16)), ValueError, "q"),
+    (lambda: _bad(k=torch.randn(1, 4, 3, 16)), ValueError, "k"),
+    (lambda: _bad(k=torch.randn(1, 4, 1, 12)), ValueError, "k"),
+    (lambda: _bad(v=torch.randn(1, 5, 1, 16)), ValueError, "v"),
+    (lambda: _bad(q=torch.randn(1, 4, 2, 200), k=torch.randn(1, 4, 1, 200)), ValueError, "head dim"),
+    (lambda: _bad(g=torch.randn(1, 4, 1)), ValueError, "g"),
+    (lambda: _bad(gk=torch.randn(1, 4, 3)), ValueError, "gk"),
+    (lambda: _bad(alpha=torch.randn(1, 3, 2)), ValueError, "alpha"),
+    (lambda: _bad(num_iter=0), ValueError, "num_iter"),
+    (lambda: _bad(num_iter=65), ValueError, "num_iter"),
+    (lambda: _bad(num_iter=3.0), TypeError, "num_iter"),
+    (lambda: _bad(ridge_ratio=0.0), ValueError, "ridge_ratio"),
+    (lambda: _bad(ridge_ratio="big"), TypeError, "ridge_ratio"),
+    (lambda: _bad(bp_lambda=1), TypeError, "bp_lambda"),
+    (lambda: _bad(scale=float("nan")), ValueError, "scale"),
+    (lambda: _bad(initial_state=torch.zeros(1, 2, 16, 16)), TypeError, "initial_state"),
+    (lambda: _bad(initial_state=(torch.zeros(1, 2, 16, 15), torch.zeros(1, 2, 16, 16))),
+     ValueError, "h_kk"),
+    (lambda: _bad(initial_state=(torch.zeros(1, 2, 16, 16), torch.zeros(1, 2, 16, 16, dtype=torch.int32))),
+     TypeError, "h_kv"),
+    (lambda: _bad(cu_seqlens=torch.tensor([0, 3, 2, 4])), ValueError, "cu_seqlens"),
+    (lambda: _bad(cu_seqlens=torch.tensor([0, 3])), ValueError, "cu_seqlens"),
+    (lambda: _bad(cu_seqlens=torch.tensor([0.0, 4.0])), TypeError, "cu_seqlens"),
+])
+def test_bad_input(fn, make, exc, match):
+    with pytest.raises(exc, match=match):
+        fn(**make())
+
+
+def test_bad_input_varlen_needs_batch_one():
+    inputs = make_inputs(2, 4, 2, 1, 16, 16, with_h0=False)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        chunk_gka(**inputs, cu_seqlens=torch.tensor([0, 2, 4]))
+
+
+def test_aot_specs_registered():
+    """Every GKA kernel has an AOT specialization (bf16, K = V = 128) registered at import."""
+    from gka_kernels.common.aot import registered_specs
+    from gka_kernels.gka import chunk_dh, chunk_dk, chunk_h, fused_recurrent, solve
+
+    kernels = {chunk_h.chunk_gka_fwd_h_kernel, solve.gka_solve_fwd_kernel, solve.gka_solve_bwd_kernel,
+               chunk_dh.chunk_gka_bwd_dh_kernel, chunk_dk.chunk_gka_bwd_dk_kernel,
+               fused_recurrent.fused_recurrent_gka_kernel}
+    specs = [s for s in registered_specs() if s.name.startswith("gka.")]
+    assert {s.kernel for s in specs} == kernels
+    assert all(s.constexprs.get("K") == 128 and s.types.get("k") == "*bf16" for s in specs)
+
+
+# ------------------------------------------------------------------ GPU
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,H,HKV,K,V", [(2, 300, 4, 2, 128, 128), (1, 200, 4, 1, 64, 64),
+                                           (1, 129, 2, 2, 100, 100)])
+def test_gpu_low_precision_vs_fp32_reference(dtype, B, T, H, HKV, K, V):
+    inputs = make_inputs(B, T, H, HKV, K, V, dtype=dtype, device="cuda")
+    o, final, _ = run(chunk_gka, inputs, num_iter=30)
+    o_r, final_r, _ = run(gka_ref, ref_inputs(inputs, torch.float32), num_iter=30)
+    assert_close("o", o, o_r, GKA_GPU_FWD)
+    assert_close("h_kk", final[0], final_r[0], GKA_GPU_FWD)
+    assert_close("h_kv", final[1], final_r[1], GKA_GPU_FWD)
+    check_gradients(inputs, GKA_GPU_GRAD, ref_dtype=torch.float32, ridge_ratio=0.02)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_bf16():
+    cu = torch.tensor([0, 1, 15, 100, 233], dtype=torch.int32, device="cuda")
+    inputs = make_inputs(1, 233, 4, 2, 128, 128, N=4, dtype=torch.bfloat16, device="cuda")
+    o, final, _ = run(chunk_gka, inputs, num_iter=30, cu_seqlens=cu)
+    o_r, final_r, _ = run(gka_ref, ref_inputs(inputs, torch.float32), num_iter=30, cu_seqlens=cu)
+    assert_close("o", o, o_r, GKA_GPU_FWD)
+    assert_close("h_kk", final[0], final_r[0], GKA_GPU_FWD)
+    check_gradients(inputs, GKA_GPU_GRAD, ref_dtype=torch.float32, ridge_ratio=0.02, cu_seqlens=cu)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_loop_equals_chunked_call_bf16():
+    inputs = make_inputs(4, 40, 4, 2, 128, 128, dtype=torch.bfloat16, device="cuda")
+    o, final, _ = run(chunk_gka, inputs, num_iter=30)
+    state = inputs["initial_state"]
+    outs = []
+    for t in range(40):
+        step = {n: None if inputs[n] is None else inputs[n][:, t:t + 1] for n in TENSOR_ARGS}
+        o_t, state = fused_recurrent_gka(**step, num_iter=30, initial_state=state, output_final_state=True)
+        outs.append(o_t)
+    assert_close("o", torch.cat(outs, 1), o, DECODE_BF16)
+    assert_close("h_kk", state[0], final[0], DECODE_BF16)
+    assert_close("h_kv", state[1], final[1], DECODE_BF16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", [(2.0, 8.0), (1e-6, 1e-4)], ids=["strong", "weak"])
+def test_gpu_long_sequence_stays_finite(decay):
+    inputs = make_inputs(1, 32768, 2, 2, 128, 128, dtype=torch.bfloat16, device="cuda", decay=decay)
+    o, final, grads = run(chunk_gka, inputs, grads=True, num_iter=30)
+    for name, t in [("o", o), ("h_kk", final[0]), ("h_kv", final[1]), *grads.items()]:
+        assert torch.isfinite(t).all(), f"{name} has non-finite values"
