@@ -129,10 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-text", type=Path, help="held-out text for perplexity")
     p.add_argument("--max-text-bytes", type=int, default=2_000_000,
                    help="bytes of the default (standard library) alignment text; the stream wraps around")
-    p.add_argument("--align-steps", type=int, default=40, help="alignment steps (0 = convert only)")
+    p.add_argument("--align-steps", type=int, default=30, help="alignment steps (0 = convert only)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (constant after 5 warmup steps)")
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--num-iter", type=int, default=None, help="GKA Chebyshev iterations (default 30)")
