@@ -419,12 +419,16 @@ def test_triton_backend_on_cpu_raises(kind):
                 L(x)
 
 
-def test_cuda_backend_needs_extension():
-    from gka_kernels.cuda import extension_available
+def test_cuda_backend_needs_extension(monkeypatch):
+    import gka_kernels.cuda as cuda_mod
 
-    if extension_available():
-        pytest.skip("extension built: backend='cuda' is constructible here")
-    with pytest.raises(RuntimeError, match="gka_kernels._C"):
+    if cuda_mod.extension_available():  # built here: constructible, but CPU tensors are refused
+        L = make("gdn", backend="cuda")
+        with pytest.raises(ValueError, match="backend='cuda' runs on CUDA tensors only"):
+            L(torch.randn(1, 2, HIDDEN, dtype=torch.float64))
+    monkeypatch.setattr(cuda_mod, "extension_available", lambda: False)
+    monkeypatch.setattr(cuda_mod, "extension_error", lambda: "ImportError: not built")
+    with pytest.raises(RuntimeError, match="gka_kernels._C.*not built"):
         GatedKalmaNet(HIDDEN, H, HKV, D, backend="cuda")
 
 
@@ -504,11 +508,16 @@ def _require_kernel(kind, which):
 @pytest.mark.parametrize("kind", KINDS)
 def test_triton_chunk_path_in_layer(kind, monkeypatch):
     """The layer's Triton wiring (argument names, layouts, varlen, states, gradients) under the
-    interpreter: same float32 layer, Triton chunk kernels vs the reference backend."""
+    interpreter: same float32 layer, Triton chunk kernels vs the reference backend.
+
+    GKA's kernel backward is implicit differentiation (exact for the converged solve, SPEC 5) while
+    the reference backend differentiates the truncated iteration: at num_iter=30 their gradients
+    agree to ~3e-3 along the key path (measured), so GKA gradients use SPEC 9's GKA tolerance."""
     from gka_kernels.layers import dispatch
 
     _require_kernel(kind, "chunk")
-    L = make(kind, dtype=torch.float32)
+    L = make(kind, dtype=torch.float32, **({"num_iter": 30} if kind == "gka" else {}))
+    grad_tol = GKA_GPU_GRAD if kind == "gka" else CPU_GRAD
     x = torch.randn(2, 20, HIDDEN)
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[0, :5] = 0
@@ -525,9 +534,9 @@ def test_triton_chunk_path_in_layer(kind, monkeypatch):
     (y_ref, c_ref, dx_ref, dp_ref), (y, c, dx, dp) = results
     assert rel_err(y, y_ref) <= CPU_FWD
     assert_caches_close(c, c_ref, CPU_FWD)
-    assert rel_err(dx, dx_ref) <= CPU_GRAD
+    assert rel_err(dx, dx_ref) <= grad_tol
     for (n, _), a, b in zip(L.named_parameters(), dp, dp_ref):
-        assert rel_err(a, b) <= CPU_GRAD, n
+        assert rel_err(a, b) <= grad_tol, n
 
 
 @pytest.mark.interpreter
