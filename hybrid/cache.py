@@ -46,26 +46,6 @@ def tensor_bytes(obj: object) -> int:
     return visit(obj)
 
 
-def _map_batch(state: object, fn) -> object:
-    """Apply ``fn`` to every tensor of a mixer state along its batch dimension (dim 0)."""
-    if isinstance(state, torch.Tensor):
-        return fn(state)
-    if isinstance(state, dict):
-        return {k: _map_batch(v, fn) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_map_batch(v, fn) for v in state)
-    if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        for f in dataclasses.fields(state):
-            setattr(state, f.name, _map_batch(getattr(state, f.name), fn))
-        return state
-    if hasattr(state, "__dict__"):
-        for k, v in vars(state).items():
-            if isinstance(v, (torch.Tensor, dict, list, tuple)) or dataclasses.is_dataclass(v):
-                setattr(state, k, _map_batch(v, fn))
-        return state
-    return state
-
-
 class SSMStateLayer(LinearAttentionCacheLayerMixin):
     """Cache slot of one SSM layer: ``state`` is the mixer's cache object (``None`` before the
     first forward). ``seen_tokens`` counts the tokens it has absorbed."""
@@ -110,17 +90,20 @@ class SSMStateLayer(LinearAttentionCacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise RuntimeError("an SSM layer state cannot be rolled back (crop); re-run the prefix instead")
 
+    # Batch bookkeeping for beam search / contrastive search, through the mixer cache's own API
+    # (``LayerCache.reorder``: row i becomes old row idx[i]).
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.state is not None:
-            self.state = _map_batch(self.state, lambda t: t.index_select(0, beam_idx.to(t.device)))
+            self.state.reorder(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.state is not None:
-            self.state = _map_batch(self.state, lambda t: t.repeat_interleave(repeats, dim=0))
+            rows = torch.arange(self.state.batch_size).repeat_interleave(repeats)
+            self.state.reorder(rows)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.state is not None:
-            self.state = _map_batch(self.state, lambda t: t[indices])
+            self.state.select(indices)
 
     def nbytes(self) -> int:
         return tensor_bytes(self.state) if self.state is not None else 0

@@ -183,6 +183,25 @@ def test_cached_decoding_equals_full_forward(family, pattern):
     assert isinstance(cache, HybridCache)
 
 
+def test_cache_reorder_and_beam_search():
+    src = make_source("llama")
+    hybrid, _ = convert_to_hybrid(src, "*-GDN-M2-GKA", ssm_config={"GKA": {"num_iter": 8}})
+    x = ids(3, 9)
+    perm = torch.tensor([2, 0, 0])
+    with torch.no_grad():
+        cache = hybrid.new_cache()
+        hybrid(x[:, :8], cache=cache, use_cache=True)
+        cache.reorder_cache(perm)
+        step = hybrid(x[perm, 8:], cache=cache, use_cache=True).logits
+        ref = hybrid(x[perm]).logits[:, -1:]
+    assert (step - ref).abs().max() < 1e-5
+    beams = dict(max_new_tokens=5, min_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        a = hybrid.generate(x, attention_mask=torch.ones_like(x), use_cache=True, **beams)
+        b = hybrid.generate(x, attention_mask=torch.ones_like(x), use_cache=False, **beams)
+    assert torch.equal(a, b)
+
+
 def test_left_padding_matches_unpadded_rows():
     src = make_source("llama")
     hybrid, _ = convert_to_hybrid(src, "*-GDN-M2-GKA", ssm_config={"GKA": {"num_iter": 8}})
