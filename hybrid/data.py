@@ -48,9 +48,13 @@ def stdlib_files(split: str = "train") -> list[Path]:
 def stdlib_text(split: str = "train", max_bytes: int | None = None) -> str:
     """Concatenated sources of ``stdlib_files(split)`` (files separated by a blank line),
     truncated to ``max_bytes`` bytes of UTF-8 when given."""
+    files = stdlib_files(split)
+    if not files:
+        raise FileNotFoundError(f"no Python standard library sources (*.py) under {stdlib_root()}; "
+                                "pass a text file instead")
     parts: list[str] = []
     total = 0
-    for path in stdlib_files(split):
+    for path in files:
         text = path.read_text(encoding="utf-8", errors="replace")
         parts.append(text)
         total += len(text.encode("utf-8")) + 2

@@ -435,7 +435,7 @@ def test_bench_e2e_smoke(tmp_path, monkeypatch):
 def _gpu_pair(pattern, dtype):
     """The same converted hybrid with Triton/CUDA mixers and with the PyTorch reference mixers."""
     src = make_source("llama", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                      intermediate_size=512).to("cuda", dtype)
+                      intermediate_size=512, max_position_embeddings=512).to("cuda", dtype)
     fast, _ = convert_to_hybrid(src, pattern)
     ref, _ = convert_to_hybrid(src, pattern, mixer_backend="torch")
     ref.load_state_dict(fast.state_dict())
