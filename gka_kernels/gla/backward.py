@@ -25,6 +25,7 @@ import triton.language as tl
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.triton_utils import autotune
+from gka_kernels.gla.locate import locate_chunk
 
 
 #: Value block of the dv kernel (fixed, not tuned: it sizes the buffer of partial sums over V blocks).
@@ -46,25 +47,16 @@ def chunk_bwd_dv_kernel(
     HAS_VS: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (V/BV, chunks, B*HV): one program owns a [BT, BV] tile of one value head and loops
-    over the H/HV heads reading it. dv: [B,T,HV,V]; dvs: [NV,B,T,H] float32 partial sums over
+    """1-D grid over (V block, value head, chunk): one program owns a [BT, BV] tile of one value
+    head and loops over the H/HV heads reading it. dv: [B,T,HV,V]; dvs: [NV,B,T,H] float32 partial sums over
     V blocks (TT = B*T); dD: [NT_total,H,V] float32 partial sums over the chunk's rows."""
-    i_v = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_bhv = tl.program_id(2)
-    i_b = i_bhv // HV
-    i_hv = i_bhv % HV
+    # 1-D grid, value blocks fastest, then value heads, then chunks
     NV = tl.cdiv(V, BV)
-    if IS_VARLEN:
-        i_tg = i_t.to(tl.int64)
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-        bos = i_b.to(tl.int64) * T
-        seq_len = T
+    pid = tl.program_id(0)
+    i_v = pid % NV
+    i_hv = (pid // NV) % HV
+    i_tg = (pid // (NV * HV)).to(tl.int64)
+    i_t, bos, seq_len = locate_chunk(pid // (NV * HV), cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     GV: tl.constexpr = H // HV
 
     # scalar 64-bit bases at the chunk's first row; 32-bit offsets inside the tile
@@ -139,27 +131,21 @@ def chunk_bwd_dqkg_kernel(
     Q_ACC: tl.constexpr, K_ACC: tl.constexpr, HAS_VS: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (K/BK, chunks, B*H/NG): one program owns a [BT, BK] tile and NG consecutive heads.
+    """1-D grid over (K block, head group, chunk): one program owns a [BT, BK] tile and NG
+    consecutive heads.
     Q_ACC (K_ACC): the NG heads share one query (key) head, whose gradient is summed in registers
     and stored once into dq [B,T,HQ,K] (dk [B,T,HK,K]); otherwise every head's gradient goes to
     its own slot of dq [B,T,H,K] (dk [B,T,H,K]). dg: [NK,B,T,H] float32, the gradient of the
     chunk-local cumsum G, partial over K blocks (TT = B*T); the caller sums the blocks and takes
     the reverse cumulative sum within chunks."""
-    i_k = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_bg = tl.program_id(2)
-    i_b = i_bg // (H // NG)
-    i_hg = i_bg % (H // NG)
-    if IS_VARLEN:
-        i_tg = i_t.to(tl.int64)
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-        bos = i_b.to(tl.int64) * T
-        seq_len = T
+    # 1-D grid, key blocks fastest, then head groups, then chunks
+    NK = tl.cdiv(K, BK)
+    pid = tl.program_id(0)
+    i_k = pid % NK
+    i_hg = (pid // NK) % (H // NG)
+    i_tg = (pid // (NK * (H // NG))).to(tl.int64)
+    i_t, bos, seq_len = locate_chunk(pid // (NK * (H // NG)), cu_seqlens, chunk_indices, T, BT,
+                                     IS_VARLEN)
 
     # scalar 64-bit bases at the chunk's first row; 32-bit offsets inside the tile
     row0 = bos + i_t * BT
@@ -283,8 +269,7 @@ def chunk_bwd_dv(
     BV = min(_DV_BV, max(16, triton.next_power_of_2(V)))
     dvs = v.new_empty(triton.cdiv(V, BV), Bsz, T, H, dtype=fdt) if v_scale is not None else None
     dD = v.new_empty(num_chunks, H, V, dtype=fdt) if D is not None else None
-    chunks = num_chunks if cu_seqlens is not None else triton.cdiv(T, BT)
-    grid = (triton.cdiv(V, BV), chunks, (Bsz * HV if cu_seqlens is None else HV))
+    grid = (triton.cdiv(V, BV) * HV * num_chunks,)
     chunk_bwd_dv_kernel[grid](
         q, k, v, v_scale, gc, dhs, do, D, dv, dvs, dD, cu_seqlens, chunk_indices, T, Bsz * T, scale,
         H=H, HQ=HQ, HK=HK, HV=HV, K=K, V=V, BT=BT, BV=BV,
@@ -335,8 +320,7 @@ def chunk_bwd_dqkg(
     BK = min(64, max(16, triton.next_power_of_2(K)))
     NK = triton.cdiv(K, BK)
     dg = q.new_empty(NK, Bsz, T, H, dtype=fdt)
-    chunks = num_chunks if cu_seqlens is not None else triton.cdiv(T, BT)
-    grid = (NK, chunks, (Bsz if cu_seqlens is None else 1) * (H // NG))
+    grid = (NK * (H // NG) * num_chunks,)
     chunk_bwd_dqkg_kernel[grid](
         q, k, v, v_scale, gc, hs, dhs, do, dq, dk, dg, cu_seqlens, chunk_indices, T, Bsz * T, scale,
         H=H, HQ=HQ, HK=HK, HV=HV, NG=NG, K=K, V=V, BT=BT, BK=BK,

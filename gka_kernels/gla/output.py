@@ -7,8 +7,8 @@ For a chunk with start state ``h`` ([K, V]) and chunk-local cumulative log-decay
     o += D * v                (optional skip connection, HAS_D; D per head or per (head, channel))
     y = o * silu(z)           (optional gate, HAS_Z; the pre-gate o is also stored for backward)
 
-Grid ``(V / BV, chunks, B * H)``; one program computes a ``[BT, BV]`` output tile, looping over
-``K`` in ``BK`` slices for ``q @ h`` ([BT,BK]x[BK,BV]) and ``q @ k^T`` ([BT,BK]x[BK,BT]).
+1-D grid over (value block, head, chunk); one program computes a ``[BT, BV]`` output tile,
+looping over ``K`` in ``BK`` slices for ``q @ h`` ([BT,BK]x[BK,BV]) and ``q @ k^T`` ([BT,BK]x[BK,BT]).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune
+from gka_kernels.gla.locate import locate_chunk
 
 
 @autotune(
@@ -38,21 +39,13 @@ def chunk_fwd_o_kernel(
 ):
     """q: [B,T,HQ,K], k: [B,T,HK,K], v: [B,T,HV,V], vs/gc: [B,T,H], hs: [NT_total,H,K,V],
     D: [H] or [H,V], z/o/ypre: [B,T,H,V]."""
-    i_v = tl.program_id(0)
-    i_t = tl.program_id(1)
-    i_bh = tl.program_id(2)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    if IS_VARLEN:
-        i_tg = i_t.to(tl.int64)
-        i_n = tl.load(chunk_indices + i_t * 2).to(tl.int64)
-        i_t = tl.load(chunk_indices + i_t * 2 + 1)
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        seq_len = tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos
-    else:
-        i_tg = i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-        bos = i_b.to(tl.int64) * T
-        seq_len = T
+    # 1-D grid, value blocks fastest, then heads (programs that share q/k run together), then chunks
+    NV = tl.cdiv(V, BV)
+    pid = tl.program_id(0)
+    i_v = pid % NV
+    i_h = (pid // NV) % H
+    i_tg = (pid // (NV * H)).to(tl.int64)
+    i_t, bos, seq_len = locate_chunk(pid // (NV * H), cu_seqlens, chunk_indices, T, BT, IS_VARLEN)
     i_hq = i_h // (H // HQ)
     i_hk = i_h // (H // HK)
     i_hv = i_h // (H // HV)
@@ -134,8 +127,7 @@ def chunk_fwd_o(
     HK, HV, V = k.shape[2], v.shape[2], v.shape[3]
     o = q.new_empty(Bsz, T, H, V)
     ypre = torch.empty_like(o) if z is not None else None
-    chunks = num_chunks if cu_seqlens is not None else triton.cdiv(T, BT)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), chunks, (Bsz * H if cu_seqlens is None else H))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]) * H * num_chunks,)  # noqa: E731
     chunk_fwd_o_kernel[grid](
         q, k, v, v_scale, gc, hs, D, z, o, ypre, cu_seqlens, chunk_indices, T, scale,
         H=H, HQ=HQ, HK=HK, HV=HV, K=K, V=V, BT=BT,

@@ -10,9 +10,9 @@ folds the chunk in:
              chunks in reverse order; stores dL/d(state at the end of every chunk); S starts at
              dL/d(final state) and ends at dL/d(h0).
 
-Grid ``(K / BK, V / BV, N * H)``: programs split the state into ``[BK, BV]`` tiles so that even
-``B = 1`` launches enough programs; each runs the sequential loop over its sequence's chunks
-with one ``[BK, BT] x [BT, BV]`` ``tl.dot`` per chunk.
+1-D grid over (K block, V block, sequence * head): programs split the state into ``[BK, BV]``
+tiles so that even ``B = 1`` launches enough programs; each runs the sequential loop over its
+sequence's chunks with one ``[BK, BT] x [BT, BV]`` ``tl.dot`` per chunk.
 """
 
 from __future__ import annotations
@@ -42,9 +42,12 @@ def chunk_state_pass_kernel(
 ):
     """a: [B,T,HA,K], b: [B,T,HB,V], vs (optional row scale of b): [B,T,H], gc: [B,T,H] chunk-local
     cumsum of g, h0/ht: [N,H,K,V] float32, hs: [NT_total,H,K,V]. NH (= N*H) only keys autotuning."""
-    i_k = tl.program_id(0)
-    i_v = tl.program_id(1)
-    i_nh = tl.program_id(2)
+    NKB = tl.cdiv(K, BK)
+    NVB = tl.cdiv(V, BV)
+    pid = tl.program_id(0)  # 1-D grid: state tiles fastest, then (sequence, head)
+    i_k = pid % NKB
+    i_v = (pid // NKB) % NVB
+    i_nh = pid // (NKB * NVB)
     i_n = i_nh // H
     i_h = i_nh % H
     if IS_VARLEN:
@@ -130,7 +133,7 @@ def chunk_state_pass(
     ht = a.new_empty(num_seqs, H, K, V, dtype=torch.float64 if acc == tl.float64 else torch.float32) \
         if store_final else None
     NH = num_seqs * H
-    grid = lambda meta: (triton.cdiv(K, meta["BK"]), triton.cdiv(V, meta["BV"]), NH)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(K, meta["BK"]) * triton.cdiv(V, meta["BV"]) * NH,)  # noqa: E731
     chunk_state_pass_kernel[grid](
         a, b, v_scale, gc, state_in, hs, ht, cu_seqlens, chunk_offsets, T, NH, scale,
         H=H, HA=HA, HB=HB, K=K, V=V, BT=BT,
