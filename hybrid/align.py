@@ -4,7 +4,9 @@ Teacher = the source Transformer (frozen), student = the hybrid. Only the mixers
 train (the copied q/k/v/o/g projections included); embeddings, MLPs, norms and the attention
 layers that stay are frozen. Loss = MSE between the final normalized hidden states (the base
 model's output, after its final norm, before the LM head) of student and teacher on the same
-tokens.
+tokens, plus optionally ``layer_loss_weight`` times the mean over SSM layers of the MSE between
+each mixer's output and the output of the source attention it replaces, run on the same input
+(the student's hidden state entering that layer).
 
 Checkpoints hold everything needed to continue exactly: the trainable parameters, the optimizer
 state, the step, the RNG states and the data position. A stop request (Ctrl-C / SIGTERM in the
@@ -46,6 +48,7 @@ class AlignConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 50
     seed: int = 0
+    layer_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len", "checkpoint_every"):
@@ -55,6 +58,8 @@ class AlignConfig:
             raise ValueError(f"steps and warmup must be >= 0, got {self.steps}, {self.warmup}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected > 0, got {self.lr}")
+        if not self.layer_loss_weight >= 0:
+            raise ValueError(f"layer_loss_weight: expected >= 0, got {self.layer_loss_weight}")
 
 
 @dataclass
@@ -80,12 +85,45 @@ def freeze_for_alignment(hybrid: nn.Module) -> dict[str, nn.Parameter]:
     return train
 
 
-def alignment_loss(hybrid: nn.Module, teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """MSE between the final normalized hidden states of student and teacher on ``input_ids``."""
+def teacher_attention_output(teacher: nn.Module, layer: int, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Output of the source attention of ``layer`` on ``hidden_states [B, T, hidden]`` (the normalized
+    input of that decoder layer), causal, positions ``0..T-1``, no cache."""
+    from .selection import SlidingWindowAttention
+
+    T = hidden_states.shape[1]
+    positions = torch.arange(T, device=hidden_states.device).unsqueeze(0)
+    rope = teacher.model.rotary_emb(hidden_states, position_ids=positions)
+    causal = SlidingWindowAttention(teacher.model.layers[layer].self_attn, window=T)
+    return causal(hidden_states=hidden_states, position_embeddings=rope, attention_mask=None)[0]
+
+
+def alignment_loss(hybrid: nn.Module, teacher: nn.Module, input_ids: torch.Tensor,
+                   layer_loss_weight: float = 0.0) -> torch.Tensor:
+    """MSE between the final normalized hidden states of student and teacher on ``input_ids``,
+    plus ``layer_loss_weight`` times the mean per-layer MSE of mixer vs source attention outputs."""
     with torch.no_grad():
         target = teacher.model(input_ids=input_ids, use_cache=False).last_hidden_state
-    student = hybrid.model(input_ids=input_ids, use_cache=False).last_hidden_state
-    return F.mse_loss(student.float(), target.float())
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    if layer_loss_weight > 0:
+        for i in hybrid.config.ssm_layers:
+            def hook(module, args, kwargs, output, i=i):
+                captured[i] = (kwargs["hidden_states"], output[0])
+            hooks.append(hybrid.model.layers[i].self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        student = hybrid.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    loss = F.mse_loss(student.float(), target.float())
+    if captured:
+        terms = []
+        for i, (inp, out) in captured.items():
+            with torch.no_grad():
+                ref = teacher_attention_output(teacher, i, inp.detach())
+            terms.append(F.mse_loss(out.float(), ref.float()))
+        loss = loss + layer_loss_weight * torch.stack(terms).mean()
+    return loss
 
 
 def _fingerprint(hybrid: nn.Module, cfg: AlignConfig, tokens: torch.Tensor) -> str:
@@ -195,7 +233,7 @@ class Aligner:
         ids = self.stream.next_batch().to(device)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        loss = alignment_loss(self.hybrid, self.teacher, ids)
+        loss = alignment_loss(self.hybrid, self.teacher, ids, self.cfg.layer_loss_weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip > 0:

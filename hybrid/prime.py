@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (constant after 5 warmup steps)")
     p.add_argument("--checkpoint-every", type=int, default=10)
+    p.add_argument("--layer-loss-weight", type=float, default=0.0,
+                   help="weight of the per-layer loss (mixer output vs the source attention it replaces)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--num-iter", type=int, default=None, help="GKA Chebyshev iterations (default 30)")
     p.add_argument("--eval-windows", type=int, default=8, help="held-out windows of --seq-len*2 tokens")
@@ -274,7 +276,8 @@ def _stage0(args, source, tok: Tokenizer, name: str, sel_windows: torch.Tensor, 
 def _align(args, hybrid, source, tokens: torch.Tensor, out: Path, log: _Log):
     """Run (or resume) alignment; exits with status 130 when stopped by a signal."""
     cfg = AlignConfig(steps=args.align_steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                      checkpoint_every=args.checkpoint_every, seed=args.seed)
+                      checkpoint_every=args.checkpoint_every, seed=args.seed,
+                      layer_loss_weight=args.layer_loss_weight)
     aligner = Aligner(hybrid, source, tokens, cfg, out / CHECKPOINTS, progress=not args.quiet)
     if not args.resume and aligner.checkpoint_path.is_file():
         aligner.checkpoint_path.unlink()

@@ -325,6 +325,29 @@ def test_alignment_trains_only_ssm_parameters(tmp_path):
         assert torch.equal(p, make_source("llama").state_dict()[n])
 
 
+def test_per_layer_alignment_target_is_the_source_attention():
+    from gka_kernels.hybrid.align import alignment_loss, teacher_attention_output
+
+    src = make_source("qwen3")
+    hybrid, _ = convert_to_hybrid(src, "*-GDN-*-*")
+    x = ids(2, 16)
+    seen = {}
+    hook = src.model.layers[1].self_attn.register_forward_hook(
+        lambda m, a, kw, out: seen.update(inp=kw["hidden_states"], out=out[0]), with_kwargs=True)
+    with torch.no_grad():
+        src(x, use_cache=False)
+    hook.remove()
+    # layer 0 is attention in both models, so the student's input to layer 1 is the teacher's
+    with torch.no_grad():
+        ref = teacher_attention_output(src, 1, seen["inp"])
+        assert (ref - seen["out"]).abs().max() < 1e-6
+        base = alignment_loss(hybrid, src, x)
+        both = alignment_loss(hybrid, src, x, layer_loss_weight=2.0)
+        mixer_out = hybrid.model.layers[1].self_attn(hidden_states=seen["inp"])[0]
+    expected = base + 2.0 * torch.nn.functional.mse_loss(mixer_out, seen["out"])
+    assert torch.allclose(both, expected, rtol=1e-5)
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     full, _ = _aligner(tmp_path / "full", steps=5)
     full_result = full.run()
