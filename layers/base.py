@@ -110,6 +110,9 @@ class MixerLayer(nn.Module):
                 0 = padding (any pattern; left and right padding are the usual ones). Padding
                 positions do not touch the states and give zero outputs.
             cache: states of the ``B`` sequences from earlier calls; read and updated in place.
+                A call with a cache, no padding, at most ``dispatch.MAX_DECODE_TOKENS`` tokens and
+                no autograd recording (e.g. under ``torch.no_grad()``, as in ``generate()``) is a
+                decode step and runs the decode kernels; every other call runs the chunked kernels.
             use_cache: create a fresh cache when ``cache`` is ``None``.
 
         Returns:
@@ -132,7 +135,7 @@ class MixerLayer(nn.Module):
             cache.check_shapes(B, self.cache_shapes(), x.device)
         packing = Packing.from_mask(mask) if mask is not None else None
         if packing is None:
-            decode = cache is not None and T <= dispatch.MAX_DECODE_TOKENS
+            decode = cache is not None and T <= dispatch.MAX_DECODE_TOKENS and not self._needs_grad(x)
             impl = dispatch.plan(self.backend, x.device, decode=decode)
             return self._mix(x, None, cache, impl), cache
         impl = dispatch.plan(self.backend, x.device, decode=False)
@@ -140,6 +143,11 @@ class MixerLayer(nn.Module):
             return torch.zeros_like(x), cache
         out = self._mix(packing.pack(x), packing.cu_seqlens, cache, impl)
         return packing.unpack(out), cache
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        """Whether autograd records this call (the decode kernels are forward-only, so such calls
+        take the differentiable chunked path)."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
 
     def _mix(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None, cache: LayerCache | None,
              impl: str) -> torch.Tensor:

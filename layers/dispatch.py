@@ -8,10 +8,12 @@ Backends (the ``backend=`` argument of every layer):
 - ``"triton"``: Triton kernels always; CPU tensors raise ``ValueError`` (never a silent fallback).
 - ``"cuda"``:  CUDA C++ kernels for decode steps (the extension must be built; checked when the
   layer is built), Triton for everything else; CPU tensors raise ``ValueError``.
+- ``"torch"``: the PyTorch reference (``gka_kernels.reference``) always, on any device; the mixer
+  runs in float32 (float64 for float64 inputs) whatever the activation dtype.
 
 A decode step is a call with a cache, no padding and at most ``MAX_DECODE_TOKENS`` tokens per
-sequence (one token, or a few for speculative decoding).
-- ``"torch"``: the PyTorch reference (``gka_kernels.reference``) always, on any device.
+sequence (one token, or a few for speculative decoding). In-place kernels (CUDA, Mamba-2's
+recurrent step) update the cache's float32 state tensors directly.
 
 ``plan`` turns a backend, a device and the kind of call into an implementation name; the op
 functions below run it. They are opaque to ``torch.compile`` (``torch.compiler.disable``): the

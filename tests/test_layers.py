@@ -550,7 +550,8 @@ def test_triton_recurrent_decode_in_layer(kind, monkeypatch):
     sizes = [9, 1, 3, 1]  # prompt (> MAX_DECODE_TOKENS: chunked), then steps of 1 and 3 tokens
     ref, c_ref = run_chunks(L, x, sizes)
     monkeypatch.setattr(dispatch, "plan", lambda backend, device, decode: "recurrent" if decode else "torch")
-    out, c = run_chunks(L, x, sizes)
+    with torch.no_grad():  # decode kernels are forward-only: only calls without autograd use them
+        out, c = run_chunks(L, x, sizes)
     assert rel_err(out, ref) <= DECODE_FP32
     assert_caches_close(c, c_ref, DECODE_FP32)
 
@@ -568,8 +569,11 @@ def test_cuda_decode_call_passes_validation(kind, monkeypatch):
     monkeypatch.setattr(dispatch, "plan", lambda backend, device, decode: "cuda" if decode else "torch")
     L = make(kind, dtype=torch.float32)
     _, cache = L(torch.randn(2, 10, HIDDEN), use_cache=True)
-    pools = {n: t.data_ptr() for n, t in cache.tensors().items() if n in cache.state_fields}
     L(torch.randn(2, 3, HIDDEN), cache=cache)
+    assert not launches  # autograd records this call: the differentiable chunked path runs
+    pools = {n: t.data_ptr() for n, t in cache.tensors().items() if n in cache.state_fields}
+    with torch.no_grad():
+        L(torch.randn(2, 3, HIDDEN), cache=cache)
     fn, args = launches[-1]
     assert fn == {"gka": "gka_decode", "gdn": "gdn_decode", "m2": "mamba2_decode"}[kind]
     assert (args["B"], args["Tn"], args["H"]) == (2, 3, H)
