@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from gka_kernels.layers import (GatedDeltaNet, GatedKalmaNet, GatedRMSNorm, GDNCache, GKACache, Mamba2,
                                 Mamba2Cache, ShortConvolution)
-from tests.helpers import (CPU_FWD, CPU_GRAD, DECODE_BF16, DECODE_FP32, GKA_GPU_FWD, GKA_GPU_GRAD, GPU_FWD, GPU_GATE_GRAD,
-                           GPU_GRAD, rel_err)
+from tests.helpers import (CPU_FWD, CPU_GRAD, DECODE_BF16, DECODE_FP32, GKA_GPU_FWD, GKA_GPU_GRAD, GPU_FWD,
+                           GPU_GATE_GRAD, GPU_GRAD, rel_err)
 
 HIDDEN, H, HKV, D = 16, 4, 2, 8
 KINDS = ("gka", "gdn", "m2")
