@@ -107,6 +107,19 @@ def measure(model, new_cache, context: int, batch: int, new_tokens: int, warmup:
     return row
 
 
+def summarize(result: dict) -> list[dict]:
+    """Per context: hybrid / source decode speed and cache size ratios (contexts where both ran)."""
+    src_rows, hyb_rows = result["models"].values()
+    rows = []
+    for s, h in zip(src_rows, hyb_rows):
+        if "error" in s or "error" in h:
+            continue
+        rows.append({"context": s["context"],
+                     "decode_speedup": h["decode_tokens_per_s"] / s["decode_tokens_per_s"],
+                     "cache_ratio": h["cache_bytes_after_prefill"] / s["cache_bytes_after_prefill"]})
+    return rows
+
+
 def build_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -214,9 +227,14 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{name:>12} ctx {ctx:>6}: {row['error']}", flush=True)
             else:
                 print(f"{name:>12} ctx {ctx:>6}: decode {row['decode_tokens_per_s']:9.1f} tok/s "
-                      f"({row['decode_step_ms_median']:.2f} ms/step), prefill {row['prefill_tokens_per_s']:10.0f} tok/s, "
+                      f"({row['decode_step_ms_median']:.2f} ms/step), "
+                      f"prefill {row['prefill_tokens_per_s']:10.0f} tok/s, "
                       f"cache {row['cache_bytes_after_prefill'] / 2**20:9.2f} MiB", flush=True)
         result["models"][name] = rows
+    result["summary"] = summarize(result)
+    for row in result["summary"]:
+        print(f"ctx {row['context']:>6}: hybrid/source decode speed x{row['decode_speedup']:.2f}, "
+              f"cache x{row['cache_ratio']:.3f}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     card = result["env"].get("card", "cpu").replace(" ", "_")

@@ -57,7 +57,8 @@ class HybridConfig(PreTrainedConfig):
                 raise ValueError(f"ssm_config: keys must be among {list(SSM_TOKENS)}, got {token!r}")
             unknown = sorted(set(options) - set(SSM_OPTIONS[token]))
             if unknown:
-                raise ValueError(f"ssm_config[{token!r}]: unknown option(s) {unknown}; allowed {list(SSM_OPTIONS[token])}")
+                raise ValueError(f"ssm_config[{token!r}]: unknown option(s) {unknown}; "
+                                 f"allowed {list(SSM_OPTIONS[token])}")
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
 

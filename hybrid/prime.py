@@ -183,7 +183,8 @@ def _choose_pattern(args, source, sel_windows: torch.Tensor, log: _Log) -> str:
         log(f"layer selection (swa, window {window}, {sel_windows.numel()} tokens, {time.time() - t0:.1f} s): "
             f"full-attention perplexity {base:.3f}")
         for s in scores:
-            log(f"  layer {s.layer:>3}: perplexity with SWA {s.swa_perplexity:9.3f}   quality kept {s.quality_kept:.4f}")
+            log(f"  layer {s.layer:>3}: perplexity with SWA {s.swa_perplexity:9.3f}   "
+                f"quality kept {s.quality_kept:.4f}")
     layers = select_layers(args.select, n, count, scores)
     pattern = pattern_from_layers(n, layers, args.ssm)
     log(f"replacing layers {layers} ({args.select}): pattern {pattern}")

@@ -411,7 +411,8 @@ def test_cli_refuses_unsupported_source(tmp_path):
     from gka_kernels.hybrid import prime
 
     src = tmp_path / "gpt2"
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64)).save_pretrained(src)
+    gpt2 = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64)
+    transformers.GPT2LMHeadModel(gpt2).save_pretrained(src)
     with pytest.raises(SystemExit, match="unsupported source model type 'gpt2'"):
         prime.main([str(src), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="local model directory"):
