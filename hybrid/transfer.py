@@ -50,43 +50,38 @@ def _attention_extras(attn: nn.Module) -> list[str]:
 
 @torch.no_grad()
 def transfer_attention(attn: nn.Module, mixer: nn.Module, token: str, num_heads: int,
-                       num_kv_heads: int) -> list[str]:
-    """Copy one source attention module's weights into ``mixer``; returns the names of the
-    mixer parameters written (``"<param> <- <rule> [shape]"``)."""
+                       num_kv_heads: int) -> tuple[list[str], list[str]]:
+    """Copy one source attention module's weights into ``mixer``.
+
+    Returns ``(copied, fresh)``: ``"<param> <- <rule> [shape]"`` for every mixer tensor written, and
+    the names of the mixer parameters left at their fresh initialization.
+    """
     w_q, w_k, w_v, w_o = (getattr(attn, n).weight for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     groups = num_heads // num_kv_heads
     gate = gate_init(w_o, w_v, groups)
+    gate_rule = f"0.5*(W_O^T + repeat_interleave(W_V, {groups}))"
+    params = dict(mixer.named_parameters())
     if token in ("GKA", "GDN"):
-        writes = [("q_proj.weight", w_q, "W_Q"), ("k_proj.weight", w_k, "W_K"),
-                  ("v_proj.weight", w_v, "W_V"), ("o_proj.weight", w_o, "W_O"),
-                  ("g_proj.weight", gate, f"0.5*(W_O^T + repeat_interleave(W_V, {groups}))")]
-        params = dict(mixer.named_parameters())
+        writes = [("q_proj", w_q, "W_Q"), ("k_proj", w_k, "W_K"), ("v_proj", w_v, "W_V"),
+                  ("o_proj", w_o, "W_O"), ("g_proj", gate, gate_rule)]
         for name, value, _ in writes:
-            params[name].copy_(value)
-        return [f"{name.removesuffix('.weight')} <- {rule} [{_shape(value)}]" for name, value, rule in writes]
-    if token == "M2":
+            params[f"{name}.weight"].copy_(value)
+        written = {f"{name}.weight" for name, _, _ in writes}
+    elif token == "M2":
         H, HKV, P, N = num_heads, num_kv_heads, mixer.head_dim, mixer.state_size
         if N != P:
             raise ValueError(f"Mamba2 priming needs state_size == head_dim (C <- W_Q), got N={N}, P={P}")
-        sizes = [H * P, HKV * P, HKV * N, H * N, H]
-        z, x, b, c, _dt = mixer.in_proj.weight.split(sizes, dim=0)
-        for dst, src in ((z, gate), (x, w_v), (b, w_k), (c, w_q)):
-            dst.copy_(src)
-        mixer.out_proj.weight.copy_(w_o)
-        return [f"in_proj[z] <- 0.5*(W_O^T + repeat_interleave(W_V, {groups})) [{_shape(gate)}]",
-                f"in_proj[x] <- W_V [{_shape(w_v)}]", f"in_proj[B] <- W_K [{_shape(w_k)}]",
-                f"in_proj[C] <- W_Q [{_shape(w_q)}]", f"out_proj <- W_O [{_shape(w_o)}]"]
-    raise ValueError(f"token: expected GKA, GDN or M2, got {token!r}")
-
-
-def _fresh_parameters(mixer: nn.Module, token: str) -> list[str]:
-    written = {"GKA": {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "g_proj.weight"},
-               "GDN": {"q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "g_proj.weight"},
-               "M2": {"out_proj.weight"}}[token]
-    fresh = [n for n, _ in mixer.named_parameters() if n not in written]
-    if token == "M2":
-        fresh = ["in_proj[dt]" if n == "in_proj.weight" else n for n in fresh]
-    return fresh
+        z, x, b, c, _dt = mixer.in_proj.weight.split([H * P, HKV * P, HKV * N, H * N, H], dim=0)
+        writes = [("in_proj[z]", gate, gate_rule), ("in_proj[x]", w_v, "W_V"), ("in_proj[B]", w_k, "W_K"),
+                  ("in_proj[C]", w_q, "W_Q"), ("out_proj", w_o, "W_O")]
+        for dst, (_, value, _) in zip((z, x, b, c, mixer.out_proj.weight), writes):
+            dst.copy_(value)
+        written = {"out_proj.weight"}
+        params = {("in_proj[dt]" if n == "in_proj.weight" else n): p for n, p in params.items()}
+    else:
+        raise ValueError(f"token: expected GKA, GDN or M2, got {token!r}")
+    copied = [f"{name} <- {rule} [{_shape(value)}]" for name, value, rule in writes]
+    return copied, [n for n in params if n not in written]
 
 
 def check_source(source: nn.Module) -> None:
@@ -144,13 +139,13 @@ def convert_to_hybrid(source: nn.Module, pattern: str, ssm_config: dict | None =
             continue
         attn = source.model.layers[i].self_attn
         mixer = hybrid.model.layers[i].self_attn.mixer
-        copied = transfer_attention(attn, mixer, token, H, HKV)
+        copied, fresh = transfer_attention(attn, mixer, token, H, HKV)
         dropped = ["RoPE"] + _attention_extras(attn)
         notes = []
         if any(d.endswith(".bias") for d in dropped):
             notes.append("attention biases cannot be carried into the SSM (its projections have no bias)")
         line = (f"layer {i:>3} {token:<4}: copied {', '.join(copied)}; "
-                f"fresh {', '.join(_fresh_parameters(mixer, token))}; not carried {', '.join(dropped)}")
+                f"fresh {', '.join(fresh)}; not carried {', '.join(dropped)}")
         if notes:
             line += "; NOTE " + "; ".join(notes)
         log.append(line)
