@@ -504,5 +504,8 @@ def test_gpu_bf16_generate_and_round_trip(tmp_path):
     assert out.shape == (2, 72)
     fast.save_pretrained(tmp_path)
     loaded = HybridForCausalLM.from_pretrained(tmp_path, local_files_only=True, dtype=torch.bfloat16).cuda()
+    for name, value in fast.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
     with torch.no_grad():
-        assert torch.equal(loaded(x).logits, fast(x).logits)
+        a, b = loaded(x).logits.float(), fast(x).logits.float()
+    assert ((a - b).norm() / b.norm()).item() < 1e-3  # same weights and kernels: equal up to atomics order
