@@ -12,10 +12,11 @@ from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.triton_utils import compute_dtype
 from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
 from gka_kernels.gdn.inputs import check_inputs
-from gka_kernels.gdn.l2norm import l2norm_backward, l2norm_forward
+from gka_kernels.gdn.l2norm import l2norm_backward, l2norm_scale
 from gka_kernels.gdn.output import dqkw, dv_local, output_forward
 from gka_kernels.gdn.state import state_backward, state_forward
 from gka_kernels.gdn.wy import wy_backward, wy_forward
+
 
 @dataclass(frozen=True)
 class _Plan:
@@ -47,13 +48,13 @@ def _plan(q: torch.Tensor, N: int, chunk_size: int, chunk_indices: torch.Tensor 
                  store=store, state=wide)
 
 
-def _chunk_forward(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens, chunk_indices,
+def _chunk_forward(k, v, g, beta, rk, initial_state, output_final_state, cu_seqlens, chunk_indices,
                    chunk_offsets, p: _Plan, store_t: bool):
     """Chunk-local quantities and chunk states: ``(G, Tm or None, w, u, h, v_new, final_state)``."""
     G = chunk_local_cumsum(g, p.BT, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-    Tm, w, u = wy_forward(k, v, beta, G, cu_seqlens, chunk_indices, p.n_chunks_seq, p.BT, p.store, p.acc, p.dot,
-                          store_t=store_t)
-    h, vn, ht = state_forward(k, w, u, G, initial_state, output_final_state, cu_seqlens, chunk_offsets,
+    Tm, w, u = wy_forward(k, v, beta, G, rk, cu_seqlens, chunk_indices, p.n_chunks_seq, p.BT, p.store, p.acc,
+                          p.dot, store_t=store_t)
+    h, vn, ht = state_forward(k, w, u, G, rk, initial_state, output_final_state, cu_seqlens, chunk_offsets,
                               p.n_chunks, p.BT, p.N, p.state, p.acc, p.dot)
     return G, Tm, w, u, h, vn, ht
 
@@ -65,10 +66,10 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
                 chunk_indices, chunk_offsets, plan):
-        qn, kn = (l2norm_forward(q), l2norm_forward(k)) if use_qk_l2norm else (q, k)
-        G, _, _, _, h, vn, ht = _chunk_forward(qn, kn, v, g, beta, initial_state, output_final_state,
-                                               cu_seqlens, chunk_indices, chunk_offsets, plan, store_t=False)
-        o = output_forward(qn, kn, vn, h, G, scale, cu_seqlens, chunk_indices, plan.n_chunks_seq, plan.BT,
+        rq, rk = (l2norm_scale(q), l2norm_scale(k)) if use_qk_l2norm else (None, None)
+        G, _, _, _, h, vn, ht = _chunk_forward(k, v, g, beta, rk, initial_state, output_final_state, cu_seqlens,
+                                               chunk_indices, chunk_offsets, plan, store_t=False)
+        o = output_forward(q, k, vn, h, G, rq, rk, scale, cu_seqlens, chunk_indices, plan.n_chunks_seq, plan.BT,
                            plan.acc, plan.dot)
         ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, chunk_offsets)
         ctx.scale, ctx.use_qk_l2norm, ctx.plan = scale, use_qk_l2norm, plan
@@ -80,19 +81,20 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         p, scale = ctx.plan, ctx.scale
         do = do.contiguous()
         dht = dht.contiguous() if dht is not None else None
-        qn, kn = (l2norm_forward(q), l2norm_forward(k)) if ctx.use_qk_l2norm else (q, k)
-        G, Tm, w, u, h, vn, _ = _chunk_forward(qn, kn, v, g, beta, initial_state, False, cu_seqlens,
-                                               chunk_indices, chunk_offsets, p, store_t=True)
-        dvl = dv_local(qn, kn, G, do, scale, cu_seqlens, chunk_indices, p.n_chunks_seq, p.BT, p.store,
+        rq, rk = (l2norm_scale(q), l2norm_scale(k)) if ctx.use_qk_l2norm else (None, None)
+        G, Tm, w, u, h, vn, _ = _chunk_forward(k, v, g, beta, rk, initial_state, False, cu_seqlens, chunk_indices,
+                                               chunk_offsets, p, store_t=True)
+        dvl = dv_local(q, k, G, rq, rk, do, scale, cu_seqlens, chunk_indices, p.n_chunks_seq, p.BT, p.store,
                        p.acc, p.dot)
         need_dh0 = initial_state is not None and ctx.needs_input_grad[6]
-        dh, dvn, dh0 = state_backward(qn, kn, w, G, do, dvl, dht, initial_state, need_dh0, cu_seqlens,
+        dh, dvn, dh0 = state_backward(q, k, w, G, rq, rk, do, dvl, dht, initial_state, need_dh0, cu_seqlens,
                                       chunk_offsets, p.n_chunks, p.BT, p.N, scale, p.acc, p.dot)
+        # with the L2 norm, dq/dk are first gradients w.r.t. the normalized vectors (kept in float32)
         dq_dtype = p.state if ctx.use_qk_l2norm else q.dtype
-        dq, dk_part, dw, dG_part = dqkw(qn, kn, h, dh, vn, do, dvn, G, scale, cu_seqlens, chunk_indices,
+        dq, dk_part, dw, dG_part = dqkw(q, k, h, dh, vn, do, dvn, G, rq, rk, scale, cu_seqlens, chunk_indices,
                                         p.n_chunks_seq, p.BT, dq_dtype, p.store, p.acc, p.dot)
         dk_dtype = p.state if ctx.use_qk_l2norm else k.dtype
-        dk, dv, dbeta, dg = wy_backward(kn, v, beta, G, Tm, w, u, dw, dvn, dk_part, dG_part, cu_seqlens,
+        dk, dv, dbeta, dg = wy_backward(k, v, beta, G, rk, Tm, w, u, dw, dvn, dk_part, dG_part, cu_seqlens,
                                         chunk_indices, p.n_chunks_seq, p.BT, dk_dtype, g.dtype, p.acc, p.dot)
         if ctx.use_qk_l2norm:
             dq = l2norm_backward(q, dq, q.dtype)

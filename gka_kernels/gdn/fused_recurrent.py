@@ -110,13 +110,12 @@ def fused_recurrent_gated_delta_rule(
     return o, ht
 
 
-for _varlen in (False, True):
-    register_aot(AotSpec(
-        name=f"gdn.fused_recurrent[bf16,k128,bv32,varlen={_varlen}]",
-        kernel=fused_recurrent_fwd_kernel,
-        types={"q": "*bf16", "k": "*bf16", "v": "*bf16", "g": "*fp32", "beta": "*bf16", "o": "*bf16",
-               "h0": "*fp32", "ht": "*fp32", "cu_seqlens": "*i32", "scale": "fp32"},
-        constexprs={"H": 32, "HKV": 8, "K": 128, "V": 128, "BK": 128, "BV": 32, "IS_VARLEN": _varlen,
-                    "USE_H0": True, "STORE_FINAL": True, "L2NORM": True, "EPS": EPS, "ACC": tl.float32},
-        num_warps=4, num_stages=1,
-    ))
+register_aot(AotSpec(
+    name="gdn.fused_recurrent[bf16,k128,bv32,varlen]",
+    kernel=fused_recurrent_fwd_kernel,
+    types={"q": "*bf16", "k": "*bf16", "v": "*bf16", "g": "*fp32", "beta": "*bf16", "o": "*bf16",
+           "h0": "*fp32", "ht": "*fp32", "cu_seqlens": "*i32", "scale": "fp32"},
+    constexprs={"H": 32, "HKV": 8, "K": 128, "V": 128, "BK": 128, "BV": 32, "IS_VARLEN": True,
+                "USE_H0": True, "STORE_FINAL": True, "L2NORM": True, "EPS": EPS, "ACC": tl.float32},
+    num_warps=4, num_stages=1,
+))

@@ -3,8 +3,10 @@
     y  = x * r,   r = 1 / sqrt(sum(x^2) + eps)
     dx = r * (dy - y * sum(dy * y))
 
-One program normalizes ``BR`` rows of ``D`` elements (tile ``[BR, BD]``, ``BD = pad(D)``).
-The backward recomputes ``r`` from ``x`` instead of saving it.
+The forward only computes the inverse norms ``r`` (one float32 per token and head): the chunk
+kernels apply them as row/column factors of their products, so normalized copies of ``q``/``k``
+are never rounded to 16 bits nor written to memory. One program handles ``BR`` rows of ``D``
+elements (tile ``[BR, BD]``, ``BD = pad(D)``); the backward recomputes ``r`` from ``x``.
 """
 
 from __future__ import annotations
@@ -21,16 +23,14 @@ _ROWS = 16
 
 
 @triton.jit
-def l2norm_fwd_kernel(x, y, R, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, EPS: tl.constexpr,
-                      ACC: tl.constexpr):
-    """y = x / sqrt(sum(x^2) + EPS) over rows of ``x`` [R, D]."""
+def l2norm_scale_kernel(x, r, R, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, EPS: tl.constexpr,
+                        ACC: tl.constexpr):
+    """r = 1 / sqrt(sum(x^2) + EPS) for each row of ``x`` [R, D]."""
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     cols = tl.arange(0, BD)
-    offs = rows[:, None] * D + cols[None, :]
     mask = (rows[:, None] < R) & (cols[None, :] < D)
-    xv = tl.load(x + offs, mask=mask, other=0).to(ACC)
-    r = 1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) + EPS)
-    tl.store(y + offs, (xv * r[:, None]).to(y.dtype.element_ty), mask=mask)
+    xv = tl.load(x + rows[:, None] * D + cols[None, :], mask=mask, other=0).to(ACC)
+    tl.store(r + rows, (1.0 / tl.sqrt(tl.sum(xv * xv, axis=1) + EPS)).to(r.dtype.element_ty), mask=rows < R)
 
 
 @triton.jit
@@ -49,15 +49,16 @@ def l2norm_bwd_kernel(x, dy, dx, R, D: tl.constexpr, BD: tl.constexpr, BR: tl.co
     tl.store(dx + offs, dxv.to(dx.dtype.element_ty), mask=mask)
 
 
-def l2norm_forward(x: torch.Tensor) -> torch.Tensor:
-    """Normalize the last dimension of the contiguous ``x``; same shape and dtype."""
+def l2norm_scale(x: torch.Tensor) -> torch.Tensor:
+    """Inverse L2 norms of the last dimension of the contiguous ``x`` (shape ``x.shape[:-1]``;
+    float32, float64 for float64 ``x``)."""
     D = x.shape[-1]
     R = x.numel() // D
-    y = torch.empty_like(x)
+    r = torch.empty(x.shape[:-1], device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     if R:
-        l2norm_fwd_kernel[(triton.cdiv(R, _ROWS),)](x, y, R, D=D, BD=next_power_of_2(D), BR=_ROWS, EPS=EPS,
-                                                    ACC=compute_dtype(x.dtype))
-    return y
+        l2norm_scale_kernel[(triton.cdiv(R, _ROWS),)](x, r, R, D=D, BD=next_power_of_2(D), BR=_ROWS, EPS=EPS,
+                                                      ACC=compute_dtype(x.dtype))
+    return r
 
 
 def l2norm_backward(x: torch.Tensor, dy: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -72,9 +73,9 @@ def l2norm_backward(x: torch.Tensor, dy: torch.Tensor, out_dtype: torch.dtype) -
 
 
 register_aot(AotSpec(
-    name="gdn.l2norm_fwd[bf16,d128]",
-    kernel=l2norm_fwd_kernel,
-    types={"x": "*bf16", "y": "*bf16"},
+    name="gdn.l2norm_scale[bf16,d128]",
+    kernel=l2norm_scale_kernel,
+    types={"x": "*bf16", "r": "*fp32"},
     constexprs={"D": 128, "BD": 128, "BR": _ROWS, "EPS": EPS, "ACC": tl.float32},
 ))
 register_aot(AotSpec(
