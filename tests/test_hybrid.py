@@ -382,6 +382,15 @@ def test_embedded_model_is_small_and_better_than_unigram():
     assert report["heldout_perplexity"] < 0.5 * report["unigram_heldout_perplexity"]
     model = load_embedded_model()
     assert model.config.vocab_size == 259 and model.config.model_type == "llama"
+    from gka_kernels.hybrid.data import eval_windows, stdlib_text
+    from gka_kernels.hybrid.evaluate import perplexity, unigram_perplexity
+    from gka_kernels.hybrid.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    heldout = eval_windows(torch.tensor(tok.encode(stdlib_text("heldout", max_bytes=4 * 256))), 256)
+    train = torch.tensor(tok.encode(stdlib_text("train", max_bytes=2_000_000)))
+    ppl, uni = perplexity(model, heldout), unigram_perplexity(train, heldout, tok.vocab_size)
+    assert ppl < 0.5 * uni, f"embedded model perplexity {ppl:.2f} vs unigram {uni:.2f}"
 
 
 def test_cli_end_to_end_on_embedded_model(tmp_path, capsys):
