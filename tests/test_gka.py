@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from gka_kernels.gka import chunk_gka, fused_recurrent_gka
-from gka_kernels.reference.gka import gka_ref
+from gka_kernels.gka.chunk import ChunkGkaSolveFunction
+from gka_kernels.reference.gka import gka_ref, gka_solve_ref
 from tests.helpers import (
     CPU_FWD, CPU_GRAD, DECODE_BF16, DECODE_FP32, GKA_GPU_FWD, GKA_GPU_GRAD, assert_close, rel_err,
 )
@@ -213,6 +214,31 @@ def test_fused_recurrent_is_forward_only():
     o, _ = fused_recurrent_gka(q, inputs["k"], inputs["v"], inputs["g"], num_iter=2)
     with pytest.raises(NotImplementedError, match="forward only"):
         o.sum().backward()
+
+
+@pytest.mark.interpreter
+def test_half_precision_solve_path():
+    """The 16-bit path of the solve kernels (dot operands and chunk states in the input dtype,
+    increments and right-hand sides packed two per register) through the solve's autograd
+    function, in fp16 (which, unlike bf16, the interpreter computes correctly), against the
+    float64 reference at the GPU tolerances for 16-bit inputs."""
+    inputs = make_inputs(1, 70, 2, 1, 32, 16)
+    q = inputs["q"].half().requires_grad_()
+    k = inputs["k"].half().requires_grad_()
+    gk = inputs["gk"].clone().requires_grad_()
+    h0 = inputs["initial_state"][0].clone().requires_grad_()
+    x, ht = ChunkGkaSolveFunction.apply(q, k, gk, None, h0, WELL_CONDITIONED, 30, True, True, None)
+    w = torch.randn(x.shape, dtype=torch.float64), torch.randn(ht.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((x.double() * w[0]).sum() + (ht.double() * w[1]).sum(), (q, k, gk, h0))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, gk, h0)]
+    x_r, _ = gka_solve_ref(*ref[:3], WELL_CONDITIONED, 30, initial_state=ref[3])
+    assert_close("x", x, x_r, GKA_GPU_FWD)
+    x_e, ht_e = gka_solve_ref(*ref[:3], WELL_CONDITIONED, solver="exact", initial_state=ref[3],
+                              output_final_state=True)
+    assert_close("h_kk", ht, ht_e, GKA_GPU_FWD)
+    grads_r = torch.autograd.grad((x_e * w[0]).sum() + (ht_e * w[1]).sum(), ref)
+    for name, a, b in zip(("dq", "dk", "dgk", "dh_kk0"), grads, grads_r):
+        assert_close(name, a, b, GKA_GPU_GRAD)
 
 
 @pytest.mark.interpreter

@@ -31,8 +31,7 @@ from gka_kernels.gka._common import CHUNK, dot_precision, dot_dtype, sequence_co
 @autotune(
     configs=[
         triton.Config({"BKI": bki, "BKJ": bkj}, num_warps=w, num_stages=s)
-        for bki, bkj in ((64, 64), (32, 64), (32, 32))
-        for w in (4, 8)
+        for bki, bkj, w in ((64, 64, 8), (32, 64, 8), (32, 32, 4), (32, 32, 8))
         for s in (2, 3)
     ],
     key=["K", "H", "IS_VARLEN"],
@@ -137,13 +136,15 @@ def chunk_gka_bwd_dh(
     return dh, dh0
 
 
-register_aot(AotSpec(
-    name="gka.chunk_bwd_dh[bf16,k128,varlen]",
-    kernel=chunk_gka_bwd_dh_kernel,
-    types={"k": "*bf16", "x": "*bf16", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
-           "beta": "*fp32", "h": "*bf16", "dh": "*fp32", "dht": "*fp32", "dh0": "*fp32",
-           "cu_seqlens": "*i32", "chunk_offsets": "*i64", "T": "i32", "NT": "i32"},
-    constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BKI": 64, "BKJ": 64, "USE_DHT": True,
-                "STORE_DH0": True, "IS_VARLEN": True, "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
-    num_warps=4, num_stages=2,
-))
+for _bki, _bkj, _w in ((64, 64, 8), (32, 32, 4)):
+    register_aot(AotSpec(
+        name=f"gka.chunk_bwd_dh[bf16,k128,varlen,{_bki}x{_bkj},w{_w}]",
+        kernel=chunk_gka_bwd_dh_kernel,
+        types={"k": "*bf16", "x": "*bf16", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
+               "beta": "*fp32", "h": "*bf16", "dh": "*fp32", "dht": "*fp32", "dh0": "*fp32",
+               "cu_seqlens": "*i32", "chunk_offsets": "*i64", "T": "i32", "NT": "i32"},
+        constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BKI": _bki, "BKJ": _bkj, "USE_DHT": True,
+                    "STORE_DH0": True, "IS_VARLEN": True, "ACC": tl.float32, "DT": tl.bfloat16,
+                    "PREC": "ieee"},
+        num_warps=_w, num_stages=2,
+    ))

@@ -1,4 +1,5 @@
-"""Token-by-token reference for Gated KalmaNet (SPEC section 5), written from the math.
+"""Token-by-token reference for Gated KalmaNet (SPEC section 5), written from the math:
+``gka_ref`` (the whole op) and ``gka_solve_ref`` (its ridge-solve half, ``x_t``).
 
 Per query head, two states are formed explicitly at every token:
 
@@ -53,27 +54,60 @@ def _chebyshev(h: torch.Tensor, lam: torch.Tensor, fro: torch.Tensor, rhs: torch
     return x
 
 
-def _one_sequence(q, k, v, g, gk, alpha, scale, ridge_ratio, num_iter, solver, bp_lambda, h_kk, h_kv):
-    """q [T,H,K], k [T,H,K] (expanded), v [T,H,V], gates [T,H]; states [H,K,K], [H,K,V]."""
-    T, H, K = q.shape
-    eye = torch.eye(K, dtype=q.dtype, device=q.device)
-    outs = []
-    for t in range(T):
-        kt, vt, qt = k[t], v[t], q[t]
-        h_kk = torch.exp(gk[t])[:, None, None] * h_kk + kt[:, :, None] * kt[:, None, :]
-        h_kv = torch.exp(g[t])[:, None, None] * h_kv + kt[:, :, None] * vt[:, None, :]
-        fro = _frobenius(h_kk)
-        if not bp_lambda:
-            fro = fro.detach()
-        lam = ridge_ratio * fro
-        if solver == "exact":
-            x = torch.linalg.solve(h_kk + lam[:, None, None] * eye, qt.unsqueeze(-1)).squeeze(-1)
-        else:
-            x = _chebyshev(h_kk, lam, fro, qt, num_iter)
-        qm = x if alpha is None else qt + alpha[t][:, None] * (x - qt)
-        outs.append(scale * torch.einsum("hkv,hk->hv", h_kv, qm))
-    o = torch.stack(outs, 0) if outs else q.new_zeros(0, H, h_kv.shape[-1])
-    return o, h_kk, h_kv
+def _spans(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """(batch row, start, end) of every sequence."""
+    if cu_seqlens is None:
+        return [(b, 0, T) for b in range(B)]
+    bounds = cu_seqlens.tolist()
+    return [(0, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+
+def gka_solve_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    gk: torch.Tensor,
+    ridge_ratio: float = 0.02,
+    num_iter: int = 30,
+    solver: str = "chebyshev",
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    bp_lambda: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ridge-solve half of GKA: ``x_t = (H_t + ridge_ratio ||H_t||_F I)^{-1} q_t`` with
+    ``H_t = exp(gk_t) H_{t-1} + k_t k_t^T`` formed explicitly at every token.
+
+    Args:
+        q: ``[B, T, H, K]``; k: ``[B, T, HKV, K]``; gk: ``[B, T, H]``.
+        initial_state: ``h_kk [N, H, K, K]`` or None. Other arguments as in :func:`gka_ref`.
+
+    Returns:
+        ``x [B, T, H, K]`` (dtype of ``q``) and the final ``h_kk [N, H, K, K]`` or None.
+    """
+    if solver not in ("chebyshev", "exact"):
+        raise ValueError(f"solver: expected 'chebyshev' or 'exact', got {solver!r}")
+    B, T, H, K = q.shape
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    dt = q.dtype
+    gk = gk.to(dt)
+    eye = torch.eye(K, dtype=dt, device=q.device)
+    xs, finals = [], []
+    for n, (b, s, e) in enumerate(_spans(B, T, cu_seqlens)):
+        h_kk = initial_state[n].to(dt) if initial_state is not None else q.new_zeros(H, K, K)
+        for t in range(s, e):
+            kt, qt = k[b, t], q[b, t]
+            h_kk = torch.exp(gk[b, t])[:, None, None] * h_kk + kt[:, :, None] * kt[:, None, :]
+            fro = _frobenius(h_kk)
+            if not bp_lambda:
+                fro = fro.detach()
+            lam = ridge_ratio * fro
+            if solver == "exact":
+                xs.append(torch.linalg.solve(h_kk + lam[:, None, None] * eye, qt.unsqueeze(-1)).squeeze(-1))
+            else:
+                xs.append(_chebyshev(h_kk, lam, fro, qt, num_iter))
+        finals.append(h_kk)
+    x = torch.stack(xs, 0).view(B, T, H, K) if xs else q.new_zeros(B, T, H, K)
+    return x, (torch.stack(finals, 0) if output_final_state else None)
 
 
 def gka_ref(
@@ -114,39 +148,24 @@ def gka_ref(
     Returns:
         ``o [B, T, H, V]`` in the dtype of ``q`` and the final states or ``None``.
     """
-    if solver not in ("chebyshev", "exact"):
-        raise ValueError(f"solver: expected 'chebyshev' or 'exact', got {solver!r}")
     B, T, H, K = q.shape
-    HKV, V = k.shape[2], v.shape[3]
-    group = H // HKV
-    k = k.repeat_interleave(group, dim=2)
-    v = v.repeat_interleave(group, dim=2)
-    gk = g if gk is None else gk
-    scale = K ** -0.5 if scale is None else scale
-    if cu_seqlens is None:
-        spans = [(b, 0, T) for b in range(B)]
-    else:
-        bounds = cu_seqlens.tolist()
-        spans = [(0, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    V = v.shape[3]
     dt = q.dtype
-    o = []
-    finals_kk, finals_kv = [], []
-    for n, (b, s, e) in enumerate(spans):
-        if initial_state is not None:
-            h_kk, h_kv = initial_state[0][n].to(dt), initial_state[1][n].to(dt)
-        else:
-            h_kk = q.new_zeros(H, K, K)
-            h_kv = q.new_zeros(H, K, V)
-        o_n, h_kk, h_kv = _one_sequence(
-            q[b, s:e], k[b, s:e], v[b, s:e], g[b, s:e].to(dt), gk[b, s:e].to(dt),
-            None if alpha is None else alpha[b, s:e].to(dt), scale, ridge_ratio, num_iter, solver,
-            bp_lambda, h_kk, h_kv)
-        o.append(o_n)
-        finals_kk.append(h_kk)
-        finals_kv.append(h_kv)
-    if cu_seqlens is None:
-        out = torch.stack(o, 0)
-    else:
-        out = torch.cat(o, 0).unsqueeze(0) if o else q.new_zeros(1, 0, H, V)
-    final = (torch.stack(finals_kk, 0), torch.stack(finals_kv, 0)) if output_final_state else None
-    return out.to(q.dtype), final
+    x, h_kk = gka_solve_ref(q, k, g if gk is None else gk, ridge_ratio, num_iter, solver,
+                            None if initial_state is None else initial_state[0], True, cu_seqlens,
+                            bp_lambda)
+    qm = x if alpha is None else q + alpha.to(dt)[..., None] * (x - q)
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    v = v.repeat_interleave(H // v.shape[2], dim=2)
+    g = g.to(dt)
+    scale = K ** -0.5 if scale is None else scale
+    outs, finals = [], []
+    for n, (b, s, e) in enumerate(_spans(B, T, cu_seqlens)):
+        h_kv = initial_state[1][n].to(dt) if initial_state is not None else q.new_zeros(H, K, V)
+        for t in range(s, e):
+            h_kv = torch.exp(g[b, t])[:, None, None] * h_kv + k[b, t][:, :, None] * v[b, t][:, None, :]
+            outs.append(scale * torch.einsum("hkv,hk->hv", h_kv, qm[b, t]))
+        finals.append(h_kv)
+    o = torch.stack(outs, 0).view(B, T, H, V) if outs else q.new_zeros(B, T, H, V)
+    final = (h_kk, torch.stack(finals, 0)) if output_final_state else None
+    return o, final
