@@ -5,30 +5,25 @@
 //         x_prev = 0, x = gamma q, w = 2;  num_iter times:  w = 1 / (1 - c w)
 //         d = gamma w ((H + lam I) x - q) + (w - 1) x_prev ;  x_prev = x ;  x = w x - d
 //     qm = q + alpha (x - q) ;  U = e^g U + k v^T ;  o = scale U^T qm
-// One CTA of 256 threads per (sequence, head), two CTAs per SM. The cost is the matvec H x of every
-// iteration, so H stays in registers for the whole step: lane bits 0-2 pick a column group (KT / 32
-// float4 at stride 32 columns, conflict-free LDS.128 of x), lane bits 3-4 and the warp pick KT / 32
-// consecutive rows; a thread holds KT^2 / 256 floats. An iteration is KT / 32 LDS.128 of x, the FMAs,
-// a 3-stage butterfly over the 8 column lanes (the row sums land on lane pairs that own the row's
-// iterate), one STS and one __syncthreads (x is double-buffered). U is not needed until the solves
-// are done: it is prefetched into shared memory with cp.async at the start (overlapping the solve),
-// then updated and read out for all tokens with lanes along V (float4), warps along K, the K
-// reduction finished across warps in shared memory.
+// One CTA of 256 threads per (sequence, head), two CTAs per SM; K and V are padded to one tile
+// D = 64 or 128. The cost is the matvec H x of every iteration, so H stays in registers for the
+// whole step: lane bits 0-2 pick a column group (D / 32 float4 at stride 32 columns, conflict-free
+// LDS.128 of x), lane bits 3-4 and the warp pick D / 32 consecutive rows; a thread holds D^2 / 256
+// floats. An iteration is D / 32 LDS.128 of x, the FMAs, a 3-stage butterfly over the 8 column
+// lanes (the row sums land on the lanes that own the row's iterate), one STS and one
+// __syncthreads (x is double-buffered). U is not needed until the solves are done: it is
+// prefetched into shared memory with cp.async at the start (overlapping the solve), then updated
+// and read out for all tokens with lanes along V (float4), warps along K, the K reduction
+// finished across warps in shared memory.
 //
-// Dynamic shared memory 4 * (KT VT + 24 KT + 8 VT + 2 KT + 32) B = 83,072 B at K = V = 128.
+// Dynamic shared memory 4 * (D^2 + 34 D + 32) B = 83,072 B at D = 128.
 // ptxas -v (sm_90, nvcc 13.0), kernel<input dtype, tile dims>:
-//   <bf16,128,128>    125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <bf16,128,64>     125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <bf16,64,128>      76 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <bf16,64,64>       64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp16,128,128>    125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp16,128,64>     125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp16,64,128>      76 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp16,64,64>       64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp32,128,128>    125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp32,128,64>     125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp32,64,128>      76 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp32,64,64>       64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,128>        125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,128>        125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,128>        125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -53,8 +48,10 @@ struct Smem {  // float offsets into the dynamic shared memory
   static_assert(kMaxDecodeTokens * kWarps * VT <= KT * VT, "partial outputs must fit the U staging area");
 };
 
-template <typename T, int KT, int VT>
+// One square tile D covers both head dims (K, V <= D): KT = VT = D.
+template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams p) {
+  constexpr int KT = D, VT = D;
   using SM = Smem<KT, VT>;
   constexpr int HR = KT / 32;  // H rows per thread
   constexpr int HC = KT / 32;  // H float4 column chunks per thread
@@ -262,10 +259,10 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
   }
 }
 
-template <typename T, int KT, int VT>
+template <typename T, int D>
 void launch(const GkaParams& p, cudaStream_t stream) {
-  constexpr size_t bytes = sizeof(float) * Smem<KT, VT>::SIZE;
-  auto kernel = gka_decode_kernel<T, KT, VT>;
+  constexpr size_t bytes = sizeof(float) * Smem<D, D>::SIZE;
+  auto kernel = gka_decode_kernel<T, D>;
   // The opt-in above 48 KiB is per device; set it once per device and instantiation.
   static bool configured[64] = {};
   int dev = 0;
@@ -288,12 +285,8 @@ void gka_decode_launch(const GkaParams& p, int dtype, uintptr_t stream) {
   if (p.B == 0) return;
   dispatch_tag(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const cudaStream_t s = as_stream(stream);
-    if (p.K <= 64) {
-      if (p.V <= 64) launch<T, 64, 64>(p, s); else launch<T, 64, 128>(p, s);
-    } else {
-      if (p.V <= 64) launch<T, 128, 64>(p, s); else launch<T, 128, 128>(p, s);
-    }
+    if (p.K <= 64 && p.V <= 64) launch<T, 64>(p, as_stream(stream));
+    else launch<T, 128>(p, as_stream(stream));
   });
   check_launch("gka_decode");
 }
