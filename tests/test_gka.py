@@ -384,6 +384,8 @@ def test_gpu_varlen_bf16():
 
 @pytest.mark.gpu
 def test_gpu_decode_loop_equals_chunked_call_bf16():
+    """The token loop solves in fp32 registers, the chunked op with bf16 dot operands, so their
+    difference is the chunked op's own bf16 solve error: the GKA bf16 bound (SPEC 9) applies."""
     inputs = make_inputs(4, 40, 4, 2, 128, 128, dtype=torch.bfloat16, device="cuda")
     o, final, _ = run(chunk_gka, inputs, num_iter=30)
     state = inputs["initial_state"]
@@ -392,7 +394,7 @@ def test_gpu_decode_loop_equals_chunked_call_bf16():
         step = {n: None if inputs[n] is None else inputs[n][:, t:t + 1] for n in TENSOR_ARGS}
         o_t, state = fused_recurrent_gka(**step, num_iter=30, initial_state=state, output_final_state=True)
         outs.append(o_t)
-    assert_close("o", torch.cat(outs, 1), o, DECODE_BF16)
+    assert_close("o", torch.cat(outs, 1), o, GKA_GPU_FWD)
     assert_close("h_kk", state[0], final[0], DECODE_BF16)
     assert_close("h_kv", state[1], final[1], DECODE_BF16)
 

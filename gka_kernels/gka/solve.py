@@ -31,7 +31,10 @@ Tiles: grid (chunks, B*H); one program holds ``H_c`` [K, K], the key chunk [BT, 
 and the iterates [BT, K] on-chip for all ``num_iter`` iterations. Every [BT, K] row tensor is kept
 as two column halves [BT, BK/2] (``_l``/``_h``) so that each half of ``H_t y_t`` is consumed by
 its update before the other half is formed: one [BT, BK/2] fp32 accumulator is live instead of
-a [BT, BK] one, which keeps a 4-warp program (one warpgroup, BT = 64 rows) within its registers.
+a [BT, BK] one. Register use is the limit of this kernel: compiled for sm_90 (Triton 3.7, bf16,
+K = 128) the 4-warp program still reloads some loop invariants from local memory every
+iteration, the 8-warp one does not but repeats the score dots on both warpgroups; the autotuner
+chooses between them on the GPU.
 """
 
 from __future__ import annotations
