@@ -133,8 +133,9 @@ def test_gradients_without_lambda_path():
 
 @pytest.mark.interpreter
 def test_alpha_none_and_tied_decays():
-    """alpha=None means qm = x; gk=None means gk = g (the gradient of g then has both parts)."""
-    inputs = make_inputs(1, 70, 2, 2, 16, 16, with_gk=False, with_alpha=False, with_h0=False)
+    """alpha=None means qm = x; gk=None means gk = g (the gradient of g then has both parts);
+    two batch rows."""
+    inputs = make_inputs(2, 70, 2, 2, 16, 16, with_gk=False, with_alpha=False, with_h0=False)
     check_gradients(inputs, CPU_GRAD)
 
 
