@@ -35,9 +35,9 @@ _DV_BV = 64
 @autotune(
     configs=[
         triton.Config({"BK": BK}, num_warps=w, num_stages=s)
-        for BK in (64, 128) for w in (8, 4) for s in (2, 3)
+        for BK, w, s in ((64, 8, 2), (64, 4, 2), (128, 8, 2), (128, 4, 3))
     ],
-    key=["H", "HV", "K", "V", "BT", "BV", "HAS_VS", "HAS_D", "DT"],
+    key=["H", "HQ", "HK", "HV", "K", "V", "BT", "BV", "HAS_VS", "HAS_D", "DT"],
 )
 @triton.jit
 def chunk_bwd_dv_kernel(
@@ -119,9 +119,9 @@ def chunk_bwd_dv_kernel(
 @autotune(
     configs=[
         triton.Config({"BV": BV}, num_warps=w, num_stages=s)
-        for BV in (32, 64) for w in (8, 4) for s in (2, 3)
+        for BV, w, s in ((32, 8, 2), (64, 8, 2), (32, 4, 2), (32, 8, 3))
     ],
-    key=["H", "NG", "K", "V", "BT", "BK", "HAS_VS", "DT"],
+    key=["H", "HQ", "HK", "HV", "K", "V", "BT", "BK", "HAS_VS", "DT"],
 )
 @triton.jit
 def chunk_bwd_dqkg_kernel(

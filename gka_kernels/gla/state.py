@@ -28,9 +28,10 @@ from gka_kernels.common.triton_utils import autotune
 @autotune(
     configs=[
         triton.Config({"BK": BK, "BV": BV}, num_warps=w, num_stages=s)
-        for BK in (64, 32) for BV in (64, 32) for w in (8, 4) for s in (2, 3, 4)
+        for BK, BV, w, s in ((64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3),
+                             (32, 32, 4, 2), (32, 32, 2, 3))
     ],
-    key=["H", "K", "V", "BT", "NH", "REVERSE", "HAS_VS", "DT"],
+    key=["H", "HA", "HB", "K", "V", "BT", "NH", "REVERSE", "HAS_VS", "DT"],
 )
 @triton.jit
 def chunk_state_pass_kernel(
