@@ -6,8 +6,7 @@ Per head, Mamba-2's recurrence ``s_t = exp(dt'_t A) s_{t-1} + dt'_t x_t B_t^T`` 
 ``v = dt' * x`` (H heads), ``g = dt' * A``, ``scale = 1`` and the state transposed (GLA keeps
 ``[K, V] = [N, P]``). The GLA kernels take ``dt'`` as a per-token value scale (so ``dt' * x`` is
 never written to memory) and fuse ``+ D * x`` and ``* silu(z)`` into the output tile. The
-effective step ``dt'`` and ``g`` are small ``[B, T, H]`` torch expressions, differentiated by
-autograd.
+effective step ``dt'`` and ``g`` come from one fused elementwise kernel (``mamba2.dt``).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from gka_kernels.common.checks import (
 )
 from gka_kernels.gla.chunk import MAX_HEAD_DIM, gla_backward, gla_forward, make_plan
 from gka_kernels.mamba2.gate import gate_backward
-from gka_kernels.reference.mamba2 import ssd_dt
+from gka_kernels.mamba2.dt import dt_prep
 
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -178,9 +177,8 @@ def mamba_chunk_scan_combined(
             x.new_zeros(Ns, H, P, N, dtype=torch.float32)
         return _pack(x.new_zeros(x.shape), final, return_final_states, return_varlen_states)
     fdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dtp = ssd_dt(dt.to(fdt), dt_bias.to(fdt) if dt_bias is not None else None, dt_softplus,
-                 (float(dt_limit[0]), float(dt_limit[1])))
-    g = dtp * A.to(fdt)
+    dtp, g = dt_prep(dt.to(fdt) if fdt == torch.float64 else dt, dt_bias, A.contiguous(),
+                     dt_softplus, dt_limit)
     h0 = initial_states.transpose(-1, -2) if initial_states is not None else None
     want_final = bool(return_final_states or return_varlen_states)
     xs, Bs, Cs, zs, dts, gs = x, B, C, z, dtp, g

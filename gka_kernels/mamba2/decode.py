@@ -13,6 +13,7 @@ from gka_kernels.common.checks import (
     check_tensor,
 )
 from gka_kernels.common.triton_utils import next_power_of_2
+from gka_kernels.mamba2.dt import softplus
 
 _PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -64,7 +65,7 @@ def selective_state_update_kernel(
     if HAS_DT_BIAS:
         d += tl.load(dt_bias + i_h * s_bias_h + o_p * s_bias_p, mask=m_p, other=0).to(ACC)
     if SOFTPLUS:
-        d = tl.where(d <= 20.0, tl.log(1 + tl.exp(d)), d)
+        d = softplus(d)
     if A_FULL:
         a = tl.load(A + i_h * s_a_h + o_p[:, None] * s_a_p + o_n[None, :] * s_a_n,
                     mask=m_p[:, None] & m_n[None, :], other=0).to(ACC)
