@@ -136,9 +136,9 @@ for _name, _bwd in (("fwd", False), ("bwd", True)):
     register_aot(AotSpec(
         name=f"mamba2_dt_{_name}[h32]",
         kernel=dt_bwd_kernel if _bwd else dt_fwd_kernel,
-        types={"dt": "*fp32", "dt_bias": "*fp32", "A": "*fp32", "dtp": "*fp32", "g": "*fp32",
-               "ddtp": "*fp32", "dg": "*fp32", "ddt": "*fp32", "dA_part": "*fp32",
-               "dbias_part": "*fp32", "lo": "fp32", "hi": "fp32"} if _bwd else
+        types={"dt": "*fp32", "dt_bias": "*fp32", "A": "*fp32", "ddtp": "*fp32", "dg": "*fp32",
+               "ddt": "*fp32", "dA_part": "*fp32", "dbias_part": "*fp32", "lo": "fp32",
+               "hi": "fp32"} if _bwd else
               {"dt": "*fp32", "dt_bias": "*fp32", "A": "*fp32", "dtp": "*fp32", "g": "*fp32",
                "lo": "fp32", "hi": "fp32"},
         constexprs={"H": 32, "BH": 32, "BR": 128, "HAS_BIAS": True, "SOFTPLUS": True,
