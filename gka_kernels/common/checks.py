@@ -59,6 +59,23 @@ def check_tensor(
     return t
 
 
+def check_shape_in(
+    name: str,
+    t: object,
+    shapes: Sequence[Sequence[int]],
+    *,
+    dtypes: Sequence[torch.dtype] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """A tensor whose shape is one of ``shapes`` (e.g. a parameter given per head ``[H]`` or per
+    channel ``[H, P]``)."""
+    t = check_tensor(name, t, dtypes=dtypes, device=device)
+    if tuple(t.shape) not in [tuple(s) for s in shapes]:
+        want = " or ".join(str(list(s)) for s in shapes)
+        raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
+    return t
+
+
 def check_activation(name: str, t: object, *, ndim: int, device: torch.device | None = None) -> torch.Tensor:
     """A floating activation whose dtype is allowed on its device (float32/16/bf16 on GPU,
     float32/float64 on CPU)."""

@@ -17,13 +17,14 @@ import torch
 
 from gka_kernels.common.checks import (
     check_activation, check_cu_seqlens, check_head_dim, check_head_groups, check_positive_int,
-    check_same_dtype, check_state, check_tensor,
+    check_same_dtype, check_shape_in, check_state, check_tensor,
 )
 from gka_kernels.gla.chunk import MAX_HEAD_DIM, gla_backward, gla_forward, make_plan
-from gka_kernels.mamba2.gate import gate_backward
 from gka_kernels.mamba2.dt import dt_prep
+from gka_kernels.mamba2.gate import gate_backward
 
-_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: dtypes accepted for dt and the per-head parameters (A, D, dt_bias).
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class SSDFunction(torch.autograd.Function):
@@ -53,14 +54,6 @@ class SSDFunction(torch.autograd.Function):
         dh0 = grads["dh0"].to(h0.dtype) if h0 is not None else None
         return (grads["dv"], grads["dvs"], grads["dg"], grads["dk"], grads["dq"], dD, dz, dh0,
                 None, None)
-
-
-def _check_param(name: str, t: object, shapes: list[tuple[int, ...]], device) -> torch.Tensor:
-    t = check_tensor(name, t, dtypes=_PARAM_DTYPES, device=device)
-    if tuple(t.shape) not in shapes:
-        want = " or ".join(str(list(s)) for s in shapes)
-        raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
-    return t
 
 
 def _segments_from_seq_idx(seq_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,12 +122,12 @@ def mamba_chunk_scan_combined(
     check_head_groups(H, G, "x", "B")
     check_head_dim("x", P, MAX_HEAD_DIM)
     check_head_dim("B", N, MAX_HEAD_DIM)
-    check_tensor("dt", dt, shape=(Bsz, T, H), dtypes=_PARAM_DTYPES, device=dev)
-    _check_param("A", A, [(H,)], dev)
+    check_tensor("dt", dt, shape=(Bsz, T, H), dtypes=PARAM_DTYPES, device=dev)
+    check_shape_in("A", A, [(H,)], dtypes=PARAM_DTYPES, device=dev)
     if D is not None:
-        _check_param("D", D, [(H,), (H, P)], dev)
+        check_shape_in("D", D, [(H,), (H, P)], dtypes=PARAM_DTYPES, device=dev)
     if dt_bias is not None:
-        _check_param("dt_bias", dt_bias, [(H,)], dev)
+        check_shape_in("dt_bias", dt_bias, [(H,)], dtypes=PARAM_DTYPES, device=dev)
     if z is not None:
         z = check_activation("z", z, ndim=4, device=dev)
         check_same_dtype("x", x, z=z)

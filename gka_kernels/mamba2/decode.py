@@ -10,12 +10,12 @@ import triton.language as tl
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.checks import (
     check_activation, check_head_dim, check_head_groups, check_index_tensor, check_same_dtype,
-    check_tensor,
+    check_shape_in, check_tensor,
 )
+from gka_kernels.mamba2.chunk import PARAM_DTYPES
 from gka_kernels.common.triton_utils import next_power_of_2
 from gka_kernels.mamba2.dt import softplus
 
-_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @triton.jit
@@ -87,14 +87,6 @@ def selective_state_update_kernel(
     tl.store(y + row * P + o_p, out.to(y.dtype.element_ty), mask=m_p)
 
 
-def _param(name, t, shapes, device):
-    t = check_tensor(name, t, dtypes=_PARAM_DTYPES, device=device)
-    if tuple(t.shape) not in shapes:
-        want = " or ".join(str(list(s)) for s in shapes)
-        raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
-    return t
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -154,12 +146,12 @@ def selective_state_update(
     elif state.shape[0] != Bn:
         raise ValueError(f"state: expected {Bn} slots (one per row of x) without "
                          f"state_batch_indices, got {state.shape[0]}")
-    dt = _param("dt", dt, [(Bn, H), (Bn, H, P)], dev)
-    A = _param("A", A, [(H,), (H, P, N)], dev)
+    dt = check_shape_in("dt", dt, [(Bn, H), (Bn, H, P)], dtypes=PARAM_DTYPES, device=dev)
+    A = check_shape_in("A", A, [(H,), (H, P, N)], dtypes=PARAM_DTYPES, device=dev)
     if dt_bias is not None:
-        dt_bias = _param("dt_bias", dt_bias, [(H,), (H, P)], dev)
+        dt_bias = check_shape_in("dt_bias", dt_bias, [(H,), (H, P)], dtypes=PARAM_DTYPES, device=dev)
     if D is not None:
-        D = _param("D", D, [(H,), (H, P)], dev)
+        D = check_shape_in("D", D, [(H,), (H, P)], dtypes=PARAM_DTYPES, device=dev)
     if z is not None:
         z = check_activation("z", z, ndim=3, device=dev)
         check_same_dtype("x", x, z=z)
