@@ -1,5 +1,8 @@
 // Shared helpers for the gka_kernels._C decode kernels: error checks, dtype tags and dispatch,
-// scalar/index loads, warp reductions, cp.async.
+// scalar/index loads, warp reductions, cp.async, kernel launch.
+//
+// GKA_HOST_EMULATION (set only by the CPU test that compiles csrc with g++) swaps the few
+// device-only constructs for the host emulation in emulation/host_emulation.h.
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
@@ -7,6 +10,9 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#if defined(GKA_HOST_EMULATION)
+#include "emulation/host_emulation.h"
+#endif
 
 namespace gka {
 
@@ -127,11 +133,46 @@ __device__ __forceinline__ int butterfly_first(int lane) {
 }
 
 // 16-byte asynchronous global -> shared copies (sm_80+), completed by cp_async_wait_all().
+#if defined(GKA_HOST_EMULATION)
+inline void cp_async16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
+inline void cp_async_commit() {}
+inline void cp_async_wait_all() {}
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+#endif
+
+// Dynamic shared memory of a kernel, as an array `name` of T.
+#if defined(GKA_HOST_EMULATION)
+#define GKA_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(emu::dyn_smem)
+#else
+#define GKA_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
+// kernel<<<grid, threads, smem, stream>>>(args...).
+template <typename... Params, typename... Args>
+inline void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                          const Args&... args) {
+#if defined(GKA_HOST_EMULATION)
+  (void)stream;
+  emu::launch([&] { kernel(args...); }, grid, dim3(threads), smem);
+#else
+  kernel<<<grid, threads, smem, stream>>>(args...);
+#endif
+}
+
+// Lets `kernel` use more than 48 KiB of dynamic shared memory on the current device.
+template <typename Params>
+inline void allow_dynamic_smem(void (*kernel)(Params), size_t bytes, const char* what) {
+#if defined(GKA_HOST_EMULATION)
+  (void)kernel, (void)bytes, (void)what;
+#else
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), what);
+#endif
+}
 
 }  // namespace gka

@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
 template <typename T, int KT>
 void launch(const GdnParams& p, cudaStream_t stream) {
   const dim3 grid((p.V + kBV - 1) / kBV, p.H, p.B);
-  gdn_decode_kernel<T, KT><<<grid, kThreads, 0, stream>>>(p);
+  launch_kernel(gdn_decode_kernel<T, KT>, grid, kThreads, 0, stream, p);
 }
 
 }  // namespace

@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
   constexpr int URPI = 32 / ULPR;       // U rows per warp instruction
   constexpr int URG = kWarps * URPI;    // U row groups
   constexpr int URPT = KT / URG;        // U rows per thread
-  extern __shared__ float4 smem4[];
+  GKA_DYNAMIC_SMEM(float4, smem4);
   float* smem = reinterpret_cast<float*>(smem4);
   float* Us = smem + SM::U;
   float* qs = smem + SM::Q;
@@ -268,11 +268,10 @@ void launch(const GkaParams& p, cudaStream_t stream) {
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "gka_decode: cudaGetDevice");
   if (dev >= 64 || !configured[dev]) {
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes),
-               "gka_decode: cudaFuncSetAttribute");
+    allow_dynamic_smem(kernel, bytes, "gka_decode: cudaFuncSetAttribute");
     if (dev < 64) configured[dev] = true;
   }
-  kernel<<<dim3(p.H, p.B), kThreads, bytes, stream>>>(p);
+  launch_kernel(kernel, dim3(p.H, p.B), kThreads, bytes, stream, p);
 }
 
 }  // namespace

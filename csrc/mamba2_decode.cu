@@ -10,13 +10,13 @@
 //
 // ptxas -v (sm_90, nvcc 13.0), kernel<input dtype, tile dims>:
 //   <bf16,128>         64 regs, 0/0 B spill st/ld, stack 0 B, static smem 9280 B
-//   <bf16,256>         60 regs, 0/0 B spill st/ld, stack 0 B, static smem 16960 B
+//   <bf16,256>         62 regs, 0/0 B spill st/ld, stack 0 B, static smem 16960 B
 //   <bf16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 6208 B
 //   <fp16,128>         64 regs, 0/0 B spill st/ld, stack 0 B, static smem 9280 B
-//   <fp16,256>         60 regs, 0/0 B spill st/ld, stack 0 B, static smem 16960 B
+//   <fp16,256>         62 regs, 0/0 B spill st/ld, stack 0 B, static smem 16960 B
 //   <fp16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 6208 B
 //   <fp32,128>         64 regs, 0/0 B spill st/ld, stack 0 B, static smem 9280 B
-//   <fp32,256>         60 regs, 0/0 B spill st/ld, stack 0 B, static smem 16960 B
+//   <fp32,256>         62 regs, 0/0 B spill st/ld, stack 0 B, static smem 16960 B
 //   <fp32,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 6208 B
 #include "common.cuh"
 #include "decode_params.h"
@@ -160,7 +160,7 @@ template <typename T, int NT>
 void launch(const Mamba2Params& p, cudaStream_t stream) {
   constexpr int BP = Layout<NT>::BP;
   const dim3 grid((p.P + BP - 1) / BP, p.H, p.B);
-  mamba2_decode_kernel<T, NT><<<grid, kThreads, 0, stream>>>(p);
+  launch_kernel(mamba2_decode_kernel<T, NT>, grid, kThreads, 0, stream, p);
 }
 
 }  // namespace

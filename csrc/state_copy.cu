@@ -35,9 +35,9 @@ void state_copy_launch(uintptr_t src, uintptr_t dst, uintptr_t src_idx, uintptr_
   int64_t blocks_x = (vec + threads - 1) / threads;
   if (blocks_x > 1024) blocks_x = 1024;
   dim3 grid((unsigned)blocks_x, (unsigned)n);
-  state_copy_kernel<<<grid, threads, 0, as_stream(stream)>>>(
-      reinterpret_cast<const float*>(src), reinterpret_cast<float*>(dst),
-      reinterpret_cast<const int64_t*>(src_idx), reinterpret_cast<const int64_t*>(dst_idx), slot_elems);
+  launch_kernel(state_copy_kernel, grid, threads, 0, as_stream(stream), reinterpret_cast<const float*>(src),
+                reinterpret_cast<float*>(dst), reinterpret_cast<const int64_t*>(src_idx),
+                reinterpret_cast<const int64_t*>(dst_idx), slot_elems);
   check_launch("state_copy");
 }
 

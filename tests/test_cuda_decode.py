@@ -1,7 +1,9 @@
 """CUDA C++ decode kernels (SPEC 8): ``gdn_decode``, ``mamba2_decode``, ``gka_decode``.
 
 CPU: the extension exports the launchers and they accept exactly the arguments the wrappers build
-(when nvcc built it), and every kind of bad input raises a clear error before any launch.
+(when nvcc built it); every kind of bad input raises a clear error before any launch; and the
+kernels themselves, compiled with g++ for a host emulation of CUDA threads (csrc/emulation), match
+the float64 references through the same argument builders the wrappers use.
 GPU (``pytest -m gpu``): each kernel against the float64 reference on the same (bf16-rounded)
 inputs, with ragged slot indices and -1 padding (untouched bitwise), src != dst slots (the source
 slot keeps the pre-step state), grouped heads, strided views, 1 and 4 tokens per step, and
@@ -10,9 +12,13 @@ CUDA-graph capture + replay equal to eager.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +150,9 @@ def gka_inputs(*, Tn=2, H=4, Hq=4, HKV=2, K=32, V=32, dtype=torch.float32, devic
     act = [t.to(device=device, dtype=dtype) for t in (q, k, v)]
     return dict(q=act[0], k=act[1], v=act[2], g=g.to(device), alpha=alpha.to(device),
                 h_kk_pool=h_kk.contiguous().to(device), h_kv_pool=h_kv.contiguous().to(device))
+
+
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,19 +323,8 @@ def test_gka_decode_bad_input(case):
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU: kernels vs the float64 references
+# One decode step vs the float64 references (shared by the GPU tests and the host emulation)
 # ---------------------------------------------------------------------------------------------
-
-gpu = pytest.mark.gpu
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
-
-
-@pytest.fixture
-def cuda_ext():
-    if not extension_available():
-        pytest.skip(f"gka_kernels._C not built: {extension_error()}")
-    return load_extension()
-
 
 def _tol(dtype, bf16_tol):
     return DECODE_FP32 if dtype == torch.float32 else bf16_tol
@@ -335,6 +333,186 @@ def _tol(dtype, bf16_tol):
 def _expand(t: torch.Tensor, H: int) -> torch.Tensor:
     """Repeat grouped heads (dim 2) to H heads, as the kernels read them (head h -> h // group)."""
     return t.repeat_interleave(H // t.shape[2], dim=2)
+
+
+def check_gdn(run, device, *, dtype, Tn, layout, dst_mode, l2norm=True, scale=None, seed=0):
+    """``run`` takes gdn_decode's keywords; layout = (H, Hq, HKV, K, V)."""
+    from gka_kernels.reference.gdn import gated_delta_rule_ref
+
+    H, Hq, HKV, K, V = layout
+    inp = gdn_inputs(Tn=Tn, H=H, Hq=Hq, HKV=HKV, K=K, V=V, dtype=dtype, device=device, seed=seed)
+    if not l2norm:
+        inp["q"], inp["k"] = F.normalize(inp["q"], dim=-1), F.normalize(inp["k"], dim=-1)
+    src, dst = _indices(dst_mode, device)
+    before = inp["state_pool"].clone()
+    o = run(**inp, state_indices=src, dst_state_indices=dst, scale=scale, use_qk_l2norm=l2norm)
+    valid = _valid()
+    d = {n: inp[n][valid].double() for n in ("q", "k", "v", "g", "beta")}
+    ref_o, ref_s = gated_delta_rule_ref(_expand(d["q"], H), d["k"], d["v"], d["g"], d["beta"], scale=scale,
+                                        initial_state=before[[SRC[b] for b in valid]].double(),
+                                        output_final_state=True, use_qk_l2norm=l2norm)
+    _check_step(o, [inp["state_pool"]], [before], ref_o, [ref_s], dst_mode, _tol(dtype, DECODE_BF16))
+
+
+def check_mamba2(run, device, *, dtype, Tn, layout, dst_mode, seed=0):
+    """``run`` takes mamba2_decode's keywords; layout = (H, Hx, GB, GC, P, N, D per P, z, dt_limit)."""
+    from gka_kernels.reference.mamba2 import ssd_ref
+
+    H, Hx, GB, GC, P, N, D_per_p, with_z, dt_limit = layout
+    inp = mamba2_inputs(Tn=Tn, H=H, Hx=Hx, GB=GB, GC=GC, P=P, N=N, dtype=dtype, device=device, seed=seed,
+                        D_per_p=D_per_p, with_z=with_z)
+    src, dst = _indices(dst_mode, device)
+    before = inp["state_pool"].clone()
+    y = run(**inp, state_indices=src, dst_state_indices=dst, dt_softplus=True, dt_limit=dt_limit)
+    valid = _valid()
+    d = {n: inp[n][valid].double() for n in ("x", "dt", "B", "C") + (("z",) if with_z else ())}
+    ref_y, ref_s = ssd_ref(_expand(d["x"], H), d["dt"], inp["A"].double(), _expand(d["B"], H),
+                           _expand(d["C"], H), D=inp["D"].double(), z=d.get("z"),
+                           dt_bias=inp["dt_bias"].double(),
+                           initial_states=before[[SRC[b] for b in valid]].double(), dt_softplus=True,
+                           dt_limit=dt_limit)
+    _check_step(y, [inp["state_pool"]], [before], ref_y, [ref_s], dst_mode, _tol(dtype, DECODE_BF16))
+
+
+def check_gka(run, device, *, dtype, Tn, layout, dst_mode, num_iter, with_alpha=True, zero_h=False, seed=0):
+    """``run`` takes gka_decode's keywords; layout = (H, Hq, HKV, K, V). ``zero_h``: the first
+    sequence starts from H = 0 and has zero keys, so its H stays 0 (fro = 0, so fro = 1 for the step
+    size) while U is still read out through that solve."""
+    from gka_kernels.reference.gka import gka_ref
+
+    H, Hq, HKV, K, V = layout
+    inp = gka_inputs(Tn=Tn, H=H, Hq=Hq, HKV=HKV, K=K, V=V, dtype=dtype, device=device, seed=seed)
+    if not with_alpha:
+        inp["alpha"] = None
+    if zero_h:
+        inp["h_kk_pool"][SRC[0]].zero_()
+        inp["k"][0].zero_()
+    src, dst = _indices(dst_mode, device)
+    before = (inp["h_kk_pool"].clone(), inp["h_kv_pool"].clone())
+    o = run(**inp, state_indices=src, dst_state_indices=dst, num_iter=num_iter, ridge_ratio=0.02)
+    valid = _valid()
+    rows = [SRC[b] for b in valid]
+    d = {n: inp[n][valid].double() for n in ("q", "k", "v", "g")}
+    alpha = inp["alpha"][valid].double() if with_alpha else None
+    ref_o, (ref_kk, ref_kv) = gka_ref(_expand(d["q"], H), d["k"], d["v"], d["g"], alpha=alpha,
+                                      ridge_ratio=0.02, num_iter=num_iter,
+                                      initial_state=(before[0][rows].double(), before[1][rows].double()),
+                                      output_final_state=True)
+    _check_step(o, [inp["h_kk_pool"], inp["h_kv_pool"]], list(before), ref_o, [ref_kk, ref_kv], dst_mode,
+                _tol(dtype, GKA_GPU_FWD))
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the kernels themselves, compiled with g++ for the host emulation (csrc/emulation)
+# ---------------------------------------------------------------------------------------------
+
+def _cuda_include() -> Path | None:
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.insert(0, str(Path(nvcc).resolve().parent.parent))
+    for root in roots:
+        if root and (Path(root) / "include" / "cuda_bf16.h").exists():
+            return Path(root) / "include"
+    return None
+
+
+@pytest.fixture(scope="module")
+def emulated_ext(tmp_path_factory):
+    """``csrc`` compiled with g++ -DGKA_HOST_EMULATION into a module with the launchers of
+    ``gka_kernels._C``: CUDA threads become fibers, so the kernels' indexing, reductions and
+    barriers run on the CPU against host pointers."""
+    include = _cuda_include()
+    if shutil.which("g++") is None or include is None:
+        pytest.skip("needs g++ and the CUDA headers (cuda_runtime.h, cuda_bf16.h)")
+    pybind11 = pytest.importorskip("pybind11")
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    out = tmp_path_factory.mktemp("emulated_ext")
+    flags = ["g++", "-std=c++17", "-O1", "-fPIC", "-w", f"-I{csrc}", f"-I{include}",
+             f"-I{sysconfig.get_paths()['include']}", f"-I{pybind11.get_include()}"]
+    units = [(["-DGKA_HOST_EMULATION", "-x", "c++"], src) for src in sorted(csrc.glob("*.cu"))]
+    units += [([], csrc / "bindings.cpp"), ([], csrc / "emulation" / "runtime_stubs.cpp")]
+    jobs, objects = [], []
+    for extra, src in units:
+        obj = out / (src.name + ".o")
+        objects.append(str(obj))
+        jobs.append((src, subprocess.Popen(flags + extra + ["-c", str(src), "-o", str(obj)],
+                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+    for src, job in jobs:
+        log = job.communicate()[0]
+        assert job.returncode == 0, f"g++ failed on {src.name}:\n{log[-4000:]}"
+    lib = out / ("_C" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run(["g++", "-shared", *objects, "-o", str(lib)], check=True)
+    spec = importlib.util.spec_from_file_location("_C", lib)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+LAUNCH_ARGS = {"gdn": gdn_decode_launch_args, "mamba2": mamba2_decode_launch_args, "gka": gka_decode_launch_args}
+
+
+def _emulated(ext, op):
+    """A callable with the keywords of ``<op>_decode`` that runs the emulated kernel."""
+    def run(**kwargs):
+        args, out = LAUNCH_ARGS[op](**kwargs)
+        getattr(ext, f"{op}_decode")(**args, stream=0)
+        return out
+    return run
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dst_mode", ["inplace", "separate"])
+def test_gdn_kernel_in_host_emulation(emulated_ext, dtype, dst_mode):
+    check_gdn(_emulated(emulated_ext, "gdn"), "cpu", dtype=dtype, Tn=3, layout=(4, 2, 2, 36, 40),
+              dst_mode=dst_mode, l2norm=dst_mode == "inplace")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dst_mode", ["inplace", "separate"])
+def test_mamba2_kernel_in_host_emulation(emulated_ext, dtype, dst_mode):
+    layout = (4, 2, 2, 4, 24, 32, True, True, (0.02, 0.4)) if dst_mode == "inplace" else \
+        (4, 4, 1, 2, 8, 72, False, False, (0.0, math.inf))
+    check_mamba2(_emulated(emulated_ext, "mamba2"), "cpu", dtype=dtype, Tn=2, layout=layout, dst_mode=dst_mode)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dst_mode,layout,num_iter", [
+    ("separate", (4, 2, 2, 32, 36), 10),   # tile 64
+    ("inplace", (2, 2, 1, 100, 64), 3),    # tile 128, K not a power of two
+])
+def test_gka_kernel_in_host_emulation(emulated_ext, dtype, dst_mode, layout, num_iter):
+    check_gka(_emulated(emulated_ext, "gka"), "cpu", dtype=dtype, Tn=2, layout=layout, dst_mode=dst_mode,
+              num_iter=num_iter, with_alpha=dst_mode == "separate", zero_h=dst_mode == "inplace")
+
+
+def test_state_copy_kernel_in_host_emulation(emulated_ext):
+    src = torch.randn(5, 3, 4, 8)
+    dst = torch.randn(5, 3, 4, 8)
+    expect = dst.clone()
+    pairs = [(0, 4), (-1, 1), (3, 0), (2, -1)]
+    for s, d in pairs:
+        if s >= 0 and d >= 0:
+            expect[d] = src[s]
+    si = torch.tensor([s for s, _ in pairs])
+    di = torch.tensor([d for _, d in pairs])
+    emulated_ext.state_copy(src.data_ptr(), dst.data_ptr(), si.data_ptr(), di.data_ptr(), len(pairs),
+                            src[0].numel(), 0)
+    assert torch.equal(dst, expect)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: kernels vs the float64 references
+# ---------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+
+
+@pytest.fixture
+def cuda_ext():
+    if not extension_available():
+        pytest.skip(f"gka_kernels._C not built: {extension_error()}")
+    return load_extension()
 
 
 GDN_LAYOUTS = {  # H, Hq, HKV, K, V
@@ -350,37 +528,14 @@ GDN_LAYOUTS = {  # H, Hq, HKV, K, V
 @pytest.mark.parametrize("layout", sorted(GDN_LAYOUTS))
 @pytest.mark.parametrize("dst_mode", ["inplace", "separate"])
 def test_gdn_decode_matches_reference(cuda_ext, dtype, Tn, layout, dst_mode):
-    from gka_kernels.reference.gdn import gated_delta_rule_ref
-
-    H, Hq, HKV, K, V = GDN_LAYOUTS[layout]
-    inp = gdn_inputs(Tn=Tn, H=H, Hq=Hq, HKV=HKV, K=K, V=V, dtype=dtype, device="cuda", seed=Tn + K)
-    src, dst = _indices(dst_mode, "cuda")
-    before = inp["state_pool"].clone()
-    o = gdn_decode(**inp, state_indices=src, dst_state_indices=dst, use_qk_l2norm=True)
-    torch.cuda.synchronize()
-    valid = _valid()
-    d = {n: inp[n][valid].double() for n in ("q", "k", "v", "g", "beta")}
-    ref_o, ref_s = gated_delta_rule_ref(_expand(d["q"], H), d["k"], d["v"], d["g"], d["beta"],
-                                        initial_state=before[[SRC[b] for b in valid]].double(),
-                                        output_final_state=True, use_qk_l2norm=True)
-    _check_step(o, [inp["state_pool"]], [before], ref_o, [ref_s], dst_mode, _tol(dtype, DECODE_BF16))
+    check_gdn(gdn_decode, "cuda", dtype=dtype, Tn=Tn, layout=GDN_LAYOUTS[layout], dst_mode=dst_mode,
+              seed=Tn + GDN_LAYOUTS[layout][3])
 
 
 @gpu
 def test_gdn_decode_without_l2norm_and_custom_scale(cuda_ext):
-    from gka_kernels.reference.gdn import gated_delta_rule_ref
-
-    inp = gdn_inputs(Tn=3, H=4, Hq=4, HKV=4, K=64, V=64, device="cuda", seed=3)
-    inp["q"], inp["k"] = F.normalize(inp["q"], dim=-1), F.normalize(inp["k"], dim=-1)
-    src, _ = _indices("inplace", "cuda")
-    before = inp["state_pool"].clone()
-    o = gdn_decode(**inp, state_indices=src, scale=0.3, use_qk_l2norm=False)
-    valid = _valid()
-    d = {n: inp[n][valid].double() for n in ("q", "k", "v", "g", "beta")}
-    ref_o, ref_s = gated_delta_rule_ref(d["q"], d["k"], d["v"], d["g"], d["beta"], scale=0.3,
-                                        initial_state=before[[SRC[b] for b in valid]].double(),
-                                        output_final_state=True, use_qk_l2norm=False)
-    _check_step(o, [inp["state_pool"]], [before], ref_o, [ref_s], "inplace", DECODE_FP32)
+    check_gdn(gdn_decode, "cuda", dtype=torch.float32, Tn=3, layout=(4, 4, 4, 64, 64), dst_mode="inplace",
+              l2norm=False, scale=0.3, seed=3)
 
 
 @gpu
@@ -418,23 +573,8 @@ MAMBA_LAYOUTS = {  # H, Hx, GB, GC, P, N, D per P, z, dt_limit
 @pytest.mark.parametrize("layout", sorted(MAMBA_LAYOUTS))
 @pytest.mark.parametrize("dst_mode", ["inplace", "separate"])
 def test_mamba2_decode_matches_reference(cuda_ext, dtype, Tn, layout, dst_mode):
-    from gka_kernels.reference.mamba2 import ssd_ref
-
-    H, Hx, GB, GC, P, N, D_per_p, with_z, dt_limit = MAMBA_LAYOUTS[layout]
-    inp = mamba2_inputs(Tn=Tn, H=H, Hx=Hx, GB=GB, GC=GC, P=P, N=N, dtype=dtype, device="cuda",
-                        seed=Tn + P, D_per_p=D_per_p, with_z=with_z)
-    src, dst = _indices(dst_mode, "cuda")
-    before = inp["state_pool"].clone()
-    y = mamba2_decode(**inp, state_indices=src, dst_state_indices=dst, dt_softplus=True, dt_limit=dt_limit)
-    torch.cuda.synchronize()
-    valid = _valid()
-    d = {n: inp[n][valid].double() for n in ("x", "dt", "B", "C") + (("z",) if with_z else ())}
-    ref_y, ref_s = ssd_ref(_expand(d["x"], H), d["dt"], inp["A"].double(), _expand(d["B"], H),
-                           _expand(d["C"], H), D=inp["D"].double(), z=d.get("z"),
-                           dt_bias=inp["dt_bias"].double(),
-                           initial_states=before[[SRC[b] for b in valid]].double(), dt_softplus=True,
-                           dt_limit=dt_limit)
-    _check_step(y, [inp["state_pool"]], [before], ref_y, [ref_s], dst_mode, _tol(dtype, DECODE_BF16))
+    check_mamba2(mamba2_decode, "cuda", dtype=dtype, Tn=Tn, layout=MAMBA_LAYOUTS[layout], dst_mode=dst_mode,
+                 seed=Tn + MAMBA_LAYOUTS[layout][4])
 
 
 @gpu
@@ -479,49 +619,21 @@ GKA_CASES = [  # Tn, (H, Hq, HKV, K, V)
 @pytest.mark.parametrize("Tn,layout", GKA_CASES)
 @pytest.mark.parametrize("dst_mode", ["inplace", "separate"])
 def test_gka_decode_matches_reference(cuda_ext, dtype, num_iter, Tn, layout, dst_mode):
-    from gka_kernels.reference.gka import gka_ref
-
-    H, Hq, HKV, K, V = layout
-    inp = gka_inputs(Tn=Tn, H=H, Hq=Hq, HKV=HKV, K=K, V=V, dtype=dtype, device="cuda", seed=num_iter + Tn)
-    src, dst = _indices(dst_mode, "cuda")
-    before = (inp["h_kk_pool"].clone(), inp["h_kv_pool"].clone())
-    o = gka_decode(**inp, state_indices=src, dst_state_indices=dst, num_iter=num_iter, ridge_ratio=0.02)
-    torch.cuda.synchronize()
-    valid = _valid()
-    rows = [SRC[b] for b in valid]
-    d = {n: inp[n][valid].double() for n in ("q", "k", "v", "g", "alpha")}
-    ref_o, (ref_kk, ref_kv) = gka_ref(_expand(d["q"], H), d["k"], d["v"], d["g"], alpha=d["alpha"],
-                                      ridge_ratio=0.02, num_iter=num_iter,
-                                      initial_state=(before[0][rows].double(), before[1][rows].double()),
-                                      output_final_state=True)
-    _check_step(o, [inp["h_kk_pool"], inp["h_kv_pool"]], list(before), ref_o, [ref_kk, ref_kv], dst_mode,
-                _tol(dtype, GKA_GPU_FWD))
+    check_gka(gka_decode, "cuda", dtype=dtype, Tn=Tn, layout=layout, dst_mode=dst_mode, num_iter=num_iter,
+              seed=num_iter + Tn)
 
 
 @gpu
 def test_gka_decode_alpha_none_zero_state_and_cuda_graph(cuda_ext):
-    """alpha=None means alpha = 1; a sequence whose H stays 0 (zero state, zero keys: fro = 0, so
-    fro = 1 for the step size) reads out U through that solve; graph replay equals eager."""
-    from gka_kernels.reference.gka import gka_ref
-
-    inp = gka_inputs(Tn=2, H=4, Hq=4, HKV=4, K=128, V=128, device="cuda", seed=7)
-    inp["alpha"] = None
-    inp["h_kk_pool"][SRC[0]].zero_()
-    inp["k"][0].zero_()
+    """alpha=None means alpha = 1; a sequence whose H stays 0 reads out U through the fro = 1 solve;
+    graph replay equals eager."""
+    check_gka(gka_decode, "cuda", dtype=torch.float32, Tn=2, layout=(4, 4, 4, 128, 128), dst_mode="separate",
+              num_iter=30, with_alpha=False, zero_h=True, seed=7)
+    inp = gka_inputs(Tn=2, H=4, Hq=4, HKV=4, K=128, V=128, device="cuda", seed=8)
     src, dst = _indices("separate", "cuda")
-    before = (inp["h_kk_pool"].clone(), inp["h_kv_pool"].clone())
-    o = gka_decode(**inp, state_indices=src, dst_state_indices=dst, num_iter=30)
-    valid = _valid()
-    rows = [SRC[b] for b in valid]
-    d = {n: inp[n][valid].double() for n in ("q", "k", "v", "g")}
-    ref_o, (ref_kk, ref_kv) = gka_ref(d["q"], d["k"], d["v"], d["g"], alpha=None, num_iter=30,
-                                      initial_state=(before[0][rows].double(), before[1][rows].double()),
-                                      output_final_state=True)
-    _check_step(o, [inp["h_kk_pool"], inp["h_kv_pool"]], list(before), ref_o, [ref_kk, ref_kv], "separate",
-                DECODE_FP32)
 
     def step(pools, out):
-        return gka_decode(inp["q"], inp["k"], inp["v"], inp["g"], None, pools[0], pools[1], src, dst,
+        return gka_decode(inp["q"], inp["k"], inp["v"], inp["g"], inp["alpha"], pools[0], pools[1], src, dst,
                           num_iter=30, out=out)
 
-    _graph_equals_eager(step, list(before))
+    _graph_equals_eager(step, [inp["h_kk_pool"], inp["h_kv_pool"]])

@@ -1,0 +1,15 @@
+// CUDA runtime entry points the launchers call, for the host emulation build only (no cudart).
+#include <cuda_runtime.h>
+
+extern "C" {
+cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+const char* cudaGetErrorString(cudaError_t) { return "host emulation"; }
+cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+cudaError_t cudaRuntimeGetVersion(int* version) {
+  *version = CUDART_VERSION;
+  return cudaSuccess;
+}
+}
