@@ -486,6 +486,16 @@ def test_gka_kernel_in_host_emulation(emulated_ext, dtype, dst_mode, layout, num
               num_iter=num_iter, with_alpha=dst_mode == "separate", zero_h=dst_mode == "inplace")
 
 
+def test_production_tiles_in_host_emulation(emulated_ext):
+    """The tiles the serving shapes use: K = V = 128 (GDN, GKA at 30 iterations), P = 64, N = 128."""
+    check_gdn(_emulated(emulated_ext, "gdn"), "cpu", dtype=torch.bfloat16, Tn=2, layout=(2, 2, 1, 128, 128),
+              dst_mode="separate")
+    check_mamba2(_emulated(emulated_ext, "mamba2"), "cpu", dtype=torch.bfloat16, Tn=2,
+                 layout=(2, 2, 1, 1, 64, 128, False, True, (0.0, math.inf)), dst_mode="separate")
+    check_gka(_emulated(emulated_ext, "gka"), "cpu", dtype=torch.float32, Tn=4, layout=(2, 2, 1, 128, 128),
+              dst_mode="separate", num_iter=30)
+
+
 def test_state_copy_kernel_in_host_emulation(emulated_ext):
     src = torch.randn(5, 3, 4, 8)
     dst = torch.randn(5, 3, 4, 8)

@@ -17,7 +17,7 @@ namespace emu {
 
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
+  char* stack = nullptr;
   dim3 tid;
   bool done = false;
 };
@@ -70,7 +70,8 @@ inline void trampoline() {
 template <typename F>
 void launch(F&& body, dim3 grid, dim3 block, size_t smem) {
   if (block.x % 32 || block.y != 1 || block.z != 1) throw std::runtime_error("emu: 1-d blocks of whole warps only");
-  std::vector<char> smem_buf(smem + 16);
+  constexpr size_t kStack = 128 * 1024;
+  std::vector<char> smem_buf(smem + 16), stacks(kStack * block.x);
   dyn_smem = smem_buf.data();
   static std::mt19937 rng(1234);
   for (unsigned z = 0; z < grid.z; ++z)
@@ -90,10 +91,10 @@ void launch(F&& body, dim3 grid, dim3 block, size_t smem) {
         for (unsigned t = 0; t < block.x; ++t) {
           Fiber& f = b.fibers[t];
           f.tid = dim3(t, 0, 0);
-          f.stack.resize(256 * 1024);
+          f.stack = stacks.data() + kStack * t;
           getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack.data();
-          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_stack.ss_sp = f.stack;
+          f.ctx.uc_stack.ss_size = kStack;
           f.ctx.uc_link = nullptr;
           makecontext(&f.ctx, trampoline, 0);
           order.push_back(&f);
