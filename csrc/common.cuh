@@ -21,6 +21,8 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Most tokens per sequence in one decode step (speculative decoding drafts up to 8).
 constexpr int kMaxDecodeTokens = 8;
+// Largest grid dimension y / z (the kernels put heads and sequences there).
+constexpr int kMaxGridYZ = 65535;
 
 inline void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();

@@ -189,6 +189,7 @@ void gdn_decode_launch(const GdnParams& p, int dtype, uintptr_t stream) {
   if (p.Tn < 1 || p.Tn > kMaxDecodeTokens) throw std::invalid_argument("gdn_decode: Tn must be in [1, 8]");
   if (p.K < 1 || p.K > 256) throw std::invalid_argument("gdn_decode: K must be in [1, 256]");
   if (p.V < 4 || p.V % 4) throw std::invalid_argument("gdn_decode: V must be a positive multiple of 4");
+  if (p.B > kMaxGridYZ || p.H > kMaxGridYZ) throw std::invalid_argument("gdn_decode: B and H must be <= 65535");
   if (p.B == 0) return;
   dispatch_tag(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

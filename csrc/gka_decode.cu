@@ -281,6 +281,7 @@ void gka_decode_launch(const GkaParams& p, int dtype, uintptr_t stream) {
   if (p.K < 4 || p.K > 128 || p.K % 4) throw std::invalid_argument("gka_decode: K must be a multiple of 4 in [4, 128]");
   if (p.V < 4 || p.V > 128 || p.V % 4) throw std::invalid_argument("gka_decode: V must be a multiple of 4 in [4, 128]");
   if (p.num_iter < 1 || p.num_iter > 64) throw std::invalid_argument("gka_decode: num_iter must be in [1, 64]");
+  if (p.B > kMaxGridYZ) throw std::invalid_argument("gka_decode: B must be <= 65535");
   if (p.B == 0) return;
   dispatch_tag(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

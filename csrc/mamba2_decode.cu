@@ -169,6 +169,7 @@ void mamba2_decode_launch(const Mamba2Params& p, int dtype, uintptr_t stream) {
   if (p.Tn < 1 || p.Tn > kMaxDecodeTokens) throw std::invalid_argument("mamba2_decode: Tn must be in [1, 8]");
   if (p.N < 4 || p.N > 256 || p.N % 4) throw std::invalid_argument("mamba2_decode: N must be a multiple of 4 in [4, 256]");
   if (p.P < 1) throw std::invalid_argument("mamba2_decode: P must be positive");
+  if (p.B > kMaxGridYZ || p.H > kMaxGridYZ) throw std::invalid_argument("mamba2_decode: B and H must be <= 65535");
   if (p.B == 0) return;
   dispatch_tag(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;

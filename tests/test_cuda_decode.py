@@ -211,6 +211,8 @@ GDN_BAD = [
     ("q 3-d", dict(q=torch.zeros(6, 2, 4)), ValueError, "q"),
     ("q float64", dict(q=torch.zeros(6, 2, 4, 32, dtype=torch.float64)), TypeError, "q"),
     ("9 tokens", dict(q=torch.zeros(6, 9, 4, 32)), ValueError, "q: expected 1 to 8 tokens"),
+    ("too many sequences", dict(q=torch.zeros(1, 1, 4, 32).expand(65536, 1, 4, 32)), ValueError,
+     "q: at most 65535 sequences"),
     ("k dtype", dict(k=torch.zeros(6, 2, 2, 32, dtype=torch.bfloat16)), TypeError, "k"),
     ("k head dim", dict(k=torch.zeros(6, 2, 2, 16)), ValueError, "k"),
     ("v batch", dict(v=torch.zeros(5, 2, 2, 16)), ValueError, "v"),

@@ -20,6 +20,8 @@ from gka_kernels.cuda._dtypes import dtype_tag
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: Most tokens per sequence in one decode step (csrc/common.cuh kMaxDecodeTokens).
 MAX_TOKENS = 8
+#: Most sequences per call (CUDA grid dimension y/z, csrc/common.cuh kMaxGridYZ).
+MAX_SEQUENCES = 65535
 
 
 def activation(name: str, t: object, ndim: int, dtype: torch.dtype | None = None,
@@ -42,10 +44,13 @@ def expect_shape(name: str, t: torch.Tensor, shape: tuple[int | None, ...]) -> N
 
 
 def tokens(name: str, t: torch.Tensor) -> int:
-    """The number of tokens per sequence (dim 1), in ``[1, MAX_TOKENS]``."""
+    """The number of tokens per sequence (dim 1), in ``[1, MAX_TOKENS]``; also bounds the number of
+    sequences (dim 0) by the CUDA grid limit."""
     n = t.shape[1]
     if not 1 <= n <= MAX_TOKENS:
         raise ValueError(f"{name}: expected 1 to {MAX_TOKENS} tokens per sequence (dim 1), got {n}")
+    if t.shape[0] > MAX_SEQUENCES:
+        raise ValueError(f"{name}: at most {MAX_SEQUENCES} sequences (dim 0) per call, got {t.shape[0]}")
     return n
 
 
