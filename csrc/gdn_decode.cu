@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
   constexpr int PER = 8 / kRPI;   // reduced values a lane keeps after the butterfly
   __shared__ float qs[kMaxDecodeTokens][KT];  // normalized q * scale
   __shared__ float ks[kMaxDecodeTokens][KT];  // normalized k
-  __shared__ float vs[kMaxDecodeTokens][kBV];
+  __shared__ __align__(16) float vs[kMaxDecodeTokens][kBV];  // read as float4
   __shared__ float decay[kMaxDecodeTokens], betas[kMaxDecodeTokens], qk[kMaxDecodeTokens];
   __shared__ __align__(16) float red[2][kWarps][kLPR][8];  // [parity][warp][col4][k-sums x4, q-sums x4]
 
