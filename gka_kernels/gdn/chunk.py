@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.triton_utils import compute_dtype
@@ -76,6 +77,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         return o, ht
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, do, dht):
         q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, chunk_offsets = ctx.saved_tensors
         p, scale = ctx.plan, ctx.scale

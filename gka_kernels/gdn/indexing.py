@@ -1,4 +1,4 @@
-"""Triton helpers shared by the GDN kernels: which tokens a program owns, and decay matrices.
+"""Helpers shared by the GDN kernels: which tokens a program owns, and loop tile sizes.
 
 Fixed-length inputs ``[B, T, ...]`` have ``NT = ceil(T / BT)`` chunks per sequence; variable-length
 inputs (``cu_seqlens``, ``B == 1``) enumerate the chunks of all sequences in order with

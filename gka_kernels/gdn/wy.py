@@ -10,9 +10,10 @@ Within a chunk of ``BT`` tokens with chunk-local cumulative log-decays ``G`` (``
 so that the chunk's delta-rule residuals are ``v_new = u - w h`` for the state ``h`` entering it.
 ``Tm`` is computed in float32: the four ``BC = BT / 4`` diagonal sub-blocks are inverted together
 by forward substitution (``D``), then ``Tm = (I - N)(I + N^2) D`` with ``N = D A_off`` (the blocks
-below the diagonal; ``N^4 = 0``), which is block back-substitution written as four products. The per-token factors (and, with ``QK_NORM``, the inverse key norms
-``rk``: ``k`` stands for ``rk * k``) scale the columns of ``Tm`` rather than the keys/values,
-so the raw 16-bit inputs feed the tensor cores unrounded. The backward of ``w`` and ``u`` uses
+below the diagonal; ``N^4 = 0``), which is block back-substitution written as four products.
+The per-token factors (and, with ``QK_NORM``, the inverse key norms ``rk``: ``k`` stands for
+``rk * k``) scale the columns of ``Tm`` rather than the keys/values, so the raw 16-bit inputs feed
+the tensor cores unrounded. The backward of ``w`` and ``u`` uses
 ``dX = Tm^T dY`` and ``dA = -(dX_u u^T + dX_w w^T)`` (strictly lower), then the chain rule
 through ``A``.
 """
