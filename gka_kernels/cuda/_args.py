@@ -61,6 +61,7 @@ def divides(name: str, heads: int, H: int, what: str = "state heads") -> None:
 
 
 def head_dim(name: str, dim: int, lo: int, hi: int, multiple: int = 1) -> None:
+    """A head dim in ``[lo, hi]`` and a multiple of ``multiple``."""
     if dim < lo or dim > hi or dim % multiple:
         extra = f" and a multiple of {multiple}" if multiple > 1 else ""
         raise ValueError(f"{name}: head dim must be in [{lo}, {hi}]{extra} for the CUDA kernel, got {dim}")
@@ -134,6 +135,7 @@ def real(name: str, value: object, lo: float = -math.inf, allow_lo: bool = True)
 
 
 def flag(name: str, value: object) -> bool:
+    """A real ``bool`` (ints rejected)."""
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return value
@@ -145,6 +147,7 @@ def tag(name: str, t: torch.Tensor | None) -> int:
 
 
 def ptr(t: torch.Tensor | None) -> int:
+    """Data pointer of an optional tensor (0 when absent)."""
     return 0 if t is None else t.data_ptr()
 
 

@@ -11,8 +11,12 @@ from gka_kernels.cuda import _args as ca
 from gka_kernels.cuda._dtypes import dtype_tag
 
 
-def gdn_decode_launch_args(q, k, v, g, beta, state_pool, state_indices=None, dst_state_indices=None,
-                           scale=None, use_qk_l2norm=True, out=None) -> tuple[dict[str, Any], torch.Tensor]:
+def gdn_decode_launch_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    state_pool: torch.Tensor, state_indices: torch.Tensor | None = None,
+    dst_state_indices: torch.Tensor | None = None, scale: float | None = None, use_qk_l2norm: bool = True,
+    out: torch.Tensor | None = None,
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Validate the inputs of :func:`gdn_decode` (metadata only) and build the launcher arguments.
 
     Returns ``(kwargs for gka_kernels._C.gdn_decode without stream, output tensor)``.

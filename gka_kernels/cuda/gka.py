@@ -16,9 +16,12 @@ MAX_HEAD_DIM = 128
 MAX_NUM_ITER = 64
 
 
-def gka_decode_launch_args(q, k, v, g, alpha, h_kk_pool, h_kv_pool, state_indices=None,
-                           dst_state_indices=None, scale=None, num_iter=30, ridge_ratio=0.02,
-                           out=None) -> tuple[dict[str, Any], torch.Tensor]:
+def gka_decode_launch_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor | None,
+    h_kk_pool: torch.Tensor, h_kv_pool: torch.Tensor, state_indices: torch.Tensor | None = None,
+    dst_state_indices: torch.Tensor | None = None, scale: float | None = None, num_iter: int = 30,
+    ridge_ratio: float = 0.02, out: torch.Tensor | None = None,
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Validate the inputs of :func:`gka_decode` (metadata only) and build the launcher arguments.
 
     Returns ``(kwargs for gka_kernels._C.gka_decode without stream, output tensor)``.

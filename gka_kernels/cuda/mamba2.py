@@ -24,9 +24,12 @@ def _with_tokens(name: str, t: torch.Tensor | None, single: bool, ndim: int) -> 
     return t.unsqueeze(1)
 
 
-def mamba2_decode_launch_args(state_pool, x, dt, A, B, C, state_indices=None,
-                              dst_state_indices=None, D=None, z=None, dt_bias=None, dt_softplus=False,
-                              dt_limit=(0.0, math.inf), out=None) -> tuple[dict[str, Any], torch.Tensor]:
+def mamba2_decode_launch_args(
+    state_pool: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+    C: torch.Tensor, state_indices: torch.Tensor | None = None, dst_state_indices: torch.Tensor | None = None,
+    D: torch.Tensor | None = None, z: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, math.inf), out: torch.Tensor | None = None,
+) -> tuple[dict[str, Any], torch.Tensor]:
     """Validate the inputs of :func:`mamba2_decode` (metadata only) and build the launcher arguments.
 
     Returns ``(kwargs for gka_kernels._C.mamba2_decode without stream, output tensor)``; the output
