@@ -173,8 +173,8 @@ def mamba2_decode(impl: str, sh: Shape, mode: str):
     if impl == "ours-cuda":
         from gka_kernels.cuda import mamba2_decode as f
         idx = torch.arange(B, device="cuda", dtype=torch.int32)
-        return (lambda: f(x[:, None], dt[:, None], A, Bm[:, None], Cm[:, None], state, idx, D=D,
-                          dt_bias=dt_bias, dt_softplus=True)), []
+        return (lambda: f(state, x, dt, A, Bm, Cm, state_indices=idx, D=D, dt_bias=dt_bias,
+                          dt_softplus=True)), []
     m = peers.load_mamba()
     # mamba_ssm's per-head form: dt/dt_bias/D/A broadcast over P (and N) through stride-0 views.
     dtx = dt[:, :, None].expand(B, H, P)

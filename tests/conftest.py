@@ -2,6 +2,7 @@
 
 On a machine without CUDA, Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` is set
 here, before any test module imports ``gka_kernels`` (Triton reads it when kernels are decorated).
+On a GPU machine autotuned kernels run their first config (``GKA_KERNELS_AUTOTUNE=0``).
 Tests marked ``gpu`` need CUDA and are skipped without it; run them with ``pytest -m gpu``.
 """
 
@@ -11,6 +12,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+else:
+    # One config per autotuned kernel: autotuning each test shape would dominate the GPU run.
+    os.environ.setdefault("GKA_KERNELS_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -23,10 +23,17 @@ def is_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotuning_enabled() -> bool:
+    """False under the interpreter, or when ``GKA_KERNELS_AUTOTUNE=0`` (the GPU tests set this:
+    autotuning every test shape would dominate their run time; benchmarks keep it on)."""
+    return not is_interpreter() and os.environ.get("GKA_KERNELS_AUTOTUNE", "1") != "0"
+
+
 def autotune(configs: Sequence[triton.Config], key: Sequence[str], **kwargs):
-    """``triton.autotune`` on the GPU; the first config only under the interpreter."""
+    """``triton.autotune`` on the GPU; only the first config under the interpreter or with
+    ``GKA_KERNELS_AUTOTUNE=0`` (read when kernels are decorated)."""
     configs = list(configs)
-    if is_interpreter():
+    if not autotuning_enabled():
         configs = configs[:1]
     return triton.autotune(configs=configs, key=list(key), **kwargs)
 
