@@ -96,7 +96,12 @@ def main(argv: list[str] | None = None) -> int:
           f"bf16 matmul {ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
     shapes = [SHAPES[s] for s in args.shapes.split(",") if s]
     impls = set(filter(None, args.impls.split(",")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = (env.get("card") or "gpu").replace(" ", "_")
+    stem = f"kernels-{card}-{time.strftime('%Y%m%d-%H%M%S')}{('-' + args.tag) if args.tag else ''}"
     rows = []
+    result = {"environment": env, "ceilings": ceilings, "rows": rows}
     for case in make_cases(args.ops.split(","), shapes):
         if impls and case.impl not in impls:
             continue
@@ -106,13 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         row = run_case(case, ceilings, args.rep)
         rows.append(row)
+        (out / f"{stem}.json").write_text(json.dumps(result, indent=1))  # partial results survive a kill
         msg = f"{row['ms']:.4f} ms ({row['fraction_of_floor']:.0%} of floor)" if "ms" in row else row["error"]
         print(f"{case.name:55s} {msg}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    card = (env.get("card") or "gpu").replace(" ", "_")
-    stem = f"kernels-{card}-{time.strftime('%Y%m%d-%H%M%S')}{('-' + args.tag) if args.tag else ''}"
-    result = {"environment": env, "ceilings": ceilings, "rows": rows}
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown_table(result))
     print(markdown_table(result))
