@@ -59,7 +59,7 @@ fi
 if [[ " $stages " == *" bench "* ]]; then
   echo "== kernel benchmarks"
   python3 -m bench --out "$results" --ops "${BENCH_OPS:-gdn,gla,mamba2,gka,attention}" \
-    --shapes "${BENCH_SHAPES:-train-4k,long-32k,decode-64,decode-1}" --impls "${BENCH_IMPLS:-}" --tag "$stamp" || status=1
+    --shapes "${BENCH_SHAPES:-train-4k,long-32k,decode-64,decode-1}" --impls "${BENCH_IMPLS:-}" --rep "${BENCH_REP:-100}" --tag "$stamp" || status=1
 fi
 
 if [[ " $stages " == *" layers "* ]] && [ -f bench/bench_layers.py ]; then
