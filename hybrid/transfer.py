@@ -84,6 +84,20 @@ def transfer_attention(attn: nn.Module, mixer: nn.Module, token: str, num_heads:
     return copied, [n for n in params if n not in written]
 
 
+def to_device_dtype(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """Move ``model`` to ``device`` and cast its parameters and saved buffers to ``dtype``, as
+    ``from_pretrained(..., dtype=dtype)`` builds a model: non-persistent buffers (RoPE ``inv_freq``,
+    computed in float32 at construction and not saved) keep their dtype. A plain ``model.to(dtype)``
+    would round ``inv_freq`` to bfloat16, so a converted hybrid and the same hybrid saved and
+    reloaded would rotate queries and keys differently."""
+    kept = [(module, name, buf) for module in model.modules() for name, buf in module._buffers.items()
+            if buf is not None and name in module._non_persistent_buffers_set]
+    model.to(device=device, dtype=dtype)
+    for module, name, buf in kept:
+        module._buffers[name] = buf.to(device)
+    return model
+
+
 def check_source(source: nn.Module) -> None:
     """Refuse sources that are not a supported decoder-only causal LM (clear message)."""
     config = getattr(source, "config", None)
@@ -121,7 +135,7 @@ def convert_to_hybrid(source: nn.Module, pattern: str, ssm_config: dict | None =
                           source_model=source_name)
     config.text_config._attn_implementation = cfg._attn_implementation
     ref = next(source.parameters())
-    hybrid = HybridForCausalLM(config, mixer_backend=mixer_backend).to(device=ref.device, dtype=ref.dtype)
+    hybrid = to_device_dtype(HybridForCausalLM(config, mixer_backend=mixer_backend), ref.device, ref.dtype)
     replaced = {i for i, t in enumerate(tokens) if t != ATTENTION}
     source_sd = source.state_dict()
     keep = {k: v for k, v in source_sd.items()

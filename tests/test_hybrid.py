@@ -239,6 +239,30 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(auto(x).logits, hybrid(x).logits)
 
 
+def assert_same_buffers(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Every buffer, saved or not (RoPE ``inv_freq`` is not), has the same dtype and values."""
+    bufs = dict(b.named_buffers())
+    assert dict(a.named_buffers()).keys() == bufs.keys()
+    for name, value in a.named_buffers():
+        assert value.dtype == bufs[name].dtype and torch.equal(value, bufs[name]), name
+
+
+def test_bf16_conversion_keeps_float32_rope_like_from_pretrained(tmp_path):
+    """Converting a bfloat16 source casts parameters, not the unsaved RoPE ``inv_freq`` (float32, as
+    ``from_pretrained(dtype=bfloat16)`` keeps it): otherwise a saved-and-reloaded hybrid rotates
+    queries/keys differently from the converted one (bfloat16 ``inv_freq`` is off by up to 2^-9
+    relative, i.e. ~0.1 rad at position 64 for the fastest frequency)."""
+    src = make_source("llama").to(torch.bfloat16)
+    hybrid, _ = convert_to_hybrid(src, "*-GDN-*-M2")
+    assert {p.dtype for p in hybrid.parameters()} == {torch.bfloat16}
+    assert hybrid.model.rotary_emb.inv_freq.dtype == torch.float32
+    hybrid.save_pretrained(tmp_path)
+    loaded = HybridForCausalLM.from_pretrained(tmp_path, local_files_only=True, dtype=torch.bfloat16)
+    for name, value in hybrid.state_dict().items():
+        assert value.dtype == loaded.state_dict()[name].dtype and torch.equal(loaded.state_dict()[name], value)
+    assert_same_buffers(loaded, hybrid)
+
+
 def test_cache_grows_only_with_attention_layers():
     src = make_source("llama")
     hybrid, _ = convert_to_hybrid(src, "*-GDN-GDN-M2")
@@ -515,6 +539,7 @@ def test_gpu_bf16_generate_and_round_trip(tmp_path):
     loaded = HybridForCausalLM.from_pretrained(tmp_path, local_files_only=True, dtype=torch.bfloat16).cuda()
     for name, value in fast.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], value), name
+    assert_same_buffers(loaded, fast)
     with torch.no_grad():
         a, b = loaded(x).logits.float(), fast(x).logits.float()
     assert ((a - b).norm() / b.norm()).item() < 1e-3  # same weights and kernels: equal up to atomics order
