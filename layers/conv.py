@@ -65,11 +65,14 @@ class ShortConvolution(nn.Conv1d):
 
     def step(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode token per sequence: ``x [B, C]``, ``state [B, C, W-1]`` -> ``(y [B, C], new_state)``."""
+        # Accumulate in float32 (float64 for float64) and round once, as F.conv1d does on the
+        # chunked path: bf16 products summed in bf16 would round W+1 times per output.
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         window = torch.cat([state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # [B, C, W]
-        y = (window * self.weight[:, 0, :]).sum(-1)
+        y = (window.to(acc) * self.weight[:, 0, :].to(acc)).sum(-1)
         if self.bias is not None:
-            y = y + self.bias
-        return self._act(y), window[..., 1:].to(state.dtype)
+            y = y + self.bias.to(acc)
+        return self._act(y.to(x.dtype)), window[..., 1:].to(state.dtype)
 
     def _forward_batch(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape

@@ -630,13 +630,57 @@ def _gpu_pair(kind, shape, backend="auto"):
     return fast, ref
 
 
+#: Layer outputs vs op outputs. The layers' ``o_norm`` rescales every (token, head) row of the mixer
+#: output to unit RMS, so a layer-level relative error is the unweighted RMS over rows of each row's
+#: relative error, while SPEC 9's op-level metric is dominated by the rows of large norm (row norms
+#: of a GDN mixer output span ~3 decades in this layer: 1e-4 .. 0.1 in a CPU run at the GPU shape);
+#: and both sides then round o, the norm output and o_proj's output to bf16, which re-rounds a
+#: difference ``d`` below one ulp into ~``sqrt(d * ulp)``. A CPU simulation of the GDN layer with
+#: mixer errors of 4.3e-3 (op metric) gave layer errors of 5.5e-3 (error proportional to each
+#: element) to 7.7e-3 (error of uniform size): at most 1.8x. The op itself is held to SPEC 9 on
+#: the layer's own inputs (``_check_mixer_calls``); the layer output gets twice the op tolerance.
+LAYER_AMPLIFICATION = 2.0
+MIXER_OPS = {"gka": "gka", "gdn": "gated_delta_rule", "m2": "ssd"}
+
+
+def _record_mixer_calls(monkeypatch, kind):
+    """Record every ``(impl, args, kwargs, output)`` of the layer's dispatch op."""
+    from gka_kernels.layers import dispatch
+
+    calls, op = [], getattr(dispatch, MIXER_OPS[kind])
+
+    def recording(impl, *args, **kwargs):
+        out = op(impl, *args, **kwargs)
+        calls.append((impl, args, kwargs, out))
+        return out
+
+    monkeypatch.setattr(dispatch, MIXER_OPS[kind], recording)
+    return calls, op
+
+
+def _check_mixer_calls(calls, op, tol):
+    """SPEC 9 on the exact bf16 inputs the layer gave the kernel: kernel output vs the float32
+    PyTorch reference (float32 output, not rounded) on the same tensors."""
+    def f32(a):
+        return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    assert calls
+    for impl, args, kwargs, out in calls:
+        assert impl != "torch"
+        with torch.no_grad():
+            ref, _ = op("torch", *(f32(a) for a in args), **{n: f32(a) for n, a in kwargs.items()})
+        assert rel_err(out[0], ref) <= tol, impl
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gpu_bf16_layer_vs_reference(kind, shape, padded):
-    """Same bf16 layer, kernel backend vs PyTorch-reference backend (mixer in float32): forward and
-    gradients within SPEC 9."""
+def test_gpu_bf16_layer_vs_reference(kind, shape, padded, monkeypatch):
+    """Same bf16 layer, kernel backend vs PyTorch-reference backend (mixer in float32, fed the same
+    bf16 q/k/v and float32 gates). The kernel's output on the layer's inputs is held to SPEC 9 vs
+    the float32 reference op; the layer output to SPEC 9 times ``LAYER_AMPLIFICATION`` (see its
+    comment for the derivation); gradients to SPEC 9 (no layer-level derivation for them yet)."""
     fast, ref = _gpu_pair(kind, shape)
     B, T = 2, 200
     x = torch.randn(B, T, shape["hidden"], device="cuda", dtype=torch.bfloat16)
@@ -646,9 +690,13 @@ def test_gpu_bf16_layer_vs_reference(kind, shape, padded):
         mask[0, :37] = 0
         mask[1, 150:] = 0
     xs = [x.clone().requires_grad_() for _ in range(2)]
-    outs = [m(xi, attention_mask=mask)[0] for m, xi in zip((fast, ref), xs)]
     fwd_tol = GKA_GPU_FWD if kind == "gka" else GPU_FWD
-    assert rel_err(outs[0], outs[1]) <= fwd_tol
+    calls, op = _record_mixer_calls(monkeypatch, kind)
+    outs = [fast(xs[0], attention_mask=mask)[0]]
+    monkeypatch.undo()
+    outs.append(ref(xs[1], attention_mask=mask)[0])
+    _check_mixer_calls(calls, op, fwd_tol)
+    assert rel_err(outs[0], outs[1]) <= LAYER_AMPLIFICATION * fwd_tol
     dy = torch.randn_like(outs[0])
     for o in outs:
         o.backward(dy)
@@ -665,7 +713,8 @@ def test_gpu_bf16_layer_vs_reference(kind, shape, padded):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gpu_decode_backends(kind, shape):
     """Prefill 100 tokens, decode 16: triton, auto and cuda (CUDA C++, when built) vs the reference
-    backend, and the decode loop vs one chunked call."""
+    backend, and the decode loop vs one chunked call. States (op outputs) at SPEC 9; layer outputs at
+    ``LAYER_AMPLIFICATION`` times that (see its comment)."""
     import gka_kernels
 
     backends = ["triton", "auto"] + (["cuda"] if gka_kernels.cuda_available() else [])
@@ -679,8 +728,8 @@ def test_gpu_decode_backends(kind, shape):
         for backend in backends:
             fast.backend = backend
             y, c = run_chunks(fast, x, sizes)
-            assert rel_err(y[:, 100:], y_ref[:, 100:]) <= tol, backend
-            assert rel_err(y[:, 100:], y_one[:, 100:]) <= tol, backend
+            assert rel_err(y[:, 100:], y_ref[:, 100:]) <= LAYER_AMPLIFICATION * tol, backend
+            assert rel_err(y[:, 100:], y_one[:, 100:]) <= LAYER_AMPLIFICATION * tol, backend
             for name in c.state_fields:
                 assert rel_err(getattr(c, name), getattr(c_ref, name)) <= tol, (backend, name)
 
