@@ -219,7 +219,7 @@ def test_fused_recurrent_is_forward_only():
 
 @pytest.mark.interpreter
 def test_half_precision_solve_path():
-    """The 16-bit path of the solve kernels (dot operands and chunk states in the input dtype,
+    """The 16-bit path of the solve kernels (float16 dot operands, float32 chunk states,
     increments and right-hand sides packed two per register) through the solve's autograd
     function, in fp16 (which, unlike bf16, the interpreter computes correctly), against the
     float64 reference at the GPU tolerances for 16-bit inputs."""
@@ -240,6 +240,26 @@ def test_half_precision_solve_path():
     grads_r = torch.autograd.grad((x_e * w[0]).sum() + (ht_e * w[1]).sum(), ref)
     for name, a, b in zip(("dq", "dk", "dgk", "dh_kk0"), grads, grads_r):
         assert_close(name, a, b, GKA_GPU_GRAD)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("h0_scale", [1.0, 1e6], ids=["plain", "huge_state"])
+def test_bf16_solve_float16_operands(h0_scale):
+    """bf16 inputs through the solve's autograd function (forward): float32 chunk states, float16
+    dot operands on normalized quantities, float32 ``qm`` (the interpreter runs this path correctly:
+    bf16 is only loaded and cast; the public op accepts bf16 only on CUDA). With an initial h_kk of
+    norm ~1e7 the raw state would overflow float16; the kernels divide it by its Frobenius norm
+    first. Against the float64 Chebyshev reference on the same bf16-rounded inputs, at the GPU
+    bound for 16-bit inputs."""
+    inputs = make_inputs(1, 70, 2, 1, 32, 16)
+    q, k = inputs["q"].bfloat16(), inputs["k"].bfloat16()
+    h0 = inputs["initial_state"][0] * h0_scale
+    qm, ht = ChunkGkaSolveFunction.apply(q, k, inputs["gk"], None, h0, 0.02, 30, True, True, None)
+    assert qm.dtype == torch.float32
+    x_r, ht_r = gka_solve_ref(q.double(), k.double(), inputs["gk"].double(), 0.02, 30,
+                              initial_state=h0.double(), output_final_state=True)
+    assert_close("x", qm, x_r, GKA_GPU_FWD)
+    assert_close("h_kk", ht, ht_r, GKA_GPU_FWD)
 
 
 @pytest.mark.interpreter

@@ -24,6 +24,25 @@ def dot_dtype(torch_dtype: torch.dtype):
     }[torch_dtype]
 
 
+def solve_dot_dtype(torch_dtype: torch.dtype):
+    """Operand dtype of the ``tl.dot`` calls of the ridge solve and of the ``H`` recurrence.
+
+    The solve's error is the operand rounding amplified by the condition number (up to
+    ``1 + 1/ridge_ratio``, ~51), so 16-bit inputs (bf16 included) use float16 operands: 3 more
+    mantissa bits than bf16 at the same tensor-core rate. The kernels keep every operand in
+    float16 range: keys are unit-norm (beta-scaled), the chunk state is divided by its Frobenius
+    norm, and iterates / right-hand sides are row-normalized before they enter a dot.
+    float32 and float64 inputs as in :func:`dot_dtype`."""
+    if torch_dtype in (torch.bfloat16, torch.float16):
+        return tl.float16
+    return dot_dtype(torch_dtype)
+
+
+def state_dtype(torch_dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the chunk states ``H_c``: float64 for float64 inputs, else float32."""
+    return torch.float64 if torch_dtype == torch.float64 else torch.float32
+
+
 def dot_precision(torch_dtype: torch.dtype) -> str:
     """``input_precision`` of ``tl.dot``: float32 inputs use 3xTF32 (close to full fp32 on the GPU);
     16-bit operands are exact products anyway ("ieee"); float64 is exact."""

@@ -18,13 +18,16 @@ backward (implicit differentiation, SPEC 5)
   The readout's gradients (``dqm``, ``dk``, ``dv``, ``dg``, ``dh0_kv``) come from the GLA op.
 
 Saved for backward by the solve (beyond the inputs ``q, k, gk, alpha`` and ``h_kk``'s initial and
-final states): ``x`` (``K`` values in ``q``'s dtype) and ``fro`` (float32) per token and query head,
-plus the float32 cumsum ``G`` — for bf16, ``2K + 8`` bytes per token and head (264 B at K = 128).
+final states): ``x`` (``K`` values) and ``fro`` per token and query head, plus the cumsum ``G``,
+all float32 (float64 for float64 inputs) — ``4K + 8`` bytes per token and head (520 B at K = 128).
 Chunk states are recomputed, never saved. The GLA readout saves its own inputs.
 
-Precision: the chunk states ``H_c`` are stored, and the ``tl.dot`` operands taken, in the input
-dtype for bf16/fp16 (fp32 accumulation; iterates, ``fro``, gates and the recurrences in fp32);
-fp32 inputs use 3xTF32 dots; float64 runs in float64 (gradcheck on the CPU).
+Precision: the readout ``U^T qm`` cancels heavily (``|x|`` is ~20x ``|q|`` at ridge_ratio 0.02),
+so rounding ``qm`` to bf16 alone costs ~1e-2 relative error in ``o``. For 16-bit inputs the solve
+therefore writes ``x``/``qm`` in float32, the chunk states ``H_c`` are float32, the solve's dot
+operands are float16 on normalized quantities (``_common.solve_dot_dtype``), and the readout runs
+the GLA op on float32 ``qm, k, v`` (3xTF32 dots); ``o`` is cast back to the input dtype.
+fp32 inputs use 3xTF32 dots throughout; float64 runs in float64 (gradcheck on the CPU).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from gka_kernels.common.checks import (
 )
 from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
-from gka_kernels.gka._common import CHUNK, MAX_K
+from gka_kernels.gka._common import CHUNK, MAX_K, state_dtype as chunk_state_dtype
 from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
@@ -97,7 +100,7 @@ class ChunkGkaSolveFunction(torch.autograd.Function):
             chunk_indices = chunk_offsets = None
             num_seqs, n_slots = B, B * triton.cdiv(T, CHUNK)
         gcum = chunk_local_cumsum(gk, CHUNK, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-        state_dtype = q.dtype if q.dtype in (torch.bfloat16, torch.float16, torch.float64) else torch.float32
+        state_dtype = chunk_state_dtype(q.dtype)
         h, ht = chunk_gka_fwd_h(k, gcum, H, num_seqs, n_slots, h0, output_final_state, cu_seqlens,
                                 chunk_offsets, state_dtype)
         x, qm, fro = gka_solve_fwd(q, k, gcum, h, alpha, ridge_ratio, num_iter, cu_seqlens, chunk_indices)
@@ -205,6 +208,7 @@ def chunk_gka(
         alpha.contiguous() if alpha is not None else None,
         h0_kk.contiguous() if h0_kk is not None else None,
         float(ridge_ratio), num_iter, bp_lambda, output_final_state, cu_seqlens)
-    o, ht_kv = chunk_simple_gla(qm, k, v, g, scale=scale, initial_state=h0_kv,
+    # qm is float32 for 16-bit inputs (see the module docstring): read out in float32.
+    o, ht_kv = chunk_simple_gla(qm, k.to(qm.dtype), v.to(qm.dtype), g, scale=scale, initial_state=h0_kv,
                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    return o, ((ht_kk, ht_kv) if output_final_state else None)
+    return o.to(q.dtype), ((ht_kk, ht_kv) if output_final_state else None)

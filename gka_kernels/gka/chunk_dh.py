@@ -140,8 +140,8 @@ for _bki, _bkj, _w in ((64, 64, 8), (32, 32, 4)):
     register_aot(AotSpec(
         name=f"gka.chunk_bwd_dh[bf16,k128,varlen,{_bki}x{_bkj},w{_w}]",
         kernel=chunk_gka_bwd_dh_kernel,
-        types={"k": "*bf16", "x": "*bf16", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
-               "beta": "*fp32", "h": "*bf16", "dh": "*fp32", "dht": "*fp32", "dh0": "*fp32",
+        types={"k": "*bf16", "x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
+               "beta": "*fp32", "h": "*fp32", "dh": "*fp32", "dht": "*fp32", "dh0": "*fp32",
                "cu_seqlens": "*i32", "chunk_offsets": "*i64", "T": "i32", "NT": "i32"},
         constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BKI": _bki, "BKJ": _bkj, "USE_DHT": True,
                     "STORE_DH0": True, "IS_VARLEN": True, "ACC": tl.float32, "DT": tl.bfloat16,

@@ -144,8 +144,8 @@ for _w in (4, 8):
     register_aot(AotSpec(
         name=f"gka.chunk_bwd_dk[bf16,k128,w{_w}]",
         kernel=chunk_gka_bwd_dk_kernel,
-        types={"k": "*bf16", "x": "*bf16", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
-               "beta": "*fp32", "dgp": "*fp32", "h": "*bf16", "dh": "*fp32", "dk": "*fp32",
+        types={"k": "*bf16", "x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
+               "beta": "*fp32", "dgp": "*fp32", "h": "*fp32", "dh": "*fp32", "dk": "*fp32",
                "dgc": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "T": "i32", "NT": "i32"},
         constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 64, "IS_VARLEN": False,
                     "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},

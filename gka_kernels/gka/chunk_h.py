@@ -8,8 +8,9 @@ valid token, the state after a chunk is
     H_next = exp(G_last) H_c + sum_j exp(G_last - G_j) k_j k_j^T
 
 ``h[slot(c)]`` stores ``H_c`` (the state *before* chunk ``c``), the only ``K x K`` matrices ever
-written. The recurrence itself accumulates in float32 registers; the stored copies take the
-dtype the solve kernels feed to ``tl.dot`` (bf16/fp16 inputs: their own dtype; else float32/64).
+written. The recurrence accumulates in float32 registers (float64 for float64 inputs) and the
+stored copies are float32/64: the solve amplifies any error of ``H_c`` by the condition number.
+The decay-weighted keys enter the chunk's dot as float16 for 16-bit inputs (``solve_dot_dtype``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype
-from gka_kernels.gka._common import CHUNK, dot_precision, dot_dtype, sequence_coords
+from gka_kernels.gka._common import CHUNK, dot_precision, sequence_coords, solve_dot_dtype
 
 
 @autotune(
@@ -95,7 +96,7 @@ def chunk_gka_fwd_h(
         gcum: ``[B, T, H]`` chunk-local cumulative sum of ``gk`` (float32/64).
         num_heads: ``H``; ``num_seqs``: ``N``; ``n_slots``: ``B * NT`` or the total chunk count.
         initial_state: ``[N, H, K, K]`` or None.
-        state_dtype: dtype of the stored chunk states.
+        state_dtype: dtype of the stored chunk states (``_common.state_dtype``).
 
     Returns:
         ``h [n_slots, H, K, K]`` (state before each chunk) and the final state ``[N, H, K, K]``
@@ -114,7 +115,7 @@ def chunk_gka_fwd_h(
         k, gcum, h, initial_state, ht, cu_seqlens, chunk_offsets, T, NT,
         H=H, HKV=HKV, K=K, BT=CHUNK,
         USE_H0=initial_state is not None, STORE_FINAL=output_final_state,
-        IS_VARLEN=cu_seqlens is not None, ACC=acc, DT=dot_dtype(k.dtype),
+        IS_VARLEN=cu_seqlens is not None, ACC=acc, DT=solve_dot_dtype(k.dtype),
         PREC=dot_precision(k.dtype),
     )
     return h, ht
@@ -123,9 +124,9 @@ def chunk_gka_fwd_h(
 register_aot(AotSpec(
     name="gka.chunk_fwd_h[bf16,k128,varlen]",
     kernel=chunk_gka_fwd_h_kernel,
-    types={"k": "*bf16", "gcum": "*fp32", "h": "*bf16", "h0": "*fp32", "ht": "*fp32",
+    types={"k": "*bf16", "gcum": "*fp32", "h": "*fp32", "h0": "*fp32", "ht": "*fp32",
            "cu_seqlens": "*i32", "chunk_offsets": "*i64", "T": "i32", "NT": "i32"},
     constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BKI": 64, "BKJ": 64, "USE_H0": True,
-                "STORE_FINAL": True, "IS_VARLEN": True, "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
+                "STORE_FINAL": True, "IS_VARLEN": True, "ACC": tl.float32, "DT": tl.float16, "PREC": "ieee"},
     num_warps=4, num_stages=2,
 ))

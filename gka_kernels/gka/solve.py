@@ -14,8 +14,13 @@ Frobenius norm of every ``H_t`` without forming it (three-term formula):
                 + [((M @ (K K^T)^2) * M) 1]_t
 
 The iteration runs on the normalized system ``(H_t / fro_t + a I) y_t = rhs_t`` (spectrum in
-``[a, 1 + a]``), so its iterates stay O(1/a) whatever the scale of ``H`` (fp16-safe), then
-``x_t = y_t / fro_t``. This is SPEC 5's iteration on ``[lam_t, lam_t + fro_t]`` rescaled, with
+``[a, 1 + a]``), then ``x_t = y_t / fro_t``.
+
+Dot operands (``DT``; float16 for 16-bit inputs, see ``_common.solve_dot_dtype``) are kept in
+float16 range whatever the data: ``H_c`` enters as ``H_c / ||H_c||_F`` (the factor goes into the
+row scale ``exp(G) ||H_c||_F``), the right-hand side is scaled per row to norm ``min(1, 1024 a)``
+(so ``||y_t|| <~ 1024``; the solve is linear, the scale is undone at the end), keys are unit-norm
+(beta-scaled), and ``H_t x_t`` in the backward is formed from row-normalized ``x``. This is SPEC 5's iteration on ``[lam_t, lam_t + fro_t]`` rescaled, with
 the data-independent schedule ``w_i = 1 / (1 - c4 w_{i-1})``, ``w_0 = 2``.
 
 Forward kernel: fro, ``x = A^{-1} q`` and ``qm = q + alpha (x - q)``.
@@ -45,16 +50,16 @@ import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
-from gka_kernels.gka._common import CHUNK, dot_precision, chebyshev_constants, chunk_coords, dot_dtype
+from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_coords, dot_precision, solve_dot_dtype
 
 
 @triton.jit
-def _load_chunk(k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk,
+def _load_chunk(k, gcum, h, hn_inv, bos, i_t, rows, i_s, i_h, i_hk,
                 H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
                 ACC: tl.constexpr, DT: tl.constexpr):
     """Chunk operands: token offsets, row mask, G [BT], M [BT, BT] and, in the dot dtype, the key
-    chunk's column halves [BT, BH] and the four [BH, BH] blocks of H_c^T
-    (``ht_xy[i, j] = H_c[y j, x i]``, so that rows(Y @ H_c^T) = (H_c y_t)^T)."""
+    chunk's column halves [BT, BH] and the four [BH, BH] blocks of (hn_inv H_c)^T
+    (``ht_xy[i, j] = hn_inv H_c[y j, x i]``, so that rows(Y @ H_c^T) = (H_c y_t)^T / hn_inv)."""
     o_t = tl.arange(0, BT)
     o_l = tl.arange(0, BH)
     o_h = BH + o_l
@@ -67,18 +72,19 @@ def _load_chunk(k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk,
     b_kl = tl.load(p_k + o_l[None, :], mask=m_t[:, None] & (o_l[None, :] < K), other=0).to(ACC).to(DT)
     b_kh = tl.load(p_k + o_h[None, :], mask=m_t[:, None] & (o_h[None, :] < K), other=0).to(ACC).to(DT)
     p_h = h + (i_s * H + i_h) * K * K
-    b_ht_ll = _load_block_t(p_h, o_l, o_l, K, ACC, DT)
-    b_ht_lh = _load_block_t(p_h, o_l, o_h, K, ACC, DT)
-    b_ht_hl = _load_block_t(p_h, o_h, o_l, K, ACC, DT)
-    b_ht_hh = _load_block_t(p_h, o_h, o_h, K, ACC, DT)
+    b_ht_ll = _load_block_t(p_h, hn_inv, o_l, o_l, K, ACC, DT)
+    b_ht_lh = _load_block_t(p_h, hn_inv, o_l, o_h, K, ACC, DT)
+    b_ht_hl = _load_block_t(p_h, hn_inv, o_h, o_l, K, ACC, DT)
+    b_ht_hh = _load_block_t(p_h, hn_inv, o_h, o_h, K, ACC, DT)
     return tok, m_t, b_g, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh
 
 
 @triton.jit
-def _load_block_t(p_h, o_i, o_j, K: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr):
-    """``b[i, j] = H_c[o_j[j], o_i[i]]`` (a block of H_c^T) in the dot dtype."""
-    return tl.load(p_h + o_i[:, None] + o_j[None, :] * K,
-                   mask=(o_i[:, None] < K) & (o_j[None, :] < K), other=0).to(ACC).to(DT)
+def _load_block_t(p_h, hn_inv, o_i, o_j, K: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr):
+    """``b[i, j] = hn_inv H_c[o_j[j], o_i[i]]`` (a block of the scaled H_c^T) in the dot dtype."""
+    b = tl.load(p_h + o_i[:, None] + o_j[None, :] * K,
+                mask=(o_i[:, None] < K) & (o_j[None, :] < K), other=0).to(ACC)
+    return (b * hn_inv).to(DT)
 
 
 @triton.jit
@@ -90,8 +96,8 @@ def _scores(b_al, b_ah, b_bl, b_bh, ACC: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _half(b_yl, b_yh, b_ht_l, b_ht_h, b_sd, b_kc, b_eg, ACC: tl.constexpr, PREC: tl.constexpr):
-    """One column half of rows(H_t y_t): exp(G) * (Y @ H_c^T[:, half]) + S @ K[:, half], with
-    ``S = (Y @ K^T) * M`` in the dot dtype."""
+    """One column half of rows(H_t y_t): b_eg * (Y @ Hs^T[:, half]) + S @ K[:, half], with
+    ``Hs = H_c / ||H_c||``, ``b_eg = exp(G) ||H_c||`` and ``S = (Y @ K^T) * M`` in the dot dtype."""
     b_p = tl.dot(b_yl, b_ht_l, input_precision=PREC, out_dtype=ACC)
     b_p = tl.dot(b_yh, b_ht_h, b_p, input_precision=PREC, out_dtype=ACC) * b_eg[:, None]
     return tl.dot(b_sd, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
@@ -100,13 +106,15 @@ def _half(b_yl, b_yh, b_ht_l, b_ht_h, b_sd, b_kc, b_eg, ACC: tl.constexpr, PREC:
 @triton.jit
 def _apply(b_yl, b_yh, b_m, b_eg, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
            ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """Both column halves of rows(H_t y_t)."""
-    b_ol = b_yl.to(DT)
-    b_oh = b_yh.to(DT)
+    """Both column halves of rows(H_t y_t), formed from the row-normalized ``y``."""
+    b_n = tl.sqrt(tl.sum(b_yl * b_yl, axis=1) + tl.sum(b_yh * b_yh, axis=1))
+    b_n = tl.where(b_n > 0, b_n, 1.0)
+    b_ol = (b_yl / b_n[:, None]).to(DT)
+    b_oh = (b_yh / b_n[:, None]).to(DT)
     b_sd = (_scores(b_ol, b_oh, b_kl, b_kh, ACC, PREC) * b_m).to(DT)
     b_pl = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, ACC, PREC)
     b_ph = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, ACC, PREC)
-    return b_pl, b_ph
+    return b_pl * b_n[:, None], b_ph * b_n[:, None]
 
 
 @triton.jit
@@ -131,16 +139,21 @@ def _hi16(b_p, DT: tl.constexpr, ACC: tl.constexpr):
 def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
                ridge, step, c4, num_iter, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """``num_iter`` Chebyshev steps for ``(H_t / fro_t + a I) y_t = rhs_t`` on every row; returns
-    the column halves of ``y``.
+    the column halves of ``y``. ``b_eg`` = exp(G) ||H_c|| (the blocks hold H_c / ||H_c||).
 
     Carried as ``y_i`` (accumulation dtype) and the increment ``d_i = y_i - y_{i-1}``:
     ``d_i = (w_i - 1) d_{i-1} - step w_i (A y_{i-1} - rhs)``, ``y_i = y_{i-1} + d_i``, ``d_0 = y_0``.
     Each column half of ``A y`` is consumed by its update before the other is formed. With a
     16-bit dot dtype, ``d`` (which shrinks as the iteration converges, so its rounding matters
-    less than that of ``y_{i-1}``) and ``rhs`` (exact for bf16 queries) are carried in that dtype,
-    both column halves packed in one int32 tensor (Triton otherwise keeps one 16-bit element per
-    32-bit register)."""
+    less than that of ``y_{i-1}``) and ``rhs`` are carried in that dtype, both column halves
+    packed in one int32 tensor (Triton otherwise keeps one 16-bit element per 32-bit register).
+    The right-hand side is first scaled per row to norm ``min(1, 1024 a)`` (float16 range of the
+    iterates, see the module docstring); ``y`` is scaled back on return."""
     PACK: tl.constexpr = DT.primitive_bitwidth == 16
+    b_rn = tl.sqrt(tl.sum(b_rl * b_rl, axis=1) + tl.sum(b_rh * b_rh, axis=1))
+    b_rs = tl.where(b_rn > 0, b_rn / tl.minimum(1.0, 1024.0 * ridge), 1.0)
+    b_rl = b_rl / b_rs[:, None]
+    b_rh = b_rh / b_rs[:, None]
     b_md = b_m.to(DT)
     b_yl = step * b_rl
     b_yh = step * b_rh
@@ -171,7 +184,7 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
         b_yh += b_dh
         if PACK:
             b_dp = (b_dp & 0xFFFF) | (_bits16(b_dh, DT) << 16)
-    return b_yl, b_yh
+    return b_yl * b_rs[:, None], b_yh * b_rs[:, None]
 
 
 @triton.jit
@@ -222,8 +235,11 @@ def gka_solve_fwd_kernel(
     i_h = i_bh % H
     i_hk = i_h // (H // HKV)
     bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    hn2 = _frobenius_sq(h, i_s, i_h, H, K, BK, ACC)
+    hn = tl.sqrt(hn2)
+    hn_inv = 1.0 / tl.where(hn > 0, hn, 1.0)
     tok, m_t, b_g, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
-        k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
+        k, gcum, h, hn_inv, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
     b_eg = tl.exp(b_g)
 
     # ||H_t||_F^2 = exp(2G) ||H_c||^2 + 2 exp(G) (M @ diag(K H_c K^T)) + rowsum((M @ (K K^T)^2) * M).
@@ -233,9 +249,9 @@ def gka_solve_fwd_kernel(
     b_p = tl.dot(b_kl, b_ht_lh, input_precision=PREC, out_dtype=ACC)
     b_p = tl.dot(b_kh, b_ht_hh, b_p, input_precision=PREC, out_dtype=ACC)
     b_khk += tl.sum(b_p * b_kh.to(ACC), axis=1)
+    b_khk = b_khk * hn
     b_kk = _scores(b_kl, b_kh, b_kl, b_kh, ACC, PREC)
     b_f3 = tl.dot(b_m, b_kk * b_kk, input_precision=FRO_PREC, out_dtype=ACC) * b_m
-    hn2 = _frobenius_sq(h, i_s, i_h, H, K, BK, ACC)
     b_fro2 = b_eg * b_eg * hn2 + 2.0 * b_eg * tl.sum(b_m * b_khk[None, :], axis=1) + tl.sum(b_f3, axis=1)
     b_fro = tl.sqrt(tl.maximum(b_fro2, 0.0))
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
@@ -244,7 +260,7 @@ def gka_solve_fwd_kernel(
     o_h = BH + o_l
     p_q = q + (tok * H + i_h) * K
     b_yl, b_yh = _chebyshev(_load_rows(p_q, o_l, m_t, K, ACC), _load_rows(p_q, o_h, m_t, K, ACC),
-                            b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
+                            b_inv, b_eg * hn, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
                             ridge, step, c4, num_iter, ACC, DT, PREC)
     b_yl = b_yl * b_inv[:, None]
     b_yh = b_yh * b_inv[:, None]
@@ -281,9 +297,11 @@ def gka_solve_bwd_kernel(
     i_h = i_bh % H
     i_hk = i_h // (H // HKV)
     bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    hn = tl.sqrt(_frobenius_sq(h, i_s, i_h, H, K, BK, ACC))
     tok, m_t, b_g, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
-        k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
-    b_eg = tl.exp(b_g)
+        k, gcum, h, 1.0 / tl.where(hn > 0, hn, 1.0), bos, i_t, rows, i_s, i_h, i_hk,
+        H, HKV, K, BT, BH, ACC, DT)
+    b_eg = tl.exp(b_g) * hn
     b_fro = tl.load(fro + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
 
@@ -356,13 +374,13 @@ def gka_solve_fwd(
     """Forward solve. ``q [B,T,H,K]``, ``k [B,T,HKV,K]``, ``gcum [B,T,H]`` (chunk-local cumsum of
     ``gk``), ``h`` chunk-start states, ``alpha [B,T,H]`` or None.
 
-    Returns ``x`` and ``qm`` (``[B,T,H,K]``, dtype of ``q``) and ``fro [B,T,H]`` (float32; float64
-    for float64 inputs; the true norm, 0 where ``H_t = 0``)."""
+    Returns ``x``, ``qm`` (``[B,T,H,K]``) and ``fro [B,T,H]``, all float32 (float64 for float64
+    inputs; ``fro`` is the true norm, 0 where ``H_t = 0``)."""
     B, T, H, K = q.shape
     NT = triton.cdiv(T, CHUNK)
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    x = torch.empty_like(q)
-    qm = torch.empty_like(q)
+    x = q.new_empty(B, T, H, K, dtype=acc_dtype)
+    qm = torch.empty_like(x)
     fro = q.new_empty(B, T, H, dtype=acc_dtype)
     step, c4 = chebyshev_constants(ridge_ratio)
     gka_solve_fwd_kernel[_grid(NT, B, H, chunk_indices)](
@@ -370,7 +388,7 @@ def gka_solve_fwd(
         ridge_ratio, step, c4, num_iter,
         H=H, HKV=k.shape[2], K=K, BT=CHUNK, BK=_padded(K),
         HAS_ALPHA=alpha is not None, IS_VARLEN=cu_seqlens is not None,
-        ACC=compute_dtype(q.dtype), DT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
+        ACC=compute_dtype(q.dtype), DT=solve_dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
         FRO_PREC="ieee" if q.dtype == torch.float64 else "tf32x3",
     )
     return x, qm, fro
@@ -409,28 +427,28 @@ def gka_solve_bwd(
         cu_seqlens, chunk_indices, T, NT, ridge_ratio, ridge_ratio if bp_lambda else 0.0, step, c4, num_iter,
         H=H, HKV=k.shape[2], K=K, BT=CHUNK, BK=_padded(K),
         HAS_ALPHA=alpha is not None, IS_VARLEN=cu_seqlens is not None,
-        ACC=compute_dtype(q.dtype), DT=dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
+        ACC=compute_dtype(q.dtype), DT=solve_dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
     )
     return dq, dqs, dalpha, lam_c, beta, dgp
 
 
-_AOT_TYPES = {"q": "*bf16", "k": "*bf16", "gcum": "*fp32", "h": "*bf16", "alpha": "*bf16",
-              "x": "*bf16", "fro": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32",
+_AOT_TYPES = {"q": "*bf16", "k": "*bf16", "gcum": "*fp32", "h": "*fp32", "alpha": "*bf16",
+              "x": "*fp32", "fro": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32",
               "T": "i32", "NT": "i32", "ridge": "fp32", "step": "fp32", "c4": "fp32", "num_iter": "i32"}
 _AOT_CONST = {"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "HAS_ALPHA": True,
-              "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"}
+              "ACC": tl.float32, "DT": tl.float16, "PREC": "ieee"}
 for _w in (4, 8):
     register_aot(AotSpec(
         name=f"gka.solve_fwd[bf16,k128,w{_w}]",
         kernel=gka_solve_fwd_kernel,
-        types={**_AOT_TYPES, "qm": "*bf16"},
+        types={**_AOT_TYPES, "qm": "*fp32"},
         constexprs={**_AOT_CONST, "IS_VARLEN": False, "FRO_PREC": "tf32x3"},
         num_warps=_w, num_stages=1,
     ))
     register_aot(AotSpec(
         name=f"gka.solve_bwd[bf16,k128,w{_w}]",
         kernel=gka_solve_bwd_kernel,
-        types={**_AOT_TYPES, "dqm": "*bf16", "dq": "*bf16", "dqs": "*fp32", "dalpha": "*fp32",
+        types={**_AOT_TYPES, "dqm": "*fp32", "dq": "*bf16", "dqs": "*fp32", "dalpha": "*fp32",
                "lam_c": "*fp32", "beta": "*fp32", "dgp": "*fp32", "bp_coef": "fp32"},
         constexprs={**_AOT_CONST, "IS_VARLEN": True},
         num_warps=_w, num_stages=1,
