@@ -15,7 +15,7 @@ def markdown_table(result: dict) -> str:
         f"Ceilings measured in this run: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
         f"bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s",
         "",
-        "| case | impl | ms | floor ms | of floor | TFLOP/s | BW of copy | vs ours |",
+        "| case | impl | ms | floor ms | of floor | TFLOP/s | BW of copy | peer ms / ours ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
     ours = {}
