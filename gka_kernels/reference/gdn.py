@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from gka_kernels.reference._common import spans
+
 L2NORM_EPS = 1e-6
 
 
@@ -74,13 +76,8 @@ def gated_delta_rule_ref(
         q, k = l2norm_ref(q), l2norm_ref(k)
     k = k.repeat_interleave(group, dim=2)
     v = v.repeat_interleave(group, dim=2)
-    if cu_seqlens is None:
-        spans = [(b, 0, T) for b in range(B)]
-    else:
-        bounds = cu_seqlens.tolist()
-        spans = [(0, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
     outs, finals = [], []
-    for n, (b, start, end) in enumerate(spans):
+    for n, (b, start, end) in enumerate(spans(B, T, cu_seqlens)):
         if initial_state is None:
             state = q.new_zeros(H, K, V)
         else:

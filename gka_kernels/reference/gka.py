@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from gka_kernels.reference._common import spans
+
 
 def _frobenius(h: torch.Tensor) -> torch.Tensor:
     """``||h||_F`` over the last two dims, 1 where it is 0, with a gradient that stays finite."""
@@ -52,14 +54,6 @@ def _chebyshev(h: torch.Tensor, lam: torch.Tensor, fro: torch.Tensor, rhs: torch
         x_new = x - (step * w)[:, None] * (apply_a(x) - rhs) + (w - 1.0)[:, None] * (x - x_prev)
         x_prev, x = x, x_new
     return x
-
-
-def _spans(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, int, int]]:
-    """(batch row, start, end) of every sequence."""
-    if cu_seqlens is None:
-        return [(b, 0, T) for b in range(B)]
-    bounds = cu_seqlens.tolist()
-    return [(0, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
 def gka_solve_ref(
@@ -92,7 +86,7 @@ def gka_solve_ref(
     gk = gk.to(dt)
     eye = torch.eye(K, dtype=dt, device=q.device)
     xs, finals = [], []
-    for n, (b, s, e) in enumerate(_spans(B, T, cu_seqlens)):
+    for n, (b, s, e) in enumerate(spans(B, T, cu_seqlens)):
         h_kk = initial_state[n].to(dt) if initial_state is not None else q.new_zeros(H, K, K)
         for t in range(s, e):
             kt, qt = k[b, t], q[b, t]
@@ -160,7 +154,7 @@ def gka_ref(
     g = g.to(dt)
     scale = K ** -0.5 if scale is None else scale
     outs, finals = [], []
-    for n, (b, s, e) in enumerate(_spans(B, T, cu_seqlens)):
+    for n, (b, s, e) in enumerate(spans(B, T, cu_seqlens)):
         h_kv = initial_state[1][n].to(dt) if initial_state is not None else q.new_zeros(H, K, V)
         for t in range(s, e):
             h_kv = torch.exp(g[b, t])[:, None, None] * h_kv + k[b, t][:, :, None] * v[b, t][:, None, :]

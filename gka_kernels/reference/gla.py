@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from gka_kernels.reference._common import spans
+
 
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
@@ -55,13 +57,8 @@ def simple_gla_ref(
     ke = _expand_heads(k.to(dt), H)
     ve = _expand_heads(v.to(dt), H)
     ge = g.to(dt)
-    if cu_seqlens is None:
-        spans = [(b, 0, T) for b in range(B)]
-    else:
-        cu = cu_seqlens.tolist()
-        spans = [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
     outs, finals = [], []
-    for i, (b, start, end) in enumerate(spans):
+    for i, (b, start, end) in enumerate(spans(B, T, cu_seqlens)):
         if initial_state is not None:
             S = initial_state[i].to(dt)
         else:

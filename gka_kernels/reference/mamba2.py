@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from gka_kernels.reference._common import spans
+
 
 def ssd_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool,
            dt_limit: tuple[float, float]) -> torch.Tensor:
@@ -63,13 +65,8 @@ def ssd_ref(
     Ac = A.to(cd)
     Be = B.to(cd).repeat_interleave(H // G, dim=2)
     Ce = C.to(cd).repeat_interleave(H // G, dim=2)
-    if cu_seqlens is None:
-        spans = [(b, 0, T) for b in range(Bsz)]
-    else:
-        cu = cu_seqlens.tolist()
-        spans = [(0, cu[i], cu[i + 1]) for i in range(len(cu) - 1)]
     rows, finals = [], []
-    for i, (b, start, end) in enumerate(spans):
+    for i, (b, start, end) in enumerate(spans(Bsz, T, cu_seqlens)):
         if initial_states is not None:
             s = initial_states[i].to(cd)
         else:
