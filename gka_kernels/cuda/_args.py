@@ -85,6 +85,22 @@ def gate(name: str, t: object, shape: tuple[int | None, ...], device: torch.devi
     return t
 
 
+def qkv_decay(q: object, k: object, v: object, g: object
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs the GDN and GKA decode steps share: ``q [B, Tn, Hq, K]`` (``1 <= Tn <= MAX_TOKENS``),
+    ``k [B, Tn, Hk, K]`` and ``v [B, Tn, Hv, V]`` of ``q``'s dtype and device, and the log-decay
+    ``g [B, Tn, H]`` whose head count ``H`` is the number of state heads. Returns ``(q, k, v, g)``."""
+    q = activation("q", q, 4)
+    B, Tn, _, K = q.shape
+    tokens("q", q)
+    k = activation("k", k, 4, q.dtype, q.device)
+    expect_shape("k", k, (B, Tn, None, K))
+    v = activation("v", v, 4, q.dtype, q.device)
+    expect_shape("v", v, (B, Tn, None, None))
+    g = gate("g", g, (B, Tn, None), q.device)
+    return q, k, v, g
+
+
 def strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
     """Element strides of dims 0..2 (batch, token, head) of a ``[B, T, H, ...]`` tensor."""
     if t is None:

@@ -21,14 +21,8 @@ def gdn_decode_launch_args(
 
     Returns ``(kwargs for gka_kernels._C.gdn_decode without stream, output tensor)``.
     """
-    q = ca.activation("q", q, 4)
+    q, k, v, g = ca.qkv_decay(q, k, v, g)
     B, Tn, Hq, K = q.shape
-    ca.tokens("q", q)
-    k = ca.activation("k", k, 4, q.dtype, q.device)
-    ca.expect_shape("k", k, (B, Tn, None, K))
-    v = ca.activation("v", v, 4, q.dtype, q.device)
-    ca.expect_shape("v", v, (B, Tn, None, None))
-    g = ca.gate("g", g, (B, Tn, None), q.device)
     H = g.shape[2]
     beta = ca.gate("beta", beta, (B, Tn, H), q.device)
     for name, t in (("q", q), ("k", k), ("v", v)):

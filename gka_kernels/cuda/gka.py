@@ -26,14 +26,8 @@ def gka_decode_launch_args(
 
     Returns ``(kwargs for gka_kernels._C.gka_decode without stream, output tensor)``.
     """
-    q = ca.activation("q", q, 4)
+    q, k, v, g = ca.qkv_decay(q, k, v, g)
     B, Tn, Hq, K = q.shape
-    ca.tokens("q", q)
-    k = ca.activation("k", k, 4, q.dtype, q.device)
-    ca.expect_shape("k", k, (B, Tn, None, K))
-    v = ca.activation("v", v, 4, q.dtype, q.device)
-    ca.expect_shape("v", v, (B, Tn, None, None))
-    g = ca.gate("g", g, (B, Tn, None), q.device)
     H = g.shape[2]
     if alpha is not None:
         alpha = ca.gate("alpha", alpha, (B, Tn, H), q.device)
