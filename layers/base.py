@@ -1,4 +1,5 @@
-"""What the three layers share: argument checks, padding/packing, cache handling, the decay gate.
+"""What the three layers share: argument checks, padding/packing, cache handling, the decay gate,
+and (``QKVMixerLayer``) the q/k/v projections, convolutions and gated output of GDN and GKA.
 
 A layer subclass defines ``cache_class``, ``cache_shapes()`` and ``_mix(x, cu_seqlens, cache, impl)``,
 which maps ``x [B', T', hidden]`` (packed ``[1, L, hidden]`` when ``cu_seqlens`` is given) to the
@@ -16,6 +17,8 @@ import torch.nn.functional as F
 from gka_kernels.common.checks import check_activation, check_head_groups, check_positive_int
 from gka_kernels.layers import dispatch
 from gka_kernels.layers.cache import LayerCache
+from gka_kernels.layers.conv import ShortConvolution
+from gka_kernels.layers.norm import GatedRMSNorm
 from gka_kernels.layers.padding import Packing, normalize_mask
 
 
@@ -156,3 +159,55 @@ class MixerLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
                 f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, backend={self.backend!r}")
+
+
+class QKVMixerLayer(MixerLayer):
+    """Base of ``GatedKalmaNet`` and ``GatedDeltaNet``: the parts their bodies share.
+
+    Parameters (names of the primed checkpoints), with ``H, HKV, D`` the layer's geometry:
+    ``q_proj [H*D]``, ``k_proj, v_proj [HKV*D]`` (``_init_qkv_proj``); ``A_log, dt_bias [H]``,
+    ``q_conv1d, k_conv1d, v_conv1d``, ``g_proj [H*D]``, ``o_norm``, ``o_proj`` (``_init_decay_conv_out``).
+    A subclass calls the two in this order, with its gate projections in between (registration
+    order fixes the parameter order and the random initialization under a seed).
+    """
+
+    def _init_qkv_proj(self, f: dict) -> None:
+        """``q_proj``, ``k_proj``, ``v_proj`` (no bias); ``f``: ``device``/``dtype`` factory kwargs."""
+        H, HKV, D = self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(self.hidden_size, H * D, bias=False, **f)
+        self.k_proj = nn.Linear(self.hidden_size, HKV * D, bias=False, **f)
+        self.v_proj = nn.Linear(self.hidden_size, HKV * D, bias=False, **f)
+
+    def _init_decay_conv_out(self, f: dict) -> None:
+        """``A_log``, ``dt_bias`` (initialized, no weight decay), the q/k/v short convolutions,
+        ``g_proj``, ``o_norm`` (eps ``norm_eps``) and ``o_proj``."""
+        H, HKV, D, W = self.num_heads, self.num_kv_heads, self.head_dim, self.conv_size
+        self.A_log = nn.Parameter(torch.empty(H, **f))
+        self.dt_bias = nn.Parameter(torch.empty(H, **f))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+        init_A_log_(self.A_log)
+        init_dt_bias_(self.dt_bias)
+        self.q_conv1d = ShortConvolution(H * D, W, bias=False, **f)
+        self.k_conv1d = ShortConvolution(HKV * D, W, bias=False, **f)
+        self.v_conv1d = ShortConvolution(HKV * D, W, bias=False, **f)
+        self.g_proj = nn.Linear(self.hidden_size, H * D, bias=False, **f)
+        self.o_norm = GatedRMSNorm(D, eps=self.norm_eps, **f)
+        self.o_proj = nn.Linear(H * D, self.hidden_size, bias=False, **f)
+
+    def _conv_qkv(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None, cache: LayerCache | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                             tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``q [B,T,H*D]``, ``k, v [B,T,HKV*D]`` after projection and convolution, and the new conv
+        states ``(q_conv, k_conv, v_conv)`` (read from ``cache`` when given, not written)."""
+        q, q_conv = self.q_conv1d(self.q_proj(x), cache.q_conv if cache is not None else None, cu_seqlens)
+        k, k_conv = self.k_conv1d(self.k_proj(x), cache.k_conv if cache is not None else None, cu_seqlens)
+        v, v_conv = self.v_conv1d(self.v_proj(x), cache.v_conv if cache is not None else None, cu_seqlens)
+        return q, k, v, (q_conv, k_conv, v_conv)
+
+    def _gated_out(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``o_proj(o_norm(o) * silu(g_proj x))`` for ``o [B,T,H,D]`` -> ``[B,T,hidden]``."""
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        o = self.o_norm(o, self.g_proj(x).view(B, T, H, D))
+        return self.o_proj(o.reshape(B, T, H * D))

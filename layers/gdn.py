@@ -16,13 +16,11 @@ import torch
 import torch.nn as nn
 
 from gka_kernels.layers import dispatch
-from gka_kernels.layers.base import MixerLayer, acc_dtype, decay, init_A_log_, init_dt_bias_
+from gka_kernels.layers.base import QKVMixerLayer, acc_dtype, decay
 from gka_kernels.layers.cache import GDNCache
-from gka_kernels.layers.conv import ShortConvolution
-from gka_kernels.layers.norm import GatedRMSNorm
 
 
-class GatedDeltaNet(MixerLayer):
+class GatedDeltaNet(QKVMixerLayer):
     """Gated DeltaNet layer with the parameter names of the published primed checkpoints.
 
     Args:
@@ -41,25 +39,12 @@ class GatedDeltaNet(MixerLayer):
                  backend: str = "auto", dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, conv_size, norm_eps, layer_idx, backend)
-        H, HKV, D = num_heads, num_kv_heads, head_dim
+        H = num_heads
         f = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(hidden_size, H * D, bias=False, **f)
-        self.k_proj = nn.Linear(hidden_size, HKV * D, bias=False, **f)
-        self.v_proj = nn.Linear(hidden_size, HKV * D, bias=False, **f)
+        self._init_qkv_proj(f)
         self.b_proj = nn.Linear(hidden_size, H, bias=False, **f)
         self.gk_proj = nn.Linear(hidden_size, H, bias=False, **f)
-        self.A_log = nn.Parameter(torch.empty(H, **f))
-        self.dt_bias = nn.Parameter(torch.empty(H, **f))
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
-        init_A_log_(self.A_log)
-        init_dt_bias_(self.dt_bias)
-        self.q_conv1d = ShortConvolution(H * D, conv_size, bias=False, **f)
-        self.k_conv1d = ShortConvolution(HKV * D, conv_size, bias=False, **f)
-        self.v_conv1d = ShortConvolution(HKV * D, conv_size, bias=False, **f)
-        self.g_proj = nn.Linear(hidden_size, H * D, bias=False, **f)
-        self.o_norm = GatedRMSNorm(D, eps=norm_eps, **f)
-        self.o_proj = nn.Linear(H * D, hidden_size, bias=False, **f)
+        self._init_decay_conv_out(f)
 
     def cache_shapes(self) -> dict[str, tuple[int, ...]]:
         H, HKV, D, W = self.num_heads, self.num_kv_heads, self.head_dim, self.conv_size - 1
@@ -70,9 +55,7 @@ class GatedDeltaNet(MixerLayer):
         B, T, _ = x.shape
         H, HKV, D = self.num_heads, self.num_kv_heads, self.head_dim
         acc = acc_dtype(x)
-        q, q_conv = self.q_conv1d(self.q_proj(x), cache.q_conv if cache is not None else None, cu_seqlens)
-        k, k_conv = self.k_conv1d(self.k_proj(x), cache.k_conv if cache is not None else None, cu_seqlens)
-        v, v_conv = self.v_conv1d(self.v_proj(x), cache.v_conv if cache is not None else None, cu_seqlens)
+        q, k, v, convs = self._conv_qkv(x, cu_seqlens, cache)
         beta = torch.sigmoid(self.b_proj(x).to(acc))
         g = decay(self.gk_proj(x), self.A_log, self.dt_bias)
         o, final = dispatch.gated_delta_rule(
@@ -80,7 +63,6 @@ class GatedDeltaNet(MixerLayer):
             initial_state=None if cache is None else self.state_in(cache.state),
             output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
-            cache.q_conv, cache.k_conv, cache.v_conv = q_conv, k_conv, v_conv
+            cache.q_conv, cache.k_conv, cache.v_conv = convs
             cache.state = final.to(cache.state.dtype)
-        o = self.o_norm(o, self.g_proj(x).view(B, T, H, D))
-        return self.o_proj(o.reshape(B, T, H * D))
+        return self._gated_out(o, x)

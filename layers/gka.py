@@ -20,14 +20,12 @@ import torch.nn as nn
 
 from gka_kernels.common.checks import check_positive_int
 from gka_kernels.layers import dispatch
-from gka_kernels.layers.base import (MixerLayer, acc_dtype, check_positive_float, decay, init_A_log_,
-                                     init_dt_bias_)
+from gka_kernels.layers.base import QKVMixerLayer, acc_dtype, check_positive_float, decay
 from gka_kernels.layers.cache import GKACache
-from gka_kernels.layers.conv import ShortConvolution
-from gka_kernels.layers.norm import GatedRMSNorm, l2_norm
+from gka_kernels.layers.norm import l2_norm
 
 
-class GatedKalmaNet(MixerLayer):
+class GatedKalmaNet(QKVMixerLayer):
     """Gated KalmaNet layer with the parameter names of the published primed checkpoints.
 
     Args:
@@ -50,26 +48,13 @@ class GatedKalmaNet(MixerLayer):
         super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, conv_size, norm_eps, layer_idx, backend)
         self.num_iter = check_positive_int("num_iter", num_iter)
         self.ridge_ratio = check_positive_float("ridge_ratio", ridge_ratio)
-        H, HKV, D = num_heads, num_kv_heads, head_dim
+        H = num_heads
         f = {"device": device, "dtype": dtype}
-        self.q_proj = nn.Linear(hidden_size, H * D, bias=False, **f)
-        self.k_proj = nn.Linear(hidden_size, HKV * D, bias=False, **f)
-        self.v_proj = nn.Linear(hidden_size, HKV * D, bias=False, **f)
+        self._init_qkv_proj(f)
         self.a_proj = nn.Linear(hidden_size, H, bias=False, **f)
         self.b_proj = nn.Linear(hidden_size, H, bias=True, **f)
         self.alpha_proj = nn.Linear(hidden_size, H, bias=True, **f)
-        self.A_log = nn.Parameter(torch.empty(H, **f))
-        self.dt_bias = nn.Parameter(torch.empty(H, **f))
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
-        init_A_log_(self.A_log)
-        init_dt_bias_(self.dt_bias)
-        self.q_conv1d = ShortConvolution(H * D, conv_size, bias=False, **f)
-        self.k_conv1d = ShortConvolution(HKV * D, conv_size, bias=False, **f)
-        self.v_conv1d = ShortConvolution(HKV * D, conv_size, bias=False, **f)
-        self.g_proj = nn.Linear(hidden_size, H * D, bias=False, **f)
-        self.o_norm = GatedRMSNorm(D, eps=norm_eps, **f)
-        self.o_proj = nn.Linear(H * D, hidden_size, bias=False, **f)
+        self._init_decay_conv_out(f)
 
     def cache_shapes(self) -> dict[str, tuple[int, ...]]:
         H, HKV, D, W = self.num_heads, self.num_kv_heads, self.head_dim, self.conv_size - 1
@@ -81,9 +66,7 @@ class GatedKalmaNet(MixerLayer):
         B, T, _ = x.shape
         H, HKV, D = self.num_heads, self.num_kv_heads, self.head_dim
         acc = acc_dtype(x)
-        q, q_conv = self.q_conv1d(self.q_proj(x), cache.q_conv if cache is not None else None, cu_seqlens)
-        k, k_conv = self.k_conv1d(self.k_proj(x), cache.k_conv if cache is not None else None, cu_seqlens)
-        v, v_conv = self.v_conv1d(self.v_proj(x), cache.v_conv if cache is not None else None, cu_seqlens)
+        q, k, v, convs = self._conv_qkv(x, cu_seqlens, cache)
         q = l2_norm(q.view(B, T, H, D), 1e-6)
         k = l2_norm(k.view(B, T, HKV, D), 1e-6)
         v = v.view(B, T, HKV, D)
@@ -98,11 +81,10 @@ class GatedKalmaNet(MixerLayer):
                                 num_iter=self.num_iter, initial_state=initial,
                                 output_final_state=cache is not None, cu_seqlens=cu_seqlens)
         if cache is not None:
-            cache.q_conv, cache.k_conv, cache.v_conv = q_conv, k_conv, v_conv
+            cache.q_conv, cache.k_conv, cache.v_conv = convs
             cache.h_kk = final[0].to(cache.h_kk.dtype)
             cache.h_kv = final[1].to(cache.h_kv.dtype)
-        o = self.o_norm(o, self.g_proj(x).view(B, T, H, D))
-        return self.o_proj(o.reshape(B, T, H * D))
+        return self._gated_out(o, x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_iter={self.num_iter}, ridge_ratio={self.ridge_ratio}"
