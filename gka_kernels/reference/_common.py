@@ -12,3 +12,9 @@ def spans(B: int, T: int, cu_seqlens: torch.Tensor | None) -> list[tuple[int, in
         return [(b, 0, T) for b in range(B)]
     bounds = cu_seqlens.tolist()
     return [(0, bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 when any given tensor is float64, else float32 (``None`` entries are skipped)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
+        else torch.float32

@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from gka_kernels.reference._common import spans
-
-
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
-        else torch.float32
+from gka_kernels.reference._common import compute_dtype, spans
 
 
 def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -52,7 +47,7 @@ def simple_gla_ref(
     H = max(q.shape[2], k.shape[2], v.shape[2], g.shape[2])
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    dt = _compute_dtype(q, k, v, g, initial_state)
+    dt = compute_dtype(q, k, v, g, initial_state)
     qe = _expand_heads(q.to(dt), H)
     ke = _expand_heads(k.to(dt), H)
     ve = _expand_heads(v.to(dt), H)

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gka_kernels.reference._common import spans
+from gka_kernels.reference._common import compute_dtype, spans
 
 
 def ssd_dt(dt: torch.Tensor, dt_bias: torch.Tensor | None, dt_softplus: bool,
@@ -57,9 +57,7 @@ def ssd_ref(
     """
     Bsz, T, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    args = (x, dt, A, B, C, D, z, dt_bias, initial_states)
-    cd = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in args) \
-        else torch.float32
+    cd = compute_dtype(x, dt, A, B, C, D, z, dt_bias, initial_states)
     xc = x.to(cd)
     dtc = ssd_dt(dt.to(cd), dt_bias.to(cd) if dt_bias is not None else None, dt_softplus, dt_limit)
     Ac = A.to(cd)
