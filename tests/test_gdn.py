@@ -166,6 +166,18 @@ def test_fused_recurrent_matches_reference(l2norm):
     torch.testing.assert_close(out[1][1], inputs[5][1])  # empty sequence: final == initial state
 
 
+def decode_loop(q, k, v, g, beta, h0):
+    """Decode token by token (fused_recurrent with T == 1, qk l2norm, the state handed over);
+    returns ``(o [B, T, H, V], final state)``."""
+    state, outs = h0, []
+    for t in range(q.shape[1]):
+        step = [x[:, t:t + 1] for x in (q, k, v, g, beta)]
+        o_t, state = fused_recurrent_gated_delta_rule(*step, initial_state=state, output_final_state=True,
+                                                      use_qk_l2norm_in_kernel=True)
+        outs.append(o_t)
+    return torch.cat(outs, 1), state
+
+
 @pytest.mark.interpreter
 def test_decode_loop_matches_chunked_call():
     """Decoding token by token (T == 1 with the state handed over) == one chunked call."""
@@ -173,13 +185,8 @@ def test_decode_loop_matches_chunked_call():
     q, k, v, g, beta, h0 = make_inputs(B, T, H, HKV, K, V, normalize_keys=False)
     o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                    use_qk_l2norm_in_kernel=True, chunk_size=16)
-    state, outs = h0, []
-    for t in range(T):
-        step = [x[:, t:t + 1] for x in (q, k, v, g, beta)]
-        o_t, state = fused_recurrent_gated_delta_rule(*step, initial_state=state, output_final_state=True,
-                                                      use_qk_l2norm_in_kernel=True)
-        outs.append(o_t)
-    assert_close("o", torch.cat(outs, 1), o, DECODE_FP32)
+    o_dec, state = decode_loop(q, k, v, g, beta, h0)
+    assert_close("o", o_dec, o, DECODE_FP32)
     assert_close("final_state", state, ht, DECODE_FP32)
 
 
@@ -319,13 +326,8 @@ def test_gpu_decode_matches_chunked():
                                        normalize_keys=False)
     o, ht = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                                    use_qk_l2norm_in_kernel=True)
-    state, outs = h0, []
-    for t in range(T):
-        step = [x[:, t:t + 1] for x in (q, k, v, g, beta)]
-        o_t, state = fused_recurrent_gated_delta_rule(*step, initial_state=state, output_final_state=True,
-                                                      use_qk_l2norm_in_kernel=True)
-        outs.append(o_t)
-    assert_close("o", torch.cat(outs, 1), o, DECODE_BF16)
+    o_dec, state = decode_loop(q, k, v, g, beta, h0)
+    assert_close("o", o_dec, o, DECODE_BF16)
     assert_close("final_state", state, ht, DECODE_BF16)
 
 
