@@ -231,15 +231,20 @@ def decode_loop(inp, T, state, **kw):
     return torch.stack(ys, 1)
 
 
+def assert_decode_loop_matches_chunked(inp, T, tol):
+    """``T`` single-token decode steps from the initial states == one chunked call (outputs and states)."""
+    y, final = run_ours(inp, dt_softplus=True)
+    state = inp["initial_states"].clone()
+    y_dec = decode_loop(inp, T, state)
+    assert_close("y(decode)", y_dec, y, tol)
+    assert_close("state(decode)", state, final, tol)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("D", ["head", "channel"])
 def test_decode_loop_matches_chunked_call(D):
     inp = make_inputs(2, 6, 4, 2, 16, 32, D=D)
-    y, final = run_ours(inp, dt_softplus=True)
-    state = inp["initial_states"].clone()
-    y_dec = decode_loop(inp, 6, state)
-    assert_close("y(decode)", y_dec, y, DECODE_FP32)
-    assert_close("state(decode)", state, final, DECODE_FP32)
+    assert_decode_loop_matches_chunked(inp, 6, DECODE_FP32)
 
 
 @pytest.mark.interpreter
@@ -395,11 +400,7 @@ def test_gpu_backward_is_bitwise_deterministic():
 @pytest.mark.gpu
 def test_gpu_decode_loop_matches_chunked_call_bf16():
     inp = make_inputs(4, 16, 32, 8, 128, 128, dtype=torch.bfloat16, device="cuda")
-    y, final = run_ours(inp, dt_softplus=True)
-    state = inp["initial_states"].clone()
-    y_dec = decode_loop(inp, 16, state)
-    assert_close("y(decode)", y_dec, y, DECODE_BF16)
-    assert_close("state(decode)", state, final, DECODE_BF16)
+    assert_decode_loop_matches_chunked(inp, 16, DECODE_BF16)
 
 
 @pytest.mark.gpu
