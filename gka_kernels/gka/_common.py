@@ -92,3 +92,17 @@ def sequence_coords(i_n, cu_seqlens, chunk_offsets, T, NT, BT: tl.constexpr, IS_
         n_chunks = NT
         boh = i_n.to(tl.int64) * NT
     return bos, seq_len, n_chunks, boh
+
+
+@triton.jit
+def row_norms(a):
+    """``(n, 1/n)`` of the rows of ``a`` (``1/n = 0`` for zero rows): row scaling of dot operands."""
+    n = tl.sqrt(tl.sum(a * a, axis=1))
+    return n, tl.where(n > 0, 1.0 / n, 0.0)
+
+
+@triton.jit
+def tile_scale(a):
+    """Largest ``|a|`` over a 2-D tile (1 for a zero tile): ``a / tile_scale(a)`` fits float16."""
+    m = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
+    return tl.where(m > 0, m, 1.0)

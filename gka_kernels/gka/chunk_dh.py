@@ -15,6 +15,10 @@ where ``sum_s exp(G_s) c_s H_s = b0 H_c + sum_j beta_j k_j k_j^T`` with
 ``b0 = sum_s c_s exp(2 G_s)`` and ``beta`` from the solve backward. ``dh[slot(c)]`` stores ``D_c``
 (float32); the pass starts from the gradient of the final state and ends with the gradient of
 the initial state. Like a linear-attention backward state pass with "v = k" plus the lambda path.
+
+Precision: the dots take ``solve_dot_dtype`` operands (float16 for 16-bit inputs; bf16 operands
+put 1.6e-2 of error into ``dgk``): ``x`` rows of the column block at unit norm, their norms folded
+into the ``exp(G) dQs`` tile, which is divided by its largest magnitude and multiplied back.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype
-from gka_kernels.gka._common import CHUNK, dot_precision, dot_dtype, sequence_coords
+from gka_kernels.gka._common import (
+    CHUNK, dot_precision, row_norms, sequence_coords, solve_dot_dtype, tile_scale,
+)
 
 
 @autotune(
@@ -42,7 +48,7 @@ def chunk_gka_bwd_dh_kernel(
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
     BKI: tl.constexpr, BKJ: tl.constexpr,
     USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    ACC: tl.constexpr, DX: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (cdiv(K, BKI), cdiv(K, BKJ), N*H): a [BKI, BKJ] tile of one head's adjoint, walking
     the chunks backwards; per chunk two [BKI, BT] x [BT, BKJ] dots."""
@@ -84,11 +90,15 @@ def chunk_gka_bwd_dh_kernel(
         b_ki = tl.load(k + p_k[:, None] + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0).to(ACC)
         b_kj = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_t[:, None] & m_j[None, :], other=0)
         b_hc = tl.load(h + p_state, mask=m_ij, other=0).to(ACC)
-        b_dq = (b_dq * tl.exp(b_g)[:, None]).to(DT)
-        b_ki = (b_ki * b_beta[:, None]).to(DT)
+        # x rows (this column block) to unit norm, the norms folded into the tile-scaled dqs side.
+        b_xn, b_xr = row_norms(b_x.to(ACC))
+        b_dq = b_dq * (tl.exp(b_g) * b_xn)[:, None]
+        s_dq = tile_scale(b_dq)
+        b_ki = (b_ki * b_beta[:, None]).to(DX)
         b_d = b_d * tl.exp(g_last) - b0 * b_hc
-        b_d -= tl.dot(tl.trans(b_dq), b_x.to(ACC).to(DT), input_precision=PREC, out_dtype=ACC)
-        b_d -= tl.dot(tl.trans(b_ki), b_kj.to(ACC).to(DT), input_precision=PREC, out_dtype=ACC)
+        b_d -= s_dq * tl.dot(tl.trans((b_dq / s_dq).to(DX)), (b_x.to(ACC) * b_xr[:, None]).to(DX),
+                             input_precision=PREC, out_dtype=ACC)
+        b_d -= tl.dot(tl.trans(b_ki), b_kj.to(ACC).to(DX), input_precision=PREC, out_dtype=ACC)
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * K + o_ij, b_d.to(dh0.dtype.element_ty), mask=m_ij)
 
@@ -131,7 +141,7 @@ def chunk_gka_bwd_dh(
         k, x, dqs, gcum, lam_c, beta, h, dh, dht, dh0, cu_seqlens, chunk_offsets, T, NT,
         H=H, HKV=HKV, K=K, BT=CHUNK,
         USE_DHT=dht is not None, STORE_DH0=need_dh0, IS_VARLEN=cu_seqlens is not None,
-        ACC=compute_dtype(k.dtype), DT=dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
+        ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
     return dh, dh0
 
@@ -144,7 +154,7 @@ for _bki, _bkj, _w in ((64, 64, 8), (32, 32, 4)):
                "beta": "*fp32", "h": "*fp32", "dh": "*fp32", "dht": "*fp32", "dh0": "*fp32",
                "cu_seqlens": "*i32", "chunk_offsets": "*i64", "T": "i32", "NT": "i32"},
         constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BKI": _bki, "BKJ": _bkj, "USE_DHT": True,
-                    "STORE_DH0": True, "IS_VARLEN": True, "ACC": tl.float32, "DT": tl.bfloat16,
+                    "STORE_DH0": True, "IS_VARLEN": True, "ACC": tl.float32, "DX": tl.float16,
                     "PREC": "ieee"},
         num_warps=_w, num_stages=2,
     ))

@@ -18,6 +18,12 @@ the reverse state pass, ``H_c`` the chunk-start state, ``G`` the chunk-local cum
 and ``dgk`` is its reverse cumulative sum over the sequence (done by the caller).
 
 Tiles: grid (chunks, B*H); [BT, K] rows, [BT, BT] masks, two [K, K] states per program.
+
+Precision: ``x`` is ~20x ``q`` and its terms cancel in ``dGc``; with bf16 dot operands ``dgk`` was
+off by 2-4e-2 (rounding ``x`` dominated). Every dot therefore takes ``DX`` operands (float16 for
+16-bit inputs, :func:`gka_kernels.gka._common.solve_dot_dtype`) on normalized data: ``x`` and
+``dqs`` rows are divided by their norms (folded into the fp32 weights), and each weight or state
+tile is divided by its largest magnitude (:func:`tile_scale`), multiplied back after the dot.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
-from gka_kernels.gka._common import CHUNK, dot_precision, chunk_coords, dot_dtype
+from gka_kernels.gka._common import (
+    CHUNK, chunk_coords, dot_precision, row_norms, solve_dot_dtype, tile_scale,
+)
 
 
 @autotune(
@@ -39,7 +47,7 @@ from gka_kernels.gka._common import CHUNK, dot_precision, chunk_coords, dot_dtyp
 def chunk_gka_bwd_dk_kernel(
     k, x, dqs, gcum, lam_c, beta, dgp, h, dh, dk, dgc, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BJ: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    BJ: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DX: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (chunks, B*H): dk (per query head) and dGc of one chunk. The [BT, BT] weight matrices
     are formed once; the output columns are produced in blocks of BJ (two [K, BJ] state slices
@@ -64,15 +72,24 @@ def chunk_gka_bwd_dk_kernel(
     b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
     p_row = (tok * H + i_h) * K
     p_k = (tok * HKV + i_hk) * K
-    b_kd = tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC).to(DT)
-    b_xd = tl.load(x + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC).to(DT)
-    b_dqd = tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC).to(DT)
+    b_k = tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
+    b_kd = b_k.to(DX)
+    b_xd = tl.load(x + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
+    b_dqd = tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
+    b_xn, b_xr = row_norms(b_xd)
+    b_dn, b_dr = row_norms(b_dqd)
+    b_xd = (b_xd * b_xr[:, None]).to(DX)
+    b_dqd = (b_dqd * b_dr[:, None]).to(DX)
 
-    # Rows t, columns s >= t: Mt[t, s] = exp(G_s - G_t).
+    # Rows t, columns s >= t: Mt[t, s] = exp(G_s - G_t), times |x_s| |dqs_s| (operands are unit rows).
     m_up = (o_t[None, :] >= o_t[:, None]) & m_tt
-    b_mt = tl.exp(tl.where(m_up, b_g[None, :] - b_g[:, None], float("-inf")))
-    b_a1 = (tl.dot(b_kd, tl.trans(b_xd), input_precision=PREC, out_dtype=ACC) * b_mt).to(DT)
-    b_a2 = (tl.dot(b_kd, tl.trans(b_dqd), input_precision=PREC, out_dtype=ACC) * b_mt).to(DT)
+    b_mt = tl.exp(tl.where(m_up, b_g[None, :] - b_g[:, None], float("-inf"))) * (b_xn * b_dn)[None, :]
+    b_a1 = tl.dot(b_kd, tl.trans(b_xd), input_precision=PREC, out_dtype=ACC) * b_mt
+    s_a1 = tile_scale(b_a1)
+    b_a1 = (b_a1 / s_a1).to(DX)
+    b_a2 = tl.dot(b_kd, tl.trans(b_dqd), input_precision=PREC, out_dtype=ACC) * b_mt
+    s_a2 = tile_scale(b_a2)
+    b_a2 = (b_a2 / s_a2).to(DX)
     # Symmetric lambda-path weights 2 Mw[t, j] (k_t . k_j).
     b_e2 = tl.exp(tl.where(m_up, 2.0 * (b_g[None, :] - b_g[:, None]), float("-inf")))
     b_bp = tl.sum(b_e2 * b_c[None, :], axis=1)
@@ -80,9 +97,11 @@ def chunk_gka_bwd_dk_kernel(
     b_gm = tl.where(m_lo, b_g[:, None], b_g[None, :])
     b_bm = tl.where(m_lo, b_bp[:, None], b_bp[None, :])
     b_mw = tl.exp(tl.where(m_tt, 2.0 * b_gm - b_g[:, None] - b_g[None, :], float("-inf"))) * b_bm
-    b_a3 = (2.0 * tl.dot(b_kd, tl.trans(b_kd), input_precision=PREC, out_dtype=ACC) * b_mw).to(DT)
+    b_a3 = 2.0 * tl.dot(b_kd, tl.trans(b_kd), input_precision=PREC, out_dtype=ACC) * b_mw
+    s_a3 = tile_scale(b_a3)
+    b_a3 = (b_a3 / s_a3).to(DX)
     b_el = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
-    b_kel = (b_kd.to(ACC) * b_el[:, None]).to(DT)
+    b_kel = (b_k * b_el[:, None]).to(DX)
 
     p_state = (i_s * H + i_h) * K * K
     b_dgc = tl.load(dgp + tok * H + i_h, mask=m_t, other=0).to(ACC)
@@ -100,12 +119,15 @@ def chunk_gka_bwd_dk_kernel(
         b_kj = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
         b_xj = tl.load(x + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
         b_dqj = tl.load(dqs + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
+        s_ds = tile_scale(b_ds)
+        s_hs = tile_scale(b_hs)
         # Later chunks, then the H_c part of the lambda path, then this chunk's tokens.
-        b_dk = tl.dot(b_kel, b_ds.to(DT), input_precision=PREC, out_dtype=ACC)
-        b_dk -= b_beta[:, None] * tl.dot(b_kd, b_hs.to(DT), input_precision=PREC, out_dtype=ACC)
-        b_dk -= tl.dot(b_a1, b_dqj.to(DT), input_precision=PREC, out_dtype=ACC)
-        b_dk -= tl.dot(b_a2, b_xj.to(DT), input_precision=PREC, out_dtype=ACC)
-        b_dk -= tl.dot(b_a3, b_kj.to(DT), input_precision=PREC, out_dtype=ACC)
+        b_dk = s_ds * tl.dot(b_kel, (b_ds / s_ds).to(DX), input_precision=PREC, out_dtype=ACC)
+        b_dk -= (b_beta * s_hs)[:, None] * tl.dot(b_kd, (b_hs / s_hs).to(DX), input_precision=PREC,
+                                                 out_dtype=ACC)
+        b_dk -= s_a1 * tl.dot(b_a1, (b_dqj * b_dr[:, None]).to(DX), input_precision=PREC, out_dtype=ACC)
+        b_dk -= s_a2 * tl.dot(b_a2, (b_xj * b_xr[:, None]).to(DX), input_precision=PREC, out_dtype=ACC)
+        b_dk -= s_a3 * tl.dot(b_a3, b_kj.to(DX), input_precision=PREC, out_dtype=ACC)
         tl.store(dk + p_row[:, None] + o_j[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tj)
         b_dgc -= 0.5 * tl.sum(b_kj * b_dk, axis=1)
     tl.store(dgc + tok * H + i_h, b_dgc.to(dgc.dtype.element_ty), mask=m_t)
@@ -135,7 +157,7 @@ def chunk_gka_bwd_dk(
     chunk_gka_bwd_dk_kernel[grid](
         k, x, dqs, gcum, lam_c, beta, dgp, h, dh, dk, dgc, cu_seqlens, chunk_indices, T, NT,
         H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), BJ=min(64, next_power_of_2(K)), IS_VARLEN=cu_seqlens is not None,
-        ACC=compute_dtype(k.dtype), DT=dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
+        ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
     return dk, dgc
 
@@ -148,6 +170,6 @@ for _w in (4, 8):
                "beta": "*fp32", "dgp": "*fp32", "h": "*fp32", "dh": "*fp32", "dk": "*fp32",
                "dgc": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "T": "i32", "NT": "i32"},
         constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 64, "IS_VARLEN": False,
-                    "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
+                    "ACC": tl.float32, "DX": tl.float16, "PREC": "ieee"},
         num_warps=_w, num_stages=1,
     ))
