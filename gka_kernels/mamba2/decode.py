@@ -47,14 +47,14 @@ def selective_state_update_kernel(
         slot = tl.load(slots + i_b).to(tl.int64)
     else:
         slot = i_b.to(tl.int64)
-    valid = slot >= 0
-    slot = tl.maximum(slot, 0)
-
     o_p = i_p * BP + tl.arange(0, BP)
     o_n = tl.arange(0, BN)
     m_p = o_p < P
     m_n = o_n < N
-    m_s = m_p[:, None] & m_n[None, :] & valid
+    # The slot test as a [BP] block: a scalar boolean in a mask is rejected by Triton 3.9's interpreter.
+    valid = o_p * 0 + slot >= 0
+    m_s = (m_p & valid)[:, None] & m_n[None, :]
+    slot = tl.maximum(slot, 0)
     s_ptr = state + (slot * H + i_h) * (P * N) + (o_p[:, None] * N + o_n[None, :])
     s = tl.load(s_ptr, mask=m_s, other=0).to(ACC)
 
