@@ -90,7 +90,7 @@ def fused_recurrent_gka_kernel(
         tl.store(o + (t * H + i_h) * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
     if STORE_FINAL:
         tl.store(ht_kk + i_nh.to(tl.int64) * K * K + o_k[:, None] * K + o_k[None, :],
-                 b_h.to(ht_kk.dtype.element_ty), mask=m_kk & (i_v == 0))
+                 b_h.to(ht_kk.dtype.element_ty), mask=m_kk & (o_k[:, None] * 0 + i_v == 0))
         tl.store(ht_kv + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
                  b_u.to(ht_kv.dtype.element_ty), mask=m_kv)
 
