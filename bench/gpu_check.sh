@@ -42,18 +42,24 @@ if [[ " $stages " == *" build "* ]]; then
 fi
 
 if [[ " $stages " == *" tests "* ]]; then
-  # One pytest per test file, each under its own time limit, appending to one log that comes back
-  # even if a later file hangs. GPU_TEST_FILES restricts the files; PER_FILE_TIMEOUT (s) bounds each.
-  log="$out/gpu-tests-$stamp.log"
-  for f in ${GPU_TEST_FILES:-$(grep -l "mark.gpu" tests/test_*.py)}; do
-    echo "== pytest -m gpu $f" | tee -a "$log"
+  # One pytest per test file, each under its own time limit and with its own log, so a hanging file
+  # costs only itself. GPU_TEST_FILES restricts the files; PER_FILE_TIMEOUT (s) bounds each;
+  # GPU_TEST_JOBS files run at once (Triton JIT compiles are CPU-bound; the card is shared).
+  run_test_file() {
+    local f=$1 flog="$out/gpu-tests-$stamp-$(basename "$1" .py).log"
     timeout "${PER_FILE_TIMEOUT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider -rfE ${PYTEST_ARGS:-} "$f" \
-      >> "$log" 2>&1
-    rc=$?
-    [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || status=1
-    tail -3 "$log"
+      > "$flog" 2>&1
+    local rc=$?
+    echo "== pytest -m gpu $f: exit $rc, $(tail -1 "$flog")"
+    { [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ]; } || touch "$out/gpu-tests-$stamp.failed"
+  }
+  for f in ${GPU_TEST_FILES:-$(grep -l "mark.gpu" tests/test_*.py)}; do
+    while [ "$(jobs -rp | wc -l)" -ge "${GPU_TEST_JOBS:-1}" ]; do wait -n; done
+    run_test_file "$f" &
   done
-  echo "== failures"; grep -E "^(FAILED|ERROR)" "$log" | head -60
+  wait
+  [ -e "$out/gpu-tests-$stamp.failed" ] && status=1
+  echo "== failures"; grep -hE "^(FAILED|ERROR)" "$out"/gpu-tests-"$stamp"-*.log | head -60
 fi
 
 if [[ " $stages " == *" bench "* ]]; then

@@ -86,11 +86,16 @@ def check_gka_inputs(q, k, v, g, gk, alpha, scale, ridge_ratio, num_iter, bp_lam
 
 
 class ChunkGkaSolveFunction(torch.autograd.Function):
-    """``(q, k, gk, alpha, h0_kk) -> (qm, h_kk final)``: the ridge-solve half of GKA."""
+    """``(q, k, gk, alpha, h0_kk) -> (qm, h_kk final)``: the ridge-solve half of GKA.
+
+    ``k`` may be a float32 copy of 16-bit keys (``chunk_gka`` passes one): the kernels read it in
+    ``q``'s dtype and its gradient is returned in float32."""
 
     @staticmethod
     def forward(ctx, q, k, gk, alpha, h0, ridge_ratio, num_iter, bp_lambda, output_final_state,
                 cu_seqlens):
+        ctx.k_dtype = k.dtype
+        k = k.to(q.dtype)
         B, T, H, _ = q.shape
         if cu_seqlens is not None:
             chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK)
@@ -124,7 +129,7 @@ class ChunkGkaSolveFunction(torch.autograd.Function):
         dh, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, num_seqs,
                                    ctx.needs_input_grad[4], cu_seqlens, chunk_offsets)
         dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, cu_seqlens, chunk_indices)
-        dk = dk_h.view(B, T, HKV, H // HKV, K).sum(3).to(k.dtype)
+        dk = dk_h.view(B, T, HKV, H // HKV, K).sum(3).to(ctx.k_dtype)
         dgk = _reverse_cumsum(dgc, cu_seqlens)
         if dht is not None:
             # <dht, H_T> belongs to the decay gradient of every token of the sequence.
@@ -203,12 +208,16 @@ def chunk_gka(
         return o, (q.new_zeros(dims.N, dims.H, dims.K, dims.K, dtype=state_dtype),
                    q.new_zeros(dims.N, dims.H, dims.K, dims.V, dtype=state_dtype))
     gk = g if gk is None else gk
+    # One float32 (float64) copy of k feeds both the solve and the readout, so that their key
+    # gradients are summed before any rounding to k's dtype: they cancel heavily (on GKA layer
+    # inputs each part was ~7x the sum; rounding both to bf16 first gave 2e-2 error in dk).
+    k_read = k.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
     qm, ht_kk = ChunkGkaSolveFunction.apply(
-        q.contiguous(), k.contiguous(), gk.contiguous(),
+        q.contiguous(), k_read, gk.contiguous(),
         alpha.contiguous() if alpha is not None else None,
         h0_kk.contiguous() if h0_kk is not None else None,
         float(ridge_ratio), num_iter, bp_lambda, output_final_state, cu_seqlens)
     # qm is float32 for 16-bit inputs (see the module docstring): read out in float32.
-    o, ht_kv = chunk_simple_gla(qm, k.to(qm.dtype), v.to(qm.dtype), g, scale=scale, initial_state=h0_kv,
+    o, ht_kv = chunk_simple_gla(qm, k_read, v.to(qm.dtype), g, scale=scale, initial_state=h0_kv,
                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     return o.to(q.dtype), ((ht_kk, ht_kv) if output_final_state else None)

@@ -30,7 +30,7 @@ import triton.language as tl
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype
 from gka_kernels.gka._common import (
-    CHUNK, dot_precision, row_norms, sequence_coords, solve_dot_dtype, tile_scale,
+    CHUNK, dot_precision, row_norms, sequence_coords, solve_dot_dtype, split_hi_lo, tile_scale,
 )
 
 
@@ -96,8 +96,15 @@ def chunk_gka_bwd_dh_kernel(
         s_dq = tile_scale(b_dq)
         b_ki = (b_ki * b_beta[:, None]).to(DX)
         b_d = b_d * tl.exp(g_last) - b0 * b_hc
-        b_d -= s_dq * tl.dot(tl.trans((b_dq / s_dq).to(DX)), (b_x.to(ACC) * b_xr[:, None]).to(DX),
-                             input_precision=PREC, out_dtype=ACC)
+        # (D + D^T) k later projects both x and dqs onto keys: for 16-bit DX both enter as
+        # hi + lo (split_hi_lo; the lo x lo term is below fp32 rounding).
+        b_xhi, b_xlo = split_hi_lo(b_x.to(ACC) * b_xr[:, None], DX)
+        b_dqhi, b_dqlo = split_hi_lo(b_dq / s_dq, DX)
+        b_dx = tl.dot(tl.trans(b_dqhi), b_xhi, input_precision=PREC, out_dtype=ACC)
+        if DX.primitive_bitwidth == 16:
+            b_dx = tl.dot(tl.trans(b_dqhi), b_xlo, b_dx, input_precision=PREC, out_dtype=ACC)
+            b_dx = tl.dot(tl.trans(b_dqlo), b_xhi, b_dx, input_precision=PREC, out_dtype=ACC)
+        b_d -= s_dq * b_dx
         b_d -= tl.dot(tl.trans(b_ki), b_kj.to(ACC).to(DX), input_precision=PREC, out_dtype=ACC)
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * K + o_ij, b_d.to(dh0.dtype.element_ty), mask=m_ij)

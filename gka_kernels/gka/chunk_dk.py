@@ -24,6 +24,7 @@ off by 2-4e-2 (rounding ``x`` dominated). Every dot therefore takes ``DX`` opera
 16-bit inputs, :func:`gka_kernels.gka._common.solve_dot_dtype`) on normalized data: ``x`` and
 ``dqs`` rows are divided by their norms (folded into the fp32 weights), and each weight or state
 tile is divided by its largest magnitude (:func:`tile_scale`), multiplied back after the dot.
+``k . x`` and ``k . dqs`` take ``x`` and ``dqs`` as hi + lo (:func:`split_hi_lo`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import triton.language as tl
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
 from gka_kernels.gka._common import (
-    CHUNK, chunk_coords, dot_precision, row_norms, solve_dot_dtype, tile_scale,
+    CHUNK, chunk_coords, dot_precision, row_norms, solve_dot_dtype, split_hi_lo, tile_scale,
 )
 
 
@@ -78,16 +79,22 @@ def chunk_gka_bwd_dk_kernel(
     b_dqd = tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
     b_xn, b_xr = row_norms(b_xd)
     b_dn, b_dr = row_norms(b_dqd)
-    b_xd = (b_xd * b_xr[:, None]).to(DX)
-    b_dqd = (b_dqd * b_dr[:, None]).to(DX)
+    b_xd, b_xlo = split_hi_lo(b_xd * b_xr[:, None], DX)
+    b_dqd, b_dqlo = split_hi_lo(b_dqd * b_dr[:, None], DX)
 
     # Rows t, columns s >= t: Mt[t, s] = exp(G_s - G_t), times |x_s| |dqs_s| (operands are unit rows).
     m_up = (o_t[None, :] >= o_t[:, None]) & m_tt
     b_mt = tl.exp(tl.where(m_up, b_g[None, :] - b_g[:, None], float("-inf"))) * (b_xn * b_dn)[None, :]
-    b_a1 = tl.dot(b_kd, tl.trans(b_xd), input_precision=PREC, out_dtype=ACC) * b_mt
+    b_a1 = tl.dot(b_kd, tl.trans(b_xd), input_precision=PREC, out_dtype=ACC)
+    if DX.primitive_bitwidth == 16:  # k . x is a small key-space part of x: x as hi + lo
+        b_a1 = tl.dot(b_kd, tl.trans(b_xlo), b_a1, input_precision=PREC, out_dtype=ACC)
+    b_a1 = b_a1 * b_mt
     s_a1 = tile_scale(b_a1)
     b_a1 = (b_a1 / s_a1).to(DX)
-    b_a2 = tl.dot(b_kd, tl.trans(b_dqd), input_precision=PREC, out_dtype=ACC) * b_mt
+    b_a2 = tl.dot(b_kd, tl.trans(b_dqd), input_precision=PREC, out_dtype=ACC)
+    if DX.primitive_bitwidth == 16:  # the same for dqs, another solution of the ridge system
+        b_a2 = tl.dot(b_kd, tl.trans(b_dqlo), b_a2, input_precision=PREC, out_dtype=ACC)
+    b_a2 = b_a2 * b_mt
     s_a2 = tile_scale(b_a2)
     b_a2 = (b_a2 / s_a2).to(DX)
     # Symmetric lambda-path weights 2 Mw[t, j] (k_t . k_j).

@@ -50,7 +50,7 @@ import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
-from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_coords, dot_precision, solve_dot_dtype
+from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_coords, dot_precision, solve_dot_dtype, split_hi_lo
 
 
 @triton.jit
@@ -95,6 +95,20 @@ def _scores(b_al, b_ah, b_bl, b_bh, ACC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def _key_scores(b_yl, b_yh, b_kl, b_kh, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """``(Y @ K^T, Y_hi)``: scores of the iterate rows ``Y`` (column halves, ``ACC``) against the
+    keys, and ``Y``'s halves rounded to ``DT``. For a 16-bit ``DT``, ``Y`` enters the scores as
+    hi + lo (:func:`split_hi_lo`, two dots): ``k . y`` is a small key-space part of a large ``y``."""
+    b_ol, b_ll = split_hi_lo(b_yl, DT)
+    b_oh, b_lh = split_hi_lo(b_yh, DT)
+    b_s = _scores(b_ol, b_oh, b_kl, b_kh, ACC, PREC)
+    if DT.primitive_bitwidth == 16:
+        b_s = tl.dot(b_ll, tl.trans(b_kl), b_s, input_precision=PREC, out_dtype=ACC)
+        b_s = tl.dot(b_lh, tl.trans(b_kh), b_s, input_precision=PREC, out_dtype=ACC)
+    return b_s, b_ol, b_oh
+
+
+@triton.jit
 def _half(b_yl, b_yh, b_ht_l, b_ht_h, b_sd, b_kc, b_eg, ACC: tl.constexpr, PREC: tl.constexpr):
     """One column half of rows(H_t y_t): b_eg * (Y @ Hs^T[:, half]) + S @ K[:, half], with
     ``Hs = H_c / ||H_c||``, ``b_eg = exp(G) ||H_c||`` and ``S = (Y @ K^T) * M`` in the dot dtype."""
@@ -109,9 +123,8 @@ def _apply(b_yl, b_yh, b_m, b_eg, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh
     """Both column halves of rows(H_t y_t), formed from the row-normalized ``y``."""
     b_n = tl.sqrt(tl.sum(b_yl * b_yl, axis=1) + tl.sum(b_yh * b_yh, axis=1))
     b_n = tl.where(b_n > 0, b_n, 1.0)
-    b_ol = (b_yl / b_n[:, None]).to(DT)
-    b_oh = (b_yh / b_n[:, None]).to(DT)
-    b_sd = (_scores(b_ol, b_oh, b_kl, b_kh, ACC, PREC) * b_m).to(DT)
+    b_s, b_ol, b_oh = _key_scores(b_yl / b_n[:, None], b_yh / b_n[:, None], b_kl, b_kh, ACC, DT, PREC)
+    b_sd = (b_s * b_m).to(DT)
     b_pl = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, ACC, PREC)
     b_ph = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, ACC, PREC)
     return b_pl * b_n[:, None], b_ph * b_n[:, None]
@@ -165,9 +178,8 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
     w = tl.full([], 2.0, ACC)
     for _ in range(num_iter):
         w = 1.0 / (1.0 - c4 * w)
-        b_ol = b_yl.to(DT)
-        b_oh = b_yh.to(DT)
-        b_sd = (_scores(b_ol, b_oh, b_kl, b_kh, ACC, PREC) * b_md.to(ACC)).to(DT)
+        b_s, b_ol, b_oh = _key_scores(b_yl, b_yh, b_kl, b_kh, ACC, DT, PREC)
+        b_sd = (b_s * b_md.to(ACC)).to(DT)
         b_p = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, ACC, PREC)
         if PACK:
             b_dl = _lo16(b_dp, DT, ACC)
