@@ -10,7 +10,8 @@ bf16), so nothing is downloaded. It is converted with ``gka_kernels.hybrid.conve
 (``--ratio`` of the layers, placed uniformly). For every context length the benchmark prefills a
 random prompt of that length (batch ``--batch``) into a fresh cache, then runs ``--new-tokens``
 greedy decode steps through the model's ``forward`` with the cache (what ``generate`` does,
-without its bookkeeping), timing the steps after ``--warmup`` untimed ones. It reports decode
+without its bookkeeping), timing the steps after ``--warmup`` untimed ones. One untimed prefill and
+decode at the first context precedes the timed ones (kernel compilation and autotuning). It reports decode
 tokens/s (all sequences), prefill tokens/s, the cache bytes after the prefill (the source's KV
 cache grows in every layer; the hybrid's only in its attention layers, plus a fixed SSM state),
 and the peak GPU memory. Writes ``e2e-<card>-<time>.json`` and a PNG plot (needs matplotlib; on a
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
               "new_tokens": new_tokens, "model_config": config.to_dict(), "env": environment(device),
               "parameters": {name: count_parameters(m) for name, (m, _) in models.items()}, "models": {}}
     for name, (model, new_cache) in models.items():
+        # Untimed pass first: the first prefill and decode step compile (and autotune) the kernels.
+        measure(model, new_cache, contexts[0], args.batch, 1, 1, config.vocab_size, device)
         rows = []
         for ctx in contexts:
             try:

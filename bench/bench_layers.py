@@ -141,7 +141,8 @@ def _cases(sh: Shape, dtype, device, gka_num_iters, contexts):
 
 def run_layer_bench(shapes: Sequence[Shape], dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
                     timer: Callable | None = None, *, gka_num_iters: Sequence[int] = (30, 10),
-                    contexts: Sequence[int] = (8192, 32768)) -> list[dict]:
+                    contexts: Sequence[int] = (8192, 32768),
+                    progress: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Time every layer at every shape; one row per case.
 
     ``timer(fn, graph=bool, grad_to_none=list | None)`` returns milliseconds, or ``(ms, method)``
@@ -149,6 +150,7 @@ def run_layer_bench(shapes: Sequence[Shape], dtype: torch.dtype = torch.bfloat16
     Rows: ``case, layer, impl, shape, mode, ms, method`` (+ ``num_iter`` / ``context``), and
     ``vs_attention`` (time / attention time at the same shape and mode; for decode, against the
     8K-context attention step when timed). A failing case gets ``error`` instead of ``ms``.
+    ``progress(rows so far)`` is called after every case.
     """
     if timer is None:
         from bench.timing import time_ms as timer
@@ -170,6 +172,8 @@ def run_layer_bench(shapes: Sequence[Shape], dtype: torch.dtype = torch.bfloat16
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             shape_rows.append(row)
+            if progress is not None:
+                progress(rows + shape_rows)
         for mode in {r["mode"] for r in shape_rows}:
             base = [r for r in shape_rows if r["layer"] == "attention" and r["mode"] == mode and "ms" in r]
             base = min(base, key=lambda r: r.get("context", 0), default=None)
@@ -200,12 +204,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
-    rows = run_layer_bench([SHAPES[s] for s in args.shapes.split(",") if s])
     env = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"layers-{env['card'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+
+    def save(rows: list[dict]) -> None:  # after every case: a run cut short keeps what it measured
+        (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+        r = rows[-1]
+        print(r["case"], r.get("num_iter", ""), r.get("context", ""), f"{r['ms']:.4f} ms" if "ms" in r
+              else r.get("error"), flush=True)
+
+    rows = run_layer_bench([SHAPES[s] for s in args.shapes.split(",") if s], progress=save)
+    save(rows)
     table = markdown(rows)
     (out / f"{stem}.md").write_text(table + "\n")
     print(table)
