@@ -24,7 +24,8 @@ off by 2-4e-2 (rounding ``x`` dominated). Every dot therefore takes ``DX`` opera
 16-bit inputs, :func:`gka_kernels.gka._common.solve_dot_dtype`) on normalized data: ``x`` and
 ``dqs`` rows are divided by their norms (folded into the fp32 weights), and each weight or state
 tile is divided by its largest magnitude (:func:`tile_scale`), multiplied back after the dot.
-``k . x`` and ``k . dqs`` take ``x`` and ``dqs`` as hi + lo (:func:`split_hi_lo`).
+``k . x``, ``k . dqs`` and the ``x`` rows of the ``(k . dqs) x`` term take hi + lo operands
+(:func:`split_hi_lo`): each is later projected onto keys.
 """
 
 from __future__ import annotations
@@ -133,7 +134,12 @@ def chunk_gka_bwd_dk_kernel(
         b_dk -= (b_beta * s_hs)[:, None] * tl.dot(b_kd, (b_hs / s_hs).to(DX), input_precision=PREC,
                                                  out_dtype=ACC)
         b_dk -= s_a1 * tl.dot(b_a1, (b_dqj * b_dr[:, None]).to(DX), input_precision=PREC, out_dtype=ACC)
-        b_dk -= s_a2 * tl.dot(b_a2, (b_xj * b_xr[:, None]).to(DX), input_precision=PREC, out_dtype=ACC)
+        # dGc projects this term onto k_t: x_j as hi + lo (split_hi_lo) for a 16-bit DX.
+        b_xjh, b_xjl = split_hi_lo(b_xj * b_xr[:, None], DX)
+        b_xa = tl.dot(b_a2, b_xjh, input_precision=PREC, out_dtype=ACC)
+        if DX.primitive_bitwidth == 16:
+            b_xa = tl.dot(b_a2, b_xjl, b_xa, input_precision=PREC, out_dtype=ACC)
+        b_dk -= s_a2 * b_xa
         b_dk -= s_a3 * tl.dot(b_a3, b_kj.to(DX), input_precision=PREC, out_dtype=ACC)
         tl.store(dk + p_row[:, None] + o_j[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tj)
         b_dgc -= 0.5 * tl.sum(b_kj * b_dk, axis=1)

@@ -109,11 +109,15 @@ def _key_scores(b_yl, b_yh, b_kl, b_kh, ACC: tl.constexpr, DT: tl.constexpr, PRE
 
 
 @triton.jit
-def _half(b_yl, b_yh, b_ht_l, b_ht_h, b_sd, b_kc, b_eg, ACC: tl.constexpr, PREC: tl.constexpr):
+def _half(b_yl, b_yh, b_ht_l, b_ht_h, b_sd, b_sdl, b_kc, b_eg, ACC: tl.constexpr, DT: tl.constexpr,
+          PREC: tl.constexpr):
     """One column half of rows(H_t y_t): b_eg * (Y @ Hs^T[:, half]) + S @ K[:, half], with
-    ``Hs = H_c / ||H_c||``, ``b_eg = exp(G) ||H_c||`` and ``S = (Y @ K^T) * M`` in the dot dtype."""
+    ``Hs = H_c / ||H_c||``, ``b_eg = exp(G) ||H_c||`` and ``S = (Y @ K^T) * M`` in the dot dtype
+    as ``b_sd`` + ``b_sdl`` (hi + lo, :func:`split_hi_lo`; lo is used only for a 16-bit ``DT``)."""
     b_p = tl.dot(b_yl, b_ht_l, input_precision=PREC, out_dtype=ACC)
     b_p = tl.dot(b_yh, b_ht_h, b_p, input_precision=PREC, out_dtype=ACC) * b_eg[:, None]
+    if DT.primitive_bitwidth == 16:
+        b_p = tl.dot(b_sdl, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
     return tl.dot(b_sd, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
 
 
@@ -124,9 +128,9 @@ def _apply(b_yl, b_yh, b_m, b_eg, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh
     b_n = tl.sqrt(tl.sum(b_yl * b_yl, axis=1) + tl.sum(b_yh * b_yh, axis=1))
     b_n = tl.where(b_n > 0, b_n, 1.0)
     b_s, b_ol, b_oh = _key_scores(b_yl / b_n[:, None], b_yh / b_n[:, None], b_kl, b_kh, ACC, DT, PREC)
-    b_sd = (b_s * b_m).to(DT)
-    b_pl = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, ACC, PREC)
-    b_ph = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, ACC, PREC)
+    b_sd, b_sdl = split_hi_lo(b_s * b_m, DT)
+    b_pl = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_sdl, b_kl, b_eg, ACC, DT, PREC)
+    b_ph = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_sdl, b_kh, b_eg, ACC, DT, PREC)
     return b_pl * b_n[:, None], b_ph * b_n[:, None]
 
 
@@ -179,8 +183,8 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
     for _ in range(num_iter):
         w = 1.0 / (1.0 - c4 * w)
         b_s, b_ol, b_oh = _key_scores(b_yl, b_yh, b_kl, b_kh, ACC, DT, PREC)
-        b_sd = (b_s * b_md.to(ACC)).to(DT)
-        b_p = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, ACC, PREC)
+        b_sd, b_sdl = split_hi_lo(b_s * b_md.to(ACC), DT)
+        b_p = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_sdl, b_kl, b_eg, ACC, DT, PREC)
         if PACK:
             b_dl = _lo16(b_dp, DT, ACC)
             b_rl = _lo16(b_rp, DT, ACC)
@@ -188,7 +192,7 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
         b_yl += b_dl
         if PACK:
             b_dp = (b_dp & -65536) | _bits16(b_dl, DT)
-        b_p = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, ACC, PREC)
+        b_p = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_sdl, b_kh, b_eg, ACC, DT, PREC)
         if PACK:
             b_dh = _hi16(b_dp, DT, ACC)
             b_rh = _hi16(b_rp, DT, ACC)
