@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gka_kernels.gka import chunk_gka, fused_recurrent_gka
-from gka_kernels.gka.chunk import ChunkGkaSolveFunction
+from gka_kernels.gka.chunk import ChunkGkaSolveFunction, chunk_gka_unchecked
 from gka_kernels.reference.gka import gka_ref, gka_solve_ref
 from tests.helpers import (
     CPU_FWD, CPU_GRAD, DECODE_BF16, DECODE_FP32, GKA_GPU_FWD, GKA_GPU_GRAD, assert_close, rel_err,
@@ -260,6 +260,33 @@ def test_bf16_solve_float16_operands(h0_scale):
                               initial_state=h0.double(), output_final_state=True)
     assert_close("x", qm, x_r, GKA_GPU_FWD)
     assert_close("h_kk", ht, ht_r, GKA_GPU_FWD)
+
+
+@pytest.mark.interpreter
+def test_bf16_path_low_rank_states():
+    """Regression test for GPU failures on GKA layer inputs: with decays down to exp(-4) the states
+    are close to low rank, so x = A^{-1} q is mostly orthogonal to the keys (up to 1/ridge_ratio times
+    its key-space part). Rounding x (or the adjoint solution, or S = (x.k) M) to fp16 where it is
+    then projected onto keys cost 1.2e-2 forward and 2-3e-2 gradient error on the GPU; rounding the
+    solve's and the readout's key gradients to bf16 before summing them cost 2e-2 in dk. The whole
+    16-bit path of ``chunk_gka`` (bf16 inputs; the interpreter computes it correctly, as the kernels
+    cast bf16 on load and use fp16 dot operands), forward and gradients, vs the float64 exact-solve
+    reference on the same bf16-rounded inputs, at the GPU bounds."""
+    torch.manual_seed(3)
+    inputs = make_inputs(1, 96, 2, 1, 32, 16, decay=(0.05, 4.0), with_gk=False, with_h0=False)
+    names = ("q", "k", "v", "g", "alpha")
+    bf = [inputs[n].bfloat16() if n in ("q", "k", "v") else inputs[n] for n in names]
+    leaves = [t.clone().requires_grad_() for t in bf]
+    o, _ = chunk_gka_unchecked(*leaves[:4], None, leaves[4], 32 ** -0.5, 0.02, 30, True, None, False, None)
+    do = torch.randn(o.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((o.double() * do).sum(), leaves)
+    ref = [t.detach().double().requires_grad_() for t in bf]
+    o_e, _ = gka_ref(*ref[:4], alpha=ref[4], solver="exact")
+    grads_e = torch.autograd.grad((o_e * do).sum(), ref)
+    o_c, _ = gka_ref(*ref[:4], alpha=ref[4], num_iter=30)
+    assert_close("o", o.double(), o_c, GKA_GPU_FWD)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dalpha"), grads, grads_e):
+        assert_close(name, a, b, GKA_GPU_GRAD)
 
 
 @pytest.mark.interpreter

@@ -207,6 +207,18 @@ def chunk_gka(
             return o, (h0_kk.clone(), h0_kv.clone())
         return o, (q.new_zeros(dims.N, dims.H, dims.K, dims.K, dtype=state_dtype),
                    q.new_zeros(dims.N, dims.H, dims.K, dims.V, dtype=state_dtype))
+    return chunk_gka_unchecked(q, k, v, g, gk, alpha, scale, float(ridge_ratio), num_iter, bp_lambda,
+                               initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_gka_unchecked(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, gk: torch.Tensor | None,
+    alpha: torch.Tensor | None, scale: float, ridge_ratio: float, num_iter: int, bp_lambda: bool,
+    initial_state: _STATES | None, output_final_state: bool, cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, _STATES | None]:
+    """:func:`chunk_gka` after its input checks (``T > 0``, ``scale`` resolved). Called directly only
+    by tests that run the 16-bit path in the interpreter, which the public op refuses on CPU."""
+    h0_kk, h0_kv = initial_state if initial_state is not None else (None, None)
     gk = g if gk is None else gk
     # One float32 (float64) copy of k feeds both the solve and the readout, so that their key
     # gradients are summed before any rounding to k's dtype: they cancel heavily (on GKA layer
@@ -216,7 +228,7 @@ def chunk_gka(
         q.contiguous(), k_read, gk.contiguous(),
         alpha.contiguous() if alpha is not None else None,
         h0_kk.contiguous() if h0_kk is not None else None,
-        float(ridge_ratio), num_iter, bp_lambda, output_final_state, cu_seqlens)
+        ridge_ratio, num_iter, bp_lambda, output_final_state, cu_seqlens)
     # qm is float32 for 16-bit inputs (see the module docstring): read out in float32.
     o, ht_kv = chunk_simple_gla(qm, k_read, v.to(qm.dtype), g, scale=scale, initial_state=h0_kv,
                                 output_final_state=output_final_state, cu_seqlens=cu_seqlens)
