@@ -209,14 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"layers-{env['card'].replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    def save(rows: list[dict]) -> None:  # after every case: a run cut short keeps what it measured
+    def save(rows: list[dict]) -> None:
         (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+
+    def progress(rows: list[dict]) -> None:  # after every case: a run cut short keeps what it measured
+        save(rows)
         r = rows[-1]
         print(r["case"], r.get("num_iter", ""), r.get("context", ""), f"{r['ms']:.4f} ms" if "ms" in r
               else r.get("error"), flush=True)
 
-    rows = run_layer_bench([SHAPES[s] for s in args.shapes.split(",") if s], progress=save)
-    save(rows)
+    rows = run_layer_bench([SHAPES[s] for s in args.shapes.split(",") if s], progress=progress)
+    save(rows)  # with the vs_attention ratios
     table = markdown(rows)
     (out / f"{stem}.md").write_text(table + "\n")
     print(table)

@@ -56,6 +56,17 @@ def make_inputs(B, T, H, HKV, K, V, *, N=None, decay=(1e-3, 0.5), dtype=torch.fl
 TENSOR_ARGS = ("q", "k", "v", "g", "gk", "alpha")
 
 
+def decode_loop(inputs, *, num_iter):
+    """``fused_recurrent_gka`` one token at a time over ``inputs``; returns ``(o, final states)``."""
+    state = inputs["initial_state"]
+    outs = []
+    for t in range(inputs["q"].shape[1]):
+        step = {n: None if inputs[n] is None else inputs[n][:, t:t + 1] for n in TENSOR_ARGS}
+        o_t, state = fused_recurrent_gka(**step, num_iter=num_iter, initial_state=state, output_final_state=True)
+        outs.append(o_t)
+    return torch.cat(outs, 1), state
+
+
 def run(fn, inputs, *, grads=False, seed=1, **kw):
     """Forward (and gradients of a random projection of the output and final states)."""
     leaves = {n: inputs[n].detach().clone().requires_grad_(grads) for n in TENSOR_ARGS
@@ -190,13 +201,8 @@ def test_chained_calls_match_one_call():
 def test_decode_loop_equals_chunked_call():
     inputs = make_inputs(2, 6, 2, 1, 16, 16)
     o, final, _ = run(chunk_gka, inputs, num_iter=8)
-    state = inputs["initial_state"]
-    outs = []
-    for t in range(6):
-        step = {n: None if inputs[n] is None else inputs[n][:, t:t + 1] for n in TENSOR_ARGS}
-        o_t, state = fused_recurrent_gka(**step, num_iter=8, initial_state=state, output_final_state=True)
-        outs.append(o_t)
-    assert_close("o", torch.cat(outs, 1), o, DECODE_FP32)
+    o_loop, state = decode_loop(inputs, num_iter=8)
+    assert_close("o", o_loop, o, DECODE_FP32)
     assert_close("h_kk", state[0], final[0], DECODE_FP32)
     assert_close("h_kv", state[1], final[1], DECODE_FP32)
 
@@ -436,13 +442,8 @@ def test_gpu_decode_loop_equals_chunked_call_bf16():
     difference is the chunked op's own bf16 solve error: the GKA bf16 bound (SPEC 9) applies."""
     inputs = make_inputs(4, 40, 4, 2, 128, 128, dtype=torch.bfloat16, device="cuda")
     o, final, _ = run(chunk_gka, inputs, num_iter=30)
-    state = inputs["initial_state"]
-    outs = []
-    for t in range(40):
-        step = {n: None if inputs[n] is None else inputs[n][:, t:t + 1] for n in TENSOR_ARGS}
-        o_t, state = fused_recurrent_gka(**step, num_iter=30, initial_state=state, output_final_state=True)
-        outs.append(o_t)
-    assert_close("o", torch.cat(outs, 1), o, GKA_GPU_FWD)
+    o_loop, state = decode_loop(inputs, num_iter=30)
+    assert_close("o", o_loop, o, GKA_GPU_FWD)
     assert_close("h_kk", state[0], final[0], DECODE_BF16)
     assert_close("h_kv", state[1], final[1], DECODE_BF16)
 

@@ -20,13 +20,19 @@ backward (implicit differentiation, SPEC 5)
 Saved for backward by the solve (beyond the inputs ``q, k, gk, alpha`` and ``h_kk``'s initial and
 final states): ``x`` (``K`` values) and ``fro`` per token and query head, plus the cumsum ``G``,
 all float32 (float64 for float64 inputs) — ``4K + 8`` bytes per token and head (520 B at K = 128).
-Chunk states are recomputed, never saved. The GLA readout saves its own inputs.
+For 16-bit inputs the solve also keeps its 16-bit copy of ``k`` (``2K`` bytes per token and key head;
+the input it receives is the float32 copy described below). Chunk states are recomputed, never
+saved. The GLA readout saves its own inputs (float32 ``qm, k, v`` for 16-bit inputs).
 
 Precision: the readout ``U^T qm`` cancels heavily (``|x|`` is ~20x ``|q|`` at ridge_ratio 0.02),
 so rounding ``qm`` to bf16 alone costs ~1e-2 relative error in ``o``. For 16-bit inputs the solve
 therefore writes ``x``/``qm`` in float32, the chunk states ``H_c`` are float32, the solve's dot
 operands are float16 on normalized quantities (``_common.solve_dot_dtype``), and the readout runs
-the GLA op on float32 ``qm, k, v`` (3xTF32 dots); ``o`` is cast back to the input dtype.
+the GLA op on float32 ``qm, k, v`` (3xTF32 dots); ``o`` is cast back to the input dtype. With
+near-low-rank states most of ``x`` is orthogonal to the keys, so wherever ``x``, the adjoint
+solution or the scores ``(x . k) M`` are later projected onto keys they enter the dot as fp16
+hi + lo (``_common.split_hi_lo``), and the solve's and the readout's key gradients (which cancel
+~7x) are summed in float32 before one rounding to ``k``'s dtype.
 fp32 inputs use 3xTF32 dots throughout; float64 runs in float64 (gradcheck on the CPU).
 """
 
