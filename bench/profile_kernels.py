@@ -1,0 +1,110 @@
+"""Per-kernel GPU time of benchmark cases, ours and peers side by side (torch.profiler).
+
+``python -m bench.profile_kernels --ops gdn --shapes train-4k [--modes fwd,fwdbwd] [--out DIR]``
+
+Each case of the kernel suite (``bench.cases``) is warmed up (compilation, autotuning), then run
+``--steps`` times under the profiler; the device time of every kernel is summed by kernel name and
+divided by the number of steps. The table says where one implementation spends its time against
+another: which kernels are slower, and how many launches each needs. Writes
+``<out>/profile-<card>-<time>.json`` and prints one block per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from bench.shapes import SHAPES
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.profile_kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--ops", default="gdn")
+    p.add_argument("--shapes", default="train-4k")
+    p.add_argument("--modes", default="", help="only these modes (fwd, fwdbwd, decode); default all")
+    p.add_argument("--impls", default="", help="only these implementations; default all available")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--tag", default="")
+    return p.parse_args(argv)
+
+
+def kernel_times(fn, steps: int) -> tuple[list[dict], float]:
+    """``([{name, calls_per_step, us_per_step}], total device us per step)``, slowest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    total: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            total[ev.name] += ev.device_time
+            calls[ev.name] += 1
+    rows = [{"name": n, "calls_per_step": calls[n] / steps, "us_per_step": t / steps}
+            for n, t in sorted(total.items(), key=lambda kv: -kv[1])]
+    return rows, sum(r["us_per_step"] for r in rows)
+
+
+def autotuned_configs() -> dict[str, list[str]]:
+    """The configs our autotuned kernels picked, per kernel and tuning key (``Autotuner.cache``)."""
+    import sys
+
+    from triton.runtime.autotuner import Autotuner
+
+    found: dict[str, list[str]] = {}
+    for mod_name, mod in list(sys.modules.items()):
+        if not mod_name.startswith("gka_kernels.") or mod is None:
+            continue
+        for attr, obj in vars(mod).items():
+            if isinstance(obj, Autotuner) and obj.cache:
+                found[f"{mod_name}.{attr}"] = [f"{key}: {cfg}" for key, cfg in obj.cache.items()]
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from bench.__main__ import environment
+    from bench.cases import make_cases, peer_available
+
+    shapes = [SHAPES[s] for s in args.shapes.split(",") if s]
+    modes = set(filter(None, args.modes.split(",")))
+    impls = set(filter(None, args.impls.split(",")))
+    env = environment()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = (env.get("card") or "gpu").replace(" ", "_")
+    path = out / f"profile-{card}-{time.strftime('%Y%m%d-%H%M%S')}{('-' + args.tag) if args.tag else ''}.json"
+    result = {"environment": env, "cases": []}
+    for case in make_cases(args.ops.split(","), shapes):
+        if (modes and case.mode not in modes) or (impls and case.impl not in impls) or not peer_available(case.impl):
+            continue
+        fn, _ = case.build()
+        rows, total = kernel_times(fn, args.steps)
+        result["cases"].append({"case": case.name, "total_us_per_step": total, "kernels": rows})
+        path.write_text(json.dumps(result, indent=1))
+        print(f"== {case.name}: {total:.1f} us of kernels per step", flush=True)
+        for r in rows:
+            print(f"   {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<4g} {r['name'][:110]}")
+        del fn
+        torch.cuda.empty_cache()
+    result["autotuned"] = autotuned_configs()
+    path.write_text(json.dumps(result, indent=1))
+    for name, cfgs in result["autotuned"].items():
+        print(f"autotuned {name}: " + " | ".join(cfgs))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
