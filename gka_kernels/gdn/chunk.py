@@ -16,7 +16,8 @@ from gka_kernels.gdn.inputs import check_inputs
 from gka_kernels.gdn.l2norm import l2norm_backward, l2norm_scale
 from gka_kernels.gdn.output import dqkw, dv_local, output_forward
 from gka_kernels.gdn.state import state_backward, state_forward
-from gka_kernels.gdn.wy import wy_backward, wy_forward
+from gka_kernels.gdn.wy import wy_forward
+from gka_kernels.gdn.wy_backward import wy_backward
 
 
 @dataclass(frozen=True)
