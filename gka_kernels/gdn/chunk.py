@@ -51,42 +51,50 @@ def _plan(q: torch.Tensor, N: int, chunk_size: int, chunk_indices: torch.Tensor 
 
 
 def _chunk_forward(k, v, g, beta, rk, initial_state, output_final_state, cu_seqlens, chunk_indices,
-                   chunk_offsets, p: _Plan, store_t: bool):
-    """Chunk-local quantities and chunk states: ``(G, Tm or None, w, u, h, v_new, final_state)``."""
-    G = chunk_local_cumsum(g, p.BT, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+                   chunk_offsets, p: _Plan, store_t: bool = False, G=None, Tm=None):
+    """Chunk-local quantities and chunk states: ``(G, Tm or None, w, u, h, v_new, final_state)``.
+    ``G`` and ``Tm`` saved by the forward are reused rather than recomputed; ``store_t`` keeps
+    ``Tm`` (in the 16-bit input dtype, like ``w`` and ``u``) for the backward."""
+    if G is None:
+        G = chunk_local_cumsum(g, p.BT, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
     Tm, w, u = wy_forward(k, v, beta, G, rk, cu_seqlens, chunk_indices, p.n_chunks_seq, p.BT, p.store, p.acc,
-                          p.dot, store_t=store_t)
+                          p.dot, store_t=store_t, Tm=Tm)
     h, vn, ht = state_forward(k, w, u, G, rk, initial_state, output_final_state, cu_seqlens, chunk_offsets,
                               p.n_chunks, p.BT, p.N, p.state, p.acc, p.dot)
     return G, Tm, w, u, h, vn, ht
 
 
 class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
-    """Chunked gated delta rule. Saves only the inputs; the backward recomputes the chunk-local
-    quantities (G, Tm, w, u) and the chunk states."""
+    """Chunked gated delta rule. Saves the inputs, the chunk-local cumulative decays ``G``, the
+    inverse norms ``rq``/``rk`` and ``Tm`` (the per-chunk ``(I + A)^-1``, the only part of the WY
+    representation that needs a sequential solve); the backward recomputes ``w``, ``u`` and the
+    chunk states from them. Saved bytes per token beyond the inputs, per query head: ``BT``
+    (64) values of ``Tm`` in the input dtype (128 B in 16-bit) plus 12 B of ``G``/``rq``/``rk``
+    (float32)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm, cu_seqlens,
                 chunk_indices, chunk_offsets, plan):
         rq, rk = (l2norm_scale(q), l2norm_scale(k)) if use_qk_l2norm else (None, None)
-        G, _, _, _, h, vn, ht = _chunk_forward(k, v, g, beta, rk, initial_state, output_final_state, cu_seqlens,
-                                               chunk_indices, chunk_offsets, plan, store_t=False)
+        G, Tm, _, _, h, vn, ht = _chunk_forward(k, v, g, beta, rk, initial_state, output_final_state, cu_seqlens,
+                                                chunk_indices, chunk_offsets, plan,
+                                                store_t=any(ctx.needs_input_grad))
         o = output_forward(q, k, vn, h, G, rq, rk, scale, cu_seqlens, chunk_indices, plan.n_chunks_seq, plan.BT,
                            plan.acc, plan.dot)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, chunk_offsets)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, chunk_offsets, G, Tm,
+                              rq, rk)
         ctx.scale, ctx.use_qk_l2norm, ctx.plan = scale, use_qk_l2norm, plan
         return o, ht
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, dht):
-        q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, chunk_offsets = ctx.saved_tensors
+        q, k, v, g, beta, initial_state, cu_seqlens, chunk_indices, chunk_offsets, G, Tm, rq, rk = ctx.saved_tensors
         p, scale = ctx.plan, ctx.scale
         do = do.contiguous()
         dht = dht.contiguous() if dht is not None else None
-        rq, rk = (l2norm_scale(q), l2norm_scale(k)) if ctx.use_qk_l2norm else (None, None)
         G, Tm, w, u, h, vn, _ = _chunk_forward(k, v, g, beta, rk, initial_state, False, cu_seqlens, chunk_indices,
-                                               chunk_offsets, p, store_t=True)
+                                               chunk_offsets, p, store_t=Tm is None, G=G, Tm=Tm)
         dvl = dv_local(q, k, G, rq, rk, do, scale, cu_seqlens, chunk_indices, p.n_chunks_seq, p.BT, p.store,
                        p.acc, p.dot)
         need_dh0 = initial_state is not None and ctx.needs_input_grad[6]
