@@ -43,6 +43,9 @@ struct Mamba2Params {
   float dt_min, dt_max;  // dt_limit, always applied (SPEC 4)
 };
 
+// Most Chebyshev iterations of the GKA decode step.
+constexpr int kMaxChebyshevIter = 64;
+
 // Gated KalmaNet with tied decays: H = e^g H + k k^T, U = e^g U + k v^T, Chebyshev solve of
 // (H + lam I) x = q with lam = ridge * ||H||_F, qm = q + alpha (x - q), o = scale U^T qm.
 struct GkaParams {
@@ -55,6 +58,9 @@ struct GkaParams {
   int g_dtype, alpha_dtype, num_iter;
   bool src64, dst64;
   float scale, ridge_ratio;
+  // Per-iteration Chebyshev coefficients (a_i, b_i, e_i), filled by gka_decode_launch: they depend
+  // only on ridge_ratio (see gka_decode.cu).
+  float cheb[kMaxChebyshevIter][3];
 };
 
 void gdn_decode_launch(const GdnParams& p, int dtype, uintptr_t stream);

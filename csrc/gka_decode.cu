@@ -5,6 +5,11 @@
 //         x_prev = 0, x = gamma q, w = 2;  num_iter times:  w = 1 / (1 - c w)
 //         d = gamma w ((H + lam I) x - q) + (w - 1) x_prev ;  x_prev = x ;  x = w x - d
 //     qm = q + alpha (x - q) ;  U = e^g U + k v^T ;  o = scale U^T qm
+// Since lam = ridge * fro, c = (1 / (2 (2 ridge + 1)))^2, the weights w_i, gamma lam = 2 ridge /
+// (2 ridge + 1) and gamma fro do not depend on the data: with r = 1 / (2 ridge + 1) the update is
+//         x' = a_i x - (b_i / fro) (H x - q) - e_i x_prev,   a_i = r w_i, b_i = 2 r w_i, e_i = w_i - 1
+// and the host computes (a_i, b_i, e_i) once per launch (double precision), so an iteration's
+// dependent chain after the row sums is three FMAs (no division).
 // One CTA of 256 threads per (sequence, head), two CTAs per SM; K and V are padded to one tile
 // D = 64 or 128. The cost is the matvec H x of every iteration, so H stays in registers for the
 // whole step: lane bits 0-2 pick a column group (D / 32 float4 at stride 32 columns, conflict-free
@@ -17,13 +22,13 @@
 // finished across warps in shared memory.
 //
 // Dynamic shared memory 4 * (D^2 + 34 D + 32) B = 83,072 B at D = 128.
-// ptxas -v (sm_90, nvcc 13.0), kernel<input dtype, tile dims>:
-//   <bf16,128>        125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <bf16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp16,128>        125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp32,128>        125 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp32,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+// ptxas -v (sm_90, nvcc 13.0, this machine), kernel<input dtype, tile dims>:
+//   <bf16,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,64>          60 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,64>          60 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,64>          58 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -47,6 +52,31 @@ struct Smem {  // float offsets into the dynamic shared memory
   static constexpr int SIZE = ALPHA + kMaxDecodeTokens;
   static_assert(kMaxDecodeTokens * kWarps * VT <= KT * VT, "partial outputs must fit the U staging area");
 };
+
+// Stores a thread's rows of H (the register layout of gka_decode_kernel) to h_out [K, K].
+template <int HR, int HC>
+__device__ __forceinline__ void store_h(float* h_out, const float4 (&Hm)[HR][HC], int hrow0, int cg, int K) {
+#pragma unroll
+  for (int i = 0; i < HR; ++i)
+#pragma unroll
+    for (int j = 0; j < HC; ++j) {
+      const int r = hrow0 + i, c = 32 * j + 4 * cg;
+      if (r < K && c < K) *reinterpret_cast<float4*>(h_out + (int64_t)r * K + c) = Hm[i][j];
+    }
+}
+
+// Fills p.cheb for p.num_iter iterations from p.ridge_ratio (see the header comment).
+void chebyshev_coefficients(GkaParams& p) {
+  const double r = 1.0 / (1.0 + 2.0 * p.ridge_ratio);
+  const double c = 0.25 * r * r;
+  double w = 2.0;
+  for (int i = 0; i < p.num_iter; ++i) {
+    w = 1.0 / (1.0 - c * w);
+    p.cheb[i][0] = static_cast<float>(r * w);
+    p.cheb[i][1] = static_cast<float>(2.0 * r * w);
+    p.cheb[i][2] = static_cast<float>(w - 1.0);
+  }
+}
 
 // One square tile D covers both head dims (K, V <= D): KT = VT = D.
 template <typename T, int D>
@@ -156,19 +186,18 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
     float fro2 = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) fro2 += red[(t & 1) * kWarps + w];
-    const float fro = fro2 > 0.f ? sqrtf(fro2) : 1.f;
-    const float lam = p.ridge_ratio * fro;
-    const float denom = 2.f * lam + fro;
-    const float gamma = 2.f / denom;
-    const float half_rho = 0.5f * fro / denom;
-    const float c = half_rho * half_rho;
+    const float inv_fro = fro2 > 0.f ? rsqrtf(fro2) : 1.f;
+    const float gamma = 2.f * inv_fro / (1.f + 2.f * p.ridge_ratio);  // x_0 = gamma q
+
+    if (t == Tn - 1 && dst >= 0) store_h(p.h_kk + dst * kk_slot + kk_head, Hm, hrow0, cg, K);
 
     // Chebyshev iteration; the first matvec H x_0 = gamma H q reads q directly.
     const float qr = qs[t * KT + own_row];
-    float x = gamma * qr, xprev = 0.f, w = 2.f;
+    float x = gamma * qr, xprev = 0.f;
     const float* xin = qs + t * KT;
     float ymul = gamma;
     for (int it = 0; it < p.num_iter; ++it) {
+      const float ca = p.cheb[it][0], cb = p.cheb[it][1] * inv_fro, ce = p.cheb[it][2];
       float acc[HR];
 #pragma unroll
       for (int i = 0; i < HR; ++i) acc[i] = 0.f;
@@ -179,11 +208,10 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
         for (int i = 0; i < HR; ++i) acc[i] = dot4(Hm[i][j], xv, acc[i]);
       }
       butterfly_reduce<HR, 8, 1>(acc);
-      const float y = acc[0] * ymul;
-      w = 1.f / (1.f - c * w);
-      const float d = gamma * w * (fmaf(lam, x, y) - qr) + (w - 1.f) * xprev;
+      const float r = fmaf(acc[0], ymul, -qr);  // H x - q
+      const float xn = fmaf(ca, x, -fmaf(cb, r, ce * xprev));
       xprev = x;
-      x = w * x - d;
+      x = xn;
       if (it + 1 < p.num_iter) {
         float* xo = xbuf + (it & 1) * KT;
         if (writer) xo[own_row] = x;
@@ -193,17 +221,6 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
       }
     }
     if (writer) qms[t * KT + own_row] = qr + alph[t] * (x - qr);
-  }
-
-  if (dst >= 0) {
-    float* h_out = p.h_kk + dst * kk_slot + kk_head;
-#pragma unroll
-    for (int i = 0; i < HR; ++i)
-#pragma unroll
-      for (int j = 0; j < HC; ++j) {
-        const int r = hrow0 + i, c = 32 * j + 4 * cg;
-        if (r < K && c < K) *reinterpret_cast<float4*>(h_out + (int64_t)r * K + c) = Hm[i][j];
-      }
   }
 
   // 4. U update and readout for every token.
@@ -280,13 +297,15 @@ void gka_decode_launch(const GkaParams& p, int dtype, uintptr_t stream) {
   if (p.Tn < 1 || p.Tn > kMaxDecodeTokens) throw std::invalid_argument("gka_decode: Tn must be in [1, 8]");
   if (p.K < 4 || p.K > 128 || p.K % 4) throw std::invalid_argument("gka_decode: K must be a multiple of 4 in [4, 128]");
   if (p.V < 4 || p.V > 128 || p.V % 4) throw std::invalid_argument("gka_decode: V must be a multiple of 4 in [4, 128]");
-  if (p.num_iter < 1 || p.num_iter > 64) throw std::invalid_argument("gka_decode: num_iter must be in [1, 64]");
+  if (p.num_iter < 1 || p.num_iter > kMaxChebyshevIter) throw std::invalid_argument("gka_decode: num_iter must be in [1, 64]");
   if (p.B > kMaxGridYZ) throw std::invalid_argument("gka_decode: B must be <= 65535");
   if (p.B == 0) return;
+  GkaParams q = p;
+  chebyshev_coefficients(q);
   dispatch_tag(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (p.K <= 64 && p.V <= 64) launch<T, 64>(p, as_stream(stream));
-    else launch<T, 128>(p, as_stream(stream));
+    if (q.K <= 64 && q.V <= 64) launch<T, 64>(q, as_stream(stream));
+    else launch<T, 128>(q, as_stream(stream));
   });
   check_launch("gka_decode");
 }
