@@ -9,7 +9,7 @@ Within a chunk of ``BT`` tokens with chunk-local cumulative log-decays ``G`` (``
 
 so that the chunk's delta-rule residuals are ``v_new = u - w h`` for the state ``h`` entering it.
 ``Tm`` is computed in float32 registers: the four ``BC = BT / 4`` diagonal sub-blocks are inverted
-together by forward substitution (``D``), then ``Tm = (I - N)(I + N^2) D`` with ``N = D A_off`` (the
+together (``D``, products of powers: exact float32), then ``Tm = (I - N)(I + N^2) D`` with ``N = D A_off`` (the
 blocks below the diagonal; ``N^4 = 0``), which is block back-substitution written as four products.
 The per-token factors (and, with ``QK_NORM``, the inverse key norms ``rk``: ``k`` stands for
 ``rk * k``) scale the columns of ``Tm`` rather than the keys/values, so the raw 16-bit inputs feed
@@ -29,20 +29,23 @@ from gka_kernels.gdn.indexing import block_size, chunk_span
 
 @triton.jit
 def diagonal_block_inverses(a, BT: tl.constexpr, ACC: tl.constexpr):
-    """``D`` [4, BC, BC] (``BC = BT / 4``): ``D[I] = (I + A_II)^-1`` for the four diagonal blocks of the
-    strictly lower ``a`` [BT, BT], by forward substitution on all four at once (row ``i`` of
-    ``D[I]`` = ``e_i - sum_{j<i} A_II[i, j] D[I][j]``; one program-wide step per row)."""
+    """``D`` [4, BC, BC] (``BC = BT / 4``): ``D[I] = (I + L_I)^-1`` for the four diagonal blocks
+    ``L_I`` of the strictly lower ``a`` [BT, BT]. ``L_I`` is nilpotent (``L_I^BC = 0``), so
+    ``(I + L)^-1 = (I - L)(I + L^2)(I + L^4) ... (I + L^(BC/2))``: log2(BC) - 1 squarings and as many
+    products, batched ``[4, BC, BC]`` dots in exact float32 (``ieee``)."""
     BC: tl.constexpr = BT // 4
     o_b = tl.arange(0, 4)
     o_c = tl.arange(0, BC)
     # diag[I, i, j] = A[BC I + i, BC I + j], from the [4, BC, 4, BC] view of a
     blocks = tl.reshape(a, (4, BC, 4, BC))
     diag = tl.sum(tl.where((o_b[:, None, None, None] == o_b[None, None, :, None]), blocks, 0.0), axis=2)
-    d = tl.where((o_c[:, None] == o_c[None, :])[None, :, :], 1.0, 0.0) + tl.zeros([4, BC, BC], dtype=ACC)
-    for i in range(1, BC):
-        sel = o_c == i
-        row = tl.sum(tl.where(sel[None, :, None], diag, 0.0), axis=1)  # row[I, j] = A_II[i, j]
-        d = tl.where(sel[None, :, None], d - tl.sum(row[:, :, None] * d, axis=1)[:, None, :], d)
+    eye = tl.where((o_c[:, None] == o_c[None, :])[None, :, :], 1.0, 0.0) + tl.zeros([4, BC, BC], dtype=ACC)
+    d = eye - diag
+    power = diag
+    for s in tl.static_range(4):  # BC <= 32
+        if (2 << s) < BC:
+            power = tl.dot(power, power, out_dtype=ACC, input_precision="ieee")
+            d = tl.dot(d, eye + power, out_dtype=ACC, input_precision="ieee")
     return d
 
 
