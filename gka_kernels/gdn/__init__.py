@@ -13,35 +13,54 @@ float32 (key-major). Per query head ``h`` (key/value head ``h // (H // HKV)``)::
 
 Kernel pipeline (chunks of ``BT = 64`` tokens; ``G`` = chunk-local cumulative sum of ``g``)
 ------------------------------------------------------------------------------------------
-Forward (``chunk.py``), 4 launches (+1 with the L2 norm):
+Forward (``chunk.py``), 4 launches (+2 with the L2 norm):
 
-1. ``l2norm.l2norm_scale_kernel`` (only with ``use_qk_l2norm_in_kernel``): inverse norms
-   ``rq [B,T,H]``, ``rk [B,T,HKV]``. Normalized copies are never materialized: every kernel
-   applies the factors to rows/columns of its products, so 16-bit inputs feed the tensor cores
-   unrounded.
+1. ``l2norm.l2norm_scale_kernel`` (only with ``use_qk_l2norm_in_kernel``, once for ``q``, once for
+   ``k``): inverse norms ``rq [B,T,H]``, ``rk [B,T,HKV]``. Normalized copies are never
+   materialized: every kernel applies the factors to rows/columns of its products, so 16-bit
+   inputs feed the tensor cores unrounded.
 2. ``common.cumsum.chunk_local_cumsum``: ``G``.
-3. ``wy.wy_fwd_kernel`` (parallel over chunks x heads): ``A = strictly_lower(beta k k^T * exp(G_i-G_j))``,
-   ``Tm = (I + A)^-1`` (four 16x16 diagonal blocks by forward substitution in float32, merged by
-   block back-substitution), ``w = Tm diag(beta exp(G)) k``, ``u = Tm diag(beta) v``.
+3. ``wy.wy_fwd_kernel`` (parallel over chunks x query heads): ``A = strictly_lower(beta k k^T * exp(G_i-G_j))``,
+   ``Tm = (I + A)^-1`` (in float32 registers), ``w = Tm diag(beta exp(G)) k``, ``u = Tm diag(beta) v``.
 4. ``state.state_fwd_kernel`` (sequential over chunks; grid V/BV x sequences x heads, so one long
    sequence still fills the GPU): stores ``h_c``; ``v_new = u - w h_c``;
    ``h_{c+1} = exp(G_L) h_c + k^T (exp(G_L - G) v_new)``; optional final state.
 5. ``output.output_fwd_kernel`` (parallel): ``o = scale (exp(G) q h_c + (q k^T * M) v_new)``.
 
-Backward, 8 launches (+2 with the L2 norm): recompute 1-4 (storing ``Tm``), then
-``output.dv_local_kernel`` (``scale (q k^T * M)^T do``), ``state.state_bwd_kernel`` (reverse
-chunk order: ``dv_new``, ``dh_c`` and the initial-state gradient), ``output.dqkw_kernel`` (``dq``,
-the output/state part of ``dk``, ``dw = -dv_new h^T`` and gate-gradient partials) and
-``wy.wy_bwd_kernel`` (through ``Tm``: ``dk``, ``dv``, ``dbeta``, ``dg`` as a reverse chunk-local
-cumsum). The last two run one key/value head per program and sum the query heads of its group in
-registers, so grouped heads never materialize repeated keys/values or per-query-head ``dk``/``dv``.
+When gradients are needed the forward also saves ``G``, ``Tm`` (rows of ``(I + A)^-1`` per chunk,
+in the input dtype) and ``rq``/``rk``.
 
-Memory: the forward saves only its inputs for the backward (0 extra bytes per token beyond
-``q, k, v, g, beta`` and the initial state that autograd already holds). The backward recomputes
-the chunk-local quantities and the chunk states; its transient buffers are about
-``4 H K V / BT + 2 H (2 K + 4 V) + 4 H BT`` bytes per token for 16-bit inputs (chunk states and
-their gradients, ``w``/``dw``/``u``/``v_new``/``dv_local``/``dv_new``, float32 ``Tm``), about 90 KB
-per token for H=32, K=V=128.
+Backward, 7 launches (+1 for ``dk`` with ``H > HKV`` and no L2 norm, +2 with the L2 norm):
+
+1. recompute ``w``, ``u`` from the saved ``Tm`` (``wy_fwd_kernel``) and the chunk states ``h``,
+   ``v_new`` (``state_fwd_kernel``);
+2. ``output.dv_local_kernel``: ``scale (q k^T * M)^T do``;
+3. ``state.state_bwd_kernel`` (reverse chunk order): ``dv_new``, ``dh_c`` and the initial-state
+   gradient;
+4. ``output.dqkw_kernel`` (one key/value head per program, its query heads summed in registers):
+   ``dq``, the output/state part ``dk_part`` of ``dk`` ``[B,T,HKV,K]`` (float32), ``dw = -dv_new h^T``
+   and gate-gradient partials;
+5. ``wy_backward.wy_bwd_kernel`` (one query head per program, through ``Tm``): ``dbeta``, ``dg``
+   (a reverse chunk-local cumsum) and that head's WY part of ``dk``;
+6. ``wy_backward.wy_dv_kernel`` (one key/value head per program): ``dv = sum_h beta_h Tm_h^T dv_new_h``
+   over the group's query heads, accumulated in registers (no per-query-head ``dv``);
+7. with the L2 norm, ``l2norm.l2norm_bwd_kernel`` for ``dq`` and for ``dk``; for ``dk`` it first sums
+   the per-query-head WY parts over each group and adds ``dk_part``. Without the L2 norm and with
+   ``H > HKV``, ``common.group_sum`` does that sum; with ``H == HKV`` ``wy_bwd_kernel`` adds
+   ``dk_part`` and writes ``dk`` itself.
+
+Grouped heads never materialize repeated keys/values. The only per-query-head gradient
+temporary is the WY part of ``dk`` (``H > HKV``): ``[B,T,H,K]`` float32, ``4 H K`` bytes per token
+(16 KB for H=32, K=128), written by ``wy_bwd_kernel`` and read once by the L2-norm backward (or
+``group_sum``).
+
+Memory: saved for the backward beyond the inputs, per token and query head, ``BT`` values of
+``Tm`` in the input dtype (128 B in 16-bit) plus float32 ``G``/``rq``/``rk`` (about 12 B). The
+backward's transient buffers are about ``4 H K V / BT + 2 H (2 K + 4 V) + 4 HKV K + 4 H K`` bytes
+per token for 16-bit inputs (chunk states and their gradients; ``w``/``dw``/``u``/``v_new``/
+``dv_local``/``dv_new``; float32 ``dk_part``; the float32 WY part of ``dk`` when ``H > HKV``), plus
+``4 H K`` for the float32 ``dq`` before the L2-norm backward: about 116 KB per token for H=32,
+HKV=8, K=V=128 with the L2 norm.
 
 Precision: accumulation, ``Tm``, gates and states in float32; stored intermediates in the input
 dtype when it is 16-bit (float32 otherwise, float64 for float64 inputs, which is what gradcheck

@@ -10,6 +10,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from gka_kernels.common.cumsum import chunk_local_cumsum
+from gka_kernels.common.group_sum import group_sum
 from gka_kernels.common.triton_utils import compute_dtype
 from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
 from gka_kernels.gdn.inputs import check_inputs
@@ -107,9 +108,16 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         dk_dtype = p.state if ctx.use_qk_l2norm else k.dtype
         dk, dv, dbeta, dg = wy_backward(k, v, beta, G, rk, Tm, w, u, dw, dvn, dk_part, dG_part, cu_seqlens,
                                         chunk_indices, p.n_chunks_seq, p.BT, dk_dtype, g.dtype, p.acc, p.dot)
+        # with grouped heads dk is per query head [B,T,H,K] and still lacks dk_part: sum the groups
+        # (inside the L2-norm backward when there is one)
+        B, T, HKV, K = k.shape
+        group = q.shape[2] // HKV
+        base = dk_part if group > 1 else None
         if ctx.use_qk_l2norm:
             dq = l2norm_backward(q, dq, q.dtype)
-            dk = l2norm_backward(k, dk, k.dtype)
+            dk = l2norm_backward(k, dk, k.dtype, base)
+        elif base is not None:
+            dk = group_sum(dk.view(B, T, HKV, group, K), base, k.dtype)
         return dq, dk, dv, dg, dbeta, None, dh0, None, None, None, None, None, None
 
 
