@@ -134,11 +134,13 @@ __device__ __forceinline__ int butterfly_first(int lane) {
   return idx;
 }
 
-// 16-byte asynchronous global -> shared copies (sm_80+), completed by cp_async_wait_all().
+// 16-byte asynchronous global -> shared copies (sm_80+), completed by cp_async_wait_all(), or
+// cp_async_wait_group<N>() (all but the N most recently committed groups).
 #if defined(GKA_HOST_EMULATION)
 inline void cp_async16(void* smem, const void* gmem) { std::memcpy(smem, gmem, 16); }
 inline void cp_async_commit() {}
 inline void cp_async_wait_all() {}
+template <int N> inline void cp_async_wait_group() {}
 #else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -146,7 +148,21 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 #endif
+
+// Streaming multiprocessors of the current device (cached per device), for persistent grids.
+inline int sm_count() {
+  static int counts[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 64 && counts[dev]) return counts[dev];
+  int n = 0;
+  check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  if (dev < 64) counts[dev] = n;
+  return n;
+}
 
 // Dynamic shared memory of a kernel, as an array `name` of T.
 #if defined(GKA_HOST_EMULATION)
