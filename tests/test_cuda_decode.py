@@ -488,6 +488,12 @@ def test_gka_kernel_in_host_emulation(emulated_ext, dtype, dst_mode, layout, num
               num_iter=num_iter, with_alpha=dst_mode == "separate", zero_h=dst_mode == "inplace")
 
 
+def test_gdn_kernel_wide_tile_many_tokens_in_host_emulation(emulated_ext):
+    """The 256-row tile (K = 200), 8 tokens, a V that is not a multiple of the 32-column tile."""
+    check_gdn(_emulated(emulated_ext, "gdn"), "cpu", dtype=torch.float16, Tn=8, layout=(4, 2, 1, 200, 100),
+              dst_mode="separate")
+
+
 def test_gka_kernel_single_u_buffer_in_host_emulation(emulated_ext, monkeypatch):
     """Devices with less shared memory than an H100 (sm_80) get the GKA kernel with one U staging
     buffer (U fetched at the start of its own item rather than one item ahead)."""
