@@ -153,16 +153,13 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 #endif
 
-// An attribute of the current device, cached per device (not in the host emulation, whose tests
-// vary the shared-memory opt-in).
+// An attribute of the current device, cached per device.
 template <cudaDeviceAttr Attr>
 inline int device_attribute() {
   static int values[64] = {};
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-#if !defined(GKA_HOST_EMULATION)
   if (dev < 64 && values[dev]) return values[dev];
-#endif
   int n = 0;
   check_cuda(cudaDeviceGetAttribute(&n, Attr, dev), "cudaDeviceGetAttribute");
   if (dev < 64) values[dev] = n;
@@ -171,8 +168,6 @@ inline int device_attribute() {
 
 // Streaming multiprocessors of the current device, for persistent grids.
 inline int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
-// Most dynamic shared memory one block may opt in to on the current device.
-inline size_t smem_optin() { return (size_t)device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
 // Dynamic shared memory of a kernel, as an array `name` of T.
 #if defined(GKA_HOST_EMULATION)

@@ -8,33 +8,27 @@
 // Since lam = ridge * fro, c = (1 / (2 (2 ridge + 1)))^2, the weights w_i, gamma lam = 2 ridge /
 // (2 ridge + 1) and gamma fro do not depend on the data: with r = 1 / (2 ridge + 1) the update is
 //         x' = a_i x - (b_i / fro) (H x - q) - e_i x_prev,   a_i = r w_i, b_i = 2 r w_i, e_i = w_i - 1
-// and the host computes (a_i, b_i, e_i) once per launch (double precision).
+// and the host computes (a_i, b_i, e_i) once per launch (double precision), so an iteration's
+// dependent chain after the row sums is three FMAs (no division).
+// One CTA of 256 threads per (sequence, head), two CTAs per SM; K and V are padded to one tile
+// D = 64 or 128. The cost is the matvec H x of every iteration, so H stays in registers for the
+// whole step: lane bits 0-2 pick a column group (D / 32 float4 at stride 32 columns, conflict-free
+// LDS.128 of x), lane bits 3-4 and the warp pick D / 32 consecutive rows; a thread holds D^2 / 256
+// floats. An iteration is D / 32 LDS.128 of x, the FMAs, a 3-stage butterfly over the 8 column
+// lanes (the row sums land on the lanes that own the row's iterate), one STS and one
+// __syncthreads (x is double-buffered). U is not needed until the solves are done: it is
+// prefetched into shared memory with cp.async at the start (overlapping the solve), then updated
+// and read out for all tokens with lanes along V (float4), warps along K, the K reduction
+// finished across warps in shared memory.
 //
-// Persistent and software-pipelined: one CTA of 256 threads per SM loops over the (sequence, head)
-// work items with a grid stride. A step moves 4 K V + 4 K^2 bytes of state per item (256 KiB at
-// K = V = 128) and its solve is latency-bound, so the loads of item j + 1 (H and U into shared
-// memory with cp.async, its slot index, q/k/v/g/alpha into registers) are issued when item j starts
-// and land while item j iterates; with independent CTAs in lockstep (the earlier one-item-per-CTA
-// design) all SMs loaded together and then solved together, leaving DRAM idle half the time.
-// Per item: H moves from shared memory into registers and is updated for each token (its final
-// value is stored right after the last token's update, so the store drains during the solve). The
-// matvec H x of every iteration uses the register copy: lane bits 0-2 pick a column group (D / 32
-// float4 at stride 32 columns, conflict-free LDS.128 of x), lane bits 3-4 and the warp pick D / 32
-// consecutive rows; an iteration is D / 32 LDS.128, the FMAs, a 3-stage butterfly over the 8 column
-// lanes (row sums land on the lanes owning the row's iterate), three FMAs, one STS and one
-// __syncthreads (x double-buffered). U is then updated and read out for all tokens with lanes along
-// V (float4), warps along K, the K reduction finished across warps in shared memory.
-// K and V are padded to one tile D = 64 or 128 (padding zero-filled once per CTA).
-//
-// Shared memory (floats): H staging D^2, NUB U staging buffers D^2 each (NUB = 2 where the device
-// allows 4 (3 D^2 + 34 D + 32) bytes (218,240 B at D = 128: H100/H200), else 1, in which case U of
-// item j is fetched at the start of item j and overlaps only its own solve), then q, k, qm, v
-// [8][D] each, x [2][D], Frobenius partials, e^g and alpha.
-//
-// ptxas -v (sm_90, nvcc 13.0, this machine; launch bounds 256 threads, 1 CTA per SM),
-// kernel<input dtype, tile D, U buffers>, every instantiation 0 B spill, 0 B stack:
-//   <bf16|fp16|fp32, 128, 2>  232 regs     <bf16|fp16|fp32, 128, 1>  234 regs
-//   <bf16|fp16|fp32,  64, 2>   93 regs     <bf16|fp16|fp32,  64, 1>   93 regs
+// Dynamic shared memory 4 * (D^2 + 34 D + 32) B = 83,072 B at D = 128.
+// ptxas -v (sm_90, nvcc 13.0, this machine), kernel<input dtype, tile dims>:
+//   <bf16,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,64>          60 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,64>          60 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,64>          58 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -44,21 +38,19 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-template <int D, int NUB>
+template <int KT, int VT>
 struct Smem {  // float offsets into the dynamic shared memory
-  static constexpr int H = 0;                               // [D][D] h_kk staging
-  static constexpr int U = H + D * D;                       // NUB x [D][D] h_kv staging, then partial o
-  static constexpr int Q = U + NUB * D * D;                 // [8][D]
-  static constexpr int Kv = Q + kMaxDecodeTokens * D;       // [8][D]
-  static constexpr int QM = Kv + kMaxDecodeTokens * D;      // [8][D]
-  static constexpr int Vv = QM + kMaxDecodeTokens * D;      // [8][D]
-  static constexpr int X = Vv + kMaxDecodeTokens * D;       // [2][D] Chebyshev iterate
-  static constexpr int RED = X + 2 * D;                     // [2][warps] Frobenius partials
-  static constexpr int DEC = RED + 2 * kWarps;              // [8] e^g
-  static constexpr int ALPHA = DEC + kMaxDecodeTokens;      // [8]
+  static constexpr int U = 0;                          // [KT][VT] h_kv staging, then [Tn][warps][VT] partial o
+  static constexpr int Q = U + KT * VT;                // [8][KT]
+  static constexpr int Kv = Q + kMaxDecodeTokens * KT;  // [8][KT]
+  static constexpr int QM = Kv + kMaxDecodeTokens * KT;  // [8][KT]
+  static constexpr int Vv = QM + kMaxDecodeTokens * KT;  // [8][VT]
+  static constexpr int X = Vv + kMaxDecodeTokens * VT;   // [2][KT] Chebyshev iterate
+  static constexpr int RED = X + 2 * KT;                 // [2][warps] Frobenius partials
+  static constexpr int DEC = RED + 2 * kWarps;           // [8] e^g
+  static constexpr int ALPHA = DEC + kMaxDecodeTokens;   // [8]
   static constexpr int SIZE = ALPHA + kMaxDecodeTokens;
-  static constexpr size_t BYTES = sizeof(float) * SIZE;
-  static_assert(kMaxDecodeTokens * kWarps * D <= D * D, "partial outputs must fit one U staging buffer");
+  static_assert(kMaxDecodeTokens * kWarps * VT <= KT * VT, "partial outputs must fit the U staging area");
 };
 
 // Stores a thread's rows of H (the register layout of gka_decode_kernel) to h_out [K, K].
@@ -71,268 +63,6 @@ __device__ __forceinline__ void store_h(float* h_out, const float4 (&Hm)[HR][HC]
       const int r = hrow0 + i, c = 32 * j + 4 * cg;
       if (r < K && c < K) *reinterpret_cast<float4*>(h_out + (int64_t)r * K + c) = Hm[i][j];
     }
-}
-
-// Issues cp.async copies of a contiguous [rows, cols] float32 matrix into a [rows][ld] staging tile.
-__device__ __forceinline__ void stage_matrix(float* dst, const float* src, int rows, int cols, int ld) {
-  const int c4 = cols / 4;
-  for (int c = threadIdx.x; c < rows * c4; c += kThreads) cp_async16(dst + (c / c4) * ld + 4 * (c % c4), src + 4 * c);
-}
-
-// The step inputs of one work item, held in registers between their load and their use: element
-// i = tid + kThreads * r of the flattened [q (Tn x K), k (Tn x K), v (Tn x V)], plus e^g and alpha of
-// token tid (tid < Tn).
-template <typename T, int D>
-struct StepInputs {
-  static constexpr int R = (kMaxDecodeTokens * 3 * D + kThreads - 1) / kThreads;
-  T x[R];
-  float g, alpha;
-
-  __device__ __forceinline__ void load(const GkaParams& p, int b, int h) {
-    const int Tn = p.Tn, K = p.K, V = p.V, nq = Tn * K, nv = Tn * V;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int i = threadIdx.x + kThreads * r;
-      if (i < nq) {
-        x[r] = static_cast<const T*>(p.q)[b * p.sq.b + (i / K) * p.sq.t + (h / p.q_group) * p.sq.h + i % K];
-      } else if (i < 2 * nq) {
-        const int e = i - nq;
-        x[r] = static_cast<const T*>(p.k)[b * p.sk.b + (e / K) * p.sk.t + (h / p.k_group) * p.sk.h + e % K];
-      } else if (i < 2 * nq + nv) {
-        const int e = i - 2 * nq;
-        x[r] = static_cast<const T*>(p.v)[b * p.sv.b + (e / V) * p.sv.t + (h / p.v_group) * p.sv.h + e % V];
-      }
-    }
-    const int t = threadIdx.x;
-    if (t < Tn) {
-      g = load_scalar(p.g, p.g_dtype, b * p.sg.b + t * p.sg.t + h * p.sg.h);
-      alpha = p.alpha ? load_scalar(p.alpha, p.alpha_dtype, b * p.salpha.b + t * p.salpha.t + h * p.salpha.h) : 1.f;
-    }
-  }
-
-  // Writes the inputs into the zero-padded [8][D] tiles qs, ks, vs and e^g, alpha.
-  __device__ __forceinline__ void store(const GkaParams& p, float* qs, float* ks, float* vs, float* decay,
-                                        float* alph) const {
-    const int Tn = p.Tn, K = p.K, V = p.V, nq = Tn * K, nv = Tn * V;
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int i = threadIdx.x + kThreads * r;
-      if (i < nq) qs[(i / K) * D + i % K] = to_float(x[r]);
-      else if (i < 2 * nq) ks[((i - nq) / K) * D + (i - nq) % K] = to_float(x[r]);
-      else if (i < 2 * nq + nv) vs[((i - 2 * nq) / V) * D + (i - 2 * nq) % V] = to_float(x[r]);
-    }
-    if (threadIdx.x < Tn) {
-      decay[threadIdx.x] = __expf(g);
-      alph[threadIdx.x] = alpha;
-    }
-  }
-};
-
-template <typename T, int D, int NUB>
-__global__ void __launch_bounds__(kThreads, 1) gka_decode_kernel(const GkaParams p) {
-  using SM = Smem<D, NUB>;
-  constexpr int HR = D / 32;             // H rows per thread
-  constexpr int HC = D / 32;             // H float4 column chunks per thread
-  constexpr int ULPR = D / 4;            // U lanes per row
-  constexpr int URPI = 32 / ULPR;        // U rows per warp instruction
-  constexpr int URG = kWarps * URPI;     // U row groups
-  constexpr int URPT = D / URG;          // U rows per thread
-  GKA_DYNAMIC_SMEM(float4, smem4);
-  float* smem = reinterpret_cast<float*>(smem4);
-  float* Hs = smem + SM::H;
-  float* qs = smem + SM::Q;
-  float* ks = smem + SM::Kv;
-  float* qms = smem + SM::QM;
-  float* vs = smem + SM::Vv;
-  float* xbuf = smem + SM::X;
-  float* red = smem + SM::RED;
-  float* decay = smem + SM::DEC;
-  float* alph = smem + SM::ALPHA;
-
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int Tn = p.Tn, K = p.K, V = p.V;
-  const int n_items = p.B * p.H, stride = gridDim.x;
-  const int64_t kk_slot = (int64_t)p.H * K * K, kv_slot = (int64_t)p.H * K * V;
-
-  // Zero the staging tiles once: their padding (rows or columns past K / V) is never written again.
-  for (int i = tid; i < SM::X; i += kThreads) smem[i] = 0.f;
-  __syncthreads();
-
-  // Prologue: slot indices of items 0 and 1 of this CTA, the states of item 0 (and its inputs).
-  int item = blockIdx.x;
-  int64_t src = load_index(p.src_idx, p.src64, item / p.H);
-  int64_t src_next = item + stride < n_items ? load_index(p.src_idx, p.src64, (item + stride) / p.H) : -1;
-  if (src >= 0) {
-    const int h = item % p.H;
-    stage_matrix(Hs, p.h_kk + src * kk_slot + (int64_t)h * K * K, K, K, D);
-    cp_async_commit();
-    if (NUB == 2) stage_matrix(smem + SM::U, p.h_kv + src * kv_slot + (int64_t)h * K * V, K, V, D);
-  } else {
-    cp_async_commit();
-  }
-  if (NUB == 2) cp_async_commit();
-  StepInputs<T, D> in;
-  in.load(p, item / p.H, item % p.H);
-
-  const int cg = lane % 8, rg = lane / 8;
-  const int hrow0 = (warp * 4 + rg) * HR;
-  // After the butterfly over the 8 column lanes, this lane holds the sum of row own_row; the
-  // (8 / HR) lanes holding the same row carry identical iterates, the first of them stores x.
-  const int own_row = hrow0 + butterfly_first<HR, 8, 1>(lane);
-  const bool writer = (cg % (8 / HR)) == 0;
-  const int ucg = lane % ULPR, url = lane / ULPR;
-  const int urow0 = warp * URPI + url;
-  const bool ucol_ok = 4 * ucg < V;
-
-  for (int j = 0; item < n_items; item += stride, ++j) {
-    const int b = item / p.H, h = item % p.H;
-    const int next = item + stride;
-    float* Us = smem + SM::U + (NUB == 2 ? (j & 1) : 0) * D * D;
-    T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
-    const int64_t dst = load_index(p.dst_idx, p.dst64, b);
-
-    // 1. H of this item: shared memory -> registers; the staging tile is then free for item j + 1.
-    cp_async_wait_group<NUB - 1>();
-    __syncthreads();
-    float4 Hm[HR][HC];
-#pragma unroll
-    for (int i = 0; i < HR; ++i)
-#pragma unroll
-      for (int c = 0; c < HC; ++c)
-        Hm[i][c] = reinterpret_cast<const float4*>(Hs + (hrow0 + i) * D)[8 * c + cg];
-    in.store(p, qs, ks, vs, decay, alph);
-    __syncthreads();
-
-    // 2. Prefetch item j + 1 (H, and U when double-buffered; else this item's U) and its inputs.
-    if (next < n_items && src_next >= 0)
-      stage_matrix(Hs, p.h_kk + src_next * kk_slot + (int64_t)(next % p.H) * K * K, K, K, D);
-    cp_async_commit();
-    if (NUB == 2) {
-      if (next < n_items && src_next >= 0)
-        stage_matrix(smem + SM::U + ((j + 1) & 1) * D * D, p.h_kv + src_next * kv_slot + (int64_t)(next % p.H) * K * V,
-                     K, V, D);
-    } else if (src >= 0) {
-      stage_matrix(Us, p.h_kv + src * kv_slot + (int64_t)h * K * V, K, V, D);
-    }
-    cp_async_commit();
-    const int64_t src_after = next + stride < n_items ? load_index(p.src_idx, p.src64, (next + stride) / p.H) : -1;
-    if (next < n_items) in.load(p, next / p.H, next % p.H);
-
-    if (src < 0) {  // padding sequence: states untouched, output 0
-      for (int i = tid; i < Tn * V; i += kThreads) out[(i / V) * p.so.t + i % V] = from_float<T>(0.f);
-    } else {
-      for (int t = 0; t < Tn; ++t) {
-        // H update and ||H||_F^2.
-        const float dec = decay[t];
-        const float* kt = ks + t * D;
-        float ss = 0.f;
-#pragma unroll
-        for (int c = 0; c < HC; ++c) {
-          const float4 kc = reinterpret_cast<const float4*>(kt)[8 * c + cg];
-#pragma unroll
-          for (int i = 0; i < HR; ++i) {
-            float4& m = Hm[i][c];
-            m = fma4(kt[hrow0 + i], kc, scale4(dec, m));
-            ss = dot4(m, m, ss);
-          }
-        }
-        ss = warp_allreduce(ss);
-        if (lane == 0) red[(t & 1) * kWarps + warp] = ss;
-        __syncthreads();
-        float fro2 = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) fro2 += red[(t & 1) * kWarps + w];
-        const float inv_fro = fro2 > 0.f ? rsqrtf(fro2) : 1.f;
-        const float gamma = 2.f * inv_fro / (1.f + 2.f * p.ridge_ratio);  // x_0 = gamma q
-
-        if (t == Tn - 1 && dst >= 0) store_h(p.h_kk + dst * kk_slot + (int64_t)h * K * K, Hm, hrow0, cg, K);
-
-        // Chebyshev iteration; the first matvec H x_0 = gamma H q reads q directly.
-        const float qr = qs[t * D + own_row];
-        float x = gamma * qr, xprev = 0.f;
-        const float* xin = qs + t * D;
-        float ymul = gamma;
-        for (int it = 0; it < p.num_iter; ++it) {
-          const float ca = p.cheb[it][0], cb = p.cheb[it][1] * inv_fro, ce = p.cheb[it][2];
-          float acc[HR];
-#pragma unroll
-          for (int i = 0; i < HR; ++i) acc[i] = 0.f;
-#pragma unroll
-          for (int c = 0; c < HC; ++c) {
-            const float4 xv = reinterpret_cast<const float4*>(xin)[8 * c + cg];
-#pragma unroll
-            for (int i = 0; i < HR; ++i) acc[i] = dot4(Hm[i][c], xv, acc[i]);
-          }
-          butterfly_reduce<HR, 8, 1>(acc);
-          const float r = fmaf(acc[0], ymul, -qr);  // H x - q
-          const float xn = fmaf(ca, x, -fmaf(cb, r, ce * xprev));
-          xprev = x;
-          x = xn;
-          if (it + 1 < p.num_iter) {
-            float* xo = xbuf + (it & 1) * D;
-            if (writer) xo[own_row] = x;
-            __syncthreads();
-            xin = xo;
-            ymul = 1.f;
-          }
-        }
-        if (writer) qms[t * D + own_row] = qr + alph[t] * (x - qr);
-      }
-
-      // 3. U update and readout for every token.
-      if (NUB == 2) cp_async_wait_group<2>();
-      else cp_async_wait_group<0>();
-      __syncthreads();
-      float4 Ur[URPT];
-#pragma unroll
-      for (int i = 0; i < URPT; ++i) {
-        const int r = urow0 + URG * i;
-        Ur[i] = (r < K && ucol_ok) ? reinterpret_cast<const float4*>(Us + r * D)[ucg] : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-      __syncthreads();  // the staging buffer now takes the partial outputs
-      float* part = Us;
-      for (int t = 0; t < Tn; ++t) {
-        const float dec = decay[t];
-        const float4 vv = reinterpret_cast<const float4*>(vs + t * D)[ucg];
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int i = 0; i < URPT; ++i) {
-          const int r = urow0 + URG * i;
-          Ur[i] = fma4(ks[t * D + r], vv, scale4(dec, Ur[i]));
-          const float qm = qms[t * D + r];
-          acc[0] = fmaf(qm, Ur[i].x, acc[0]);
-          acc[1] = fmaf(qm, Ur[i].y, acc[1]);
-          acc[2] = fmaf(qm, Ur[i].z, acc[2]);
-          acc[3] = fmaf(qm, Ur[i].w, acc[3]);
-        }
-#pragma unroll
-        for (int o = ULPR; o < 32; o <<= 1)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
-        if (url == 0)
-          reinterpret_cast<float4*>(part + (t * kWarps + warp) * D)[ucg] = make_float4(acc[0], acc[1], acc[2], acc[3]);
-      }
-      if (dst >= 0) {
-        float* u_out = p.h_kv + dst * kv_slot + (int64_t)h * K * V;
-#pragma unroll
-        for (int i = 0; i < URPT; ++i) {
-          const int r = urow0 + URG * i;
-          if (r < K && ucol_ok) *reinterpret_cast<float4*>(u_out + (int64_t)r * V + 4 * ucg) = Ur[i];
-        }
-      }
-      __syncthreads();
-      for (int i = tid; i < Tn * V; i += kThreads) {
-        const int t = i / V, c = i % V;
-        float o = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) o += part[(t * kWarps + w) * D + c];
-        out[t * p.so.t + c] = from_float<T>(p.scale * o);
-      }
-    }
-    src = src_next;
-    src_next = src_after;
-  }
-  cp_async_wait_group<0>();
 }
 
 // Fills p.cheb for p.num_iter iterations from p.ridge_ratio (see the header comment).
@@ -348,26 +78,217 @@ void chebyshev_coefficients(GkaParams& p) {
   }
 }
 
-template <typename T, int D, int NUB>
-void launch_with(const GkaParams& p, cudaStream_t stream) {
-  auto kernel = gka_decode_kernel<T, D, NUB>;
+// One square tile D covers both head dims (K, V <= D): KT = VT = D.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams p) {
+  constexpr int KT = D, VT = D;
+  using SM = Smem<KT, VT>;
+  constexpr int HR = KT / 32;  // H rows per thread
+  constexpr int HC = KT / 32;  // H float4 column chunks per thread
+  constexpr int ULPR = VT / 4;          // U lanes per row
+  constexpr int URPI = 32 / ULPR;       // U rows per warp instruction
+  constexpr int URG = kWarps * URPI;    // U row groups
+  constexpr int URPT = KT / URG;        // U rows per thread
+  GKA_DYNAMIC_SMEM(float4, smem4);
+  float* smem = reinterpret_cast<float*>(smem4);
+  float* Us = smem + SM::U;
+  float* qs = smem + SM::Q;
+  float* ks = smem + SM::Kv;
+  float* qms = smem + SM::QM;
+  float* vs = smem + SM::Vv;
+  float* xbuf = smem + SM::X;
+  float* red = smem + SM::RED;
+  float* decay = smem + SM::DEC;
+  float* alph = smem + SM::ALPHA;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int b = blockIdx.y, h = blockIdx.x;
+  const int Tn = p.Tn, K = p.K, V = p.V;
+  T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
+
+  const int64_t src = load_index(p.src_idx, p.src64, b);
+  if (src < 0) {  // padding sequence: states untouched, output 0
+    for (int i = tid; i < Tn * V; i += kThreads) out[(i / V) * p.so.t + i % V] = from_float<T>(0.f);
+    return;
+  }
+  const int64_t dst = load_index(p.dst_idx, p.dst64, b);
+  const int64_t kk_slot = (int64_t)p.H * K * K, kv_slot = (int64_t)p.H * K * V;
+  const int64_t kk_head = (int64_t)h * K * K, kv_head = (int64_t)h * K * V;
+
+  // 1. Prefetch U = h_kv[src, h] into shared memory (rows of V floats, padded to VT).
+  {
+    const float* u_in = p.h_kv + src * kv_slot + kv_head;
+    const int v4 = V / 4;
+    for (int c = tid; c < K * v4; c += kThreads) cp_async16(Us + (c / v4) * VT + 4 * (c % v4), u_in + 4 * c);
+    cp_async_commit();
+  }
+
+  // 2. H = h_kk[src, h] into registers.
+  const int cg = lane % 8, rg = lane / 8;
+  const int hrow0 = (warp * 4 + rg) * HR;
+  float4 Hm[HR][HC];
+  {
+    const float* h_in = p.h_kk + src * kk_slot + kk_head;
+#pragma unroll
+    for (int i = 0; i < HR; ++i)
+#pragma unroll
+      for (int j = 0; j < HC; ++j) {
+        const int r = hrow0 + i, c = 32 * j + 4 * cg;
+        Hm[i][j] = (r < K && c < K) ? *reinterpret_cast<const float4*>(h_in + (int64_t)r * K + c)
+                                    : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+  }
+
+  // 3. Stage q, k, v, e^g, alpha (zero-padded to KT / VT).
+  for (int i = tid; i < Tn * KT; i += kThreads) {
+    const int t = i / KT, c = i % KT;
+    const T* qp = static_cast<const T*>(p.q) + b * p.sq.b + t * p.sq.t + (h / p.q_group) * p.sq.h;
+    const T* kp = static_cast<const T*>(p.k) + b * p.sk.b + t * p.sk.t + (h / p.k_group) * p.sk.h;
+    qs[i] = c < K ? to_float(qp[c]) : 0.f;
+    ks[i] = c < K ? to_float(kp[c]) : 0.f;
+  }
+  for (int i = tid; i < Tn * VT; i += kThreads) {
+    const int t = i / VT, c = i % VT;
+    const T* vp = static_cast<const T*>(p.v) + b * p.sv.b + t * p.sv.t + (h / p.v_group) * p.sv.h;
+    vs[i] = c < V ? to_float(vp[c]) : 0.f;
+  }
+  if (tid < Tn) {
+    decay[tid] = __expf(load_scalar(p.g, p.g_dtype, b * p.sg.b + tid * p.sg.t + h * p.sg.h));
+    alph[tid] = p.alpha ? load_scalar(p.alpha, p.alpha_dtype, b * p.salpha.b + tid * p.salpha.t + h * p.salpha.h)
+                        : 1.f;
+  }
+  __syncthreads();
+
+  // After the butterfly over the 8 column lanes, this lane holds the sum of row own_row; the
+  // (8 / HR) lanes holding the same row carry identical iterates, the first of them stores x.
+  const int own_row = hrow0 + butterfly_first<HR, 8, 1>(lane);
+  const bool writer = (cg % (8 / HR)) == 0;
+
+  for (int t = 0; t < Tn; ++t) {
+    // H update and ||H||_F^2.
+    const float dec = decay[t];
+    const float* kt = ks + t * KT;
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < HC; ++j) {
+      const float4 kc = reinterpret_cast<const float4*>(kt)[8 * j + cg];
+#pragma unroll
+      for (int i = 0; i < HR; ++i) {
+        const float kr = kt[hrow0 + i];
+        float4& m = Hm[i][j];
+        m = fma4(kr, kc, scale4(dec, m));
+        ss = dot4(m, m, ss);
+      }
+    }
+    ss = warp_allreduce(ss);
+    if (lane == 0) red[(t & 1) * kWarps + warp] = ss;
+    __syncthreads();
+    float fro2 = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) fro2 += red[(t & 1) * kWarps + w];
+    const float inv_fro = fro2 > 0.f ? rsqrtf(fro2) : 1.f;
+    const float gamma = 2.f * inv_fro / (1.f + 2.f * p.ridge_ratio);  // x_0 = gamma q
+
+    if (t == Tn - 1 && dst >= 0) store_h(p.h_kk + dst * kk_slot + kk_head, Hm, hrow0, cg, K);
+
+    // Chebyshev iteration; the first matvec H x_0 = gamma H q reads q directly.
+    const float qr = qs[t * KT + own_row];
+    float x = gamma * qr, xprev = 0.f;
+    const float* xin = qs + t * KT;
+    float ymul = gamma;
+    for (int it = 0; it < p.num_iter; ++it) {
+      const float ca = p.cheb[it][0], cb = p.cheb[it][1] * inv_fro, ce = p.cheb[it][2];
+      float acc[HR];
+#pragma unroll
+      for (int i = 0; i < HR; ++i) acc[i] = 0.f;
+#pragma unroll
+      for (int j = 0; j < HC; ++j) {
+        const float4 xv = reinterpret_cast<const float4*>(xin)[8 * j + cg];
+#pragma unroll
+        for (int i = 0; i < HR; ++i) acc[i] = dot4(Hm[i][j], xv, acc[i]);
+      }
+      butterfly_reduce<HR, 8, 1>(acc);
+      const float r = fmaf(acc[0], ymul, -qr);  // H x - q
+      const float xn = fmaf(ca, x, -fmaf(cb, r, ce * xprev));
+      xprev = x;
+      x = xn;
+      if (it + 1 < p.num_iter) {
+        float* xo = xbuf + (it & 1) * KT;
+        if (writer) xo[own_row] = x;
+        __syncthreads();
+        xin = xo;
+        ymul = 1.f;
+      }
+    }
+    if (writer) qms[t * KT + own_row] = qr + alph[t] * (x - qr);
+  }
+
+  // 4. U update and readout for every token.
+  cp_async_wait_all();
+  __syncthreads();
+  const int ucg = lane % ULPR, url = lane / ULPR;
+  const int urow0 = warp * URPI + url;
+  const bool ucol_ok = 4 * ucg < V;
+  float4 Ur[URPT];
+#pragma unroll
+  for (int i = 0; i < URPT; ++i) {
+    const int r = urow0 + URG * i;
+    Ur[i] = (r < K && ucol_ok) ? reinterpret_cast<const float4*>(Us + r * VT)[ucg] : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  __syncthreads();  // the staging area now takes the partial outputs
+  float* part = Us;
+  for (int t = 0; t < Tn; ++t) {
+    const float dec = decay[t];
+    const float4 vv = reinterpret_cast<const float4*>(vs + t * VT)[ucg];
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < URPT; ++i) {
+      const int r = urow0 + URG * i;
+      Ur[i] = fma4(ks[t * KT + r], vv, scale4(dec, Ur[i]));
+      const float qm = qms[t * KT + r];
+      acc[0] = fmaf(qm, Ur[i].x, acc[0]);
+      acc[1] = fmaf(qm, Ur[i].y, acc[1]);
+      acc[2] = fmaf(qm, Ur[i].z, acc[2]);
+      acc[3] = fmaf(qm, Ur[i].w, acc[3]);
+    }
+#pragma unroll
+    for (int o = ULPR; o < 32; o <<= 1)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
+    if (url == 0)
+      reinterpret_cast<float4*>(part + (t * kWarps + warp) * VT)[ucg] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  }
+  if (dst >= 0) {
+    float* u_out = p.h_kv + dst * kv_slot + kv_head;
+#pragma unroll
+    for (int i = 0; i < URPT; ++i) {
+      const int r = urow0 + URG * i;
+      if (r < K && ucol_ok) *reinterpret_cast<float4*>(u_out + (int64_t)r * V + 4 * ucg) = Ur[i];
+    }
+  }
+  __syncthreads();
+  for (int i = tid; i < Tn * V; i += kThreads) {
+    const int t = i / V, c = i % V;
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o += part[(t * kWarps + w) * VT + c];
+    out[t * p.so.t + c] = from_float<T>(p.scale * o);
+  }
+}
+
+template <typename T, int D>
+void launch(const GkaParams& p, cudaStream_t stream) {
+  constexpr size_t bytes = sizeof(float) * Smem<D, D>::SIZE;
+  auto kernel = gka_decode_kernel<T, D>;
   // The opt-in above 48 KiB is per device; set it once per device and instantiation.
   static bool configured[64] = {};
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "gka_decode: cudaGetDevice");
   if (dev >= 64 || !configured[dev]) {
-    allow_dynamic_smem(kernel, Smem<D, NUB>::BYTES, "gka_decode: cudaFuncSetAttribute");
+    allow_dynamic_smem(kernel, bytes, "gka_decode: cudaFuncSetAttribute");
     if (dev < 64) configured[dev] = true;
   }
-  const int grid = std::min(p.B * p.H, sm_count());
-  launch_kernel(kernel, dim3(grid), kThreads, Smem<D, NUB>::BYTES, stream, p);
-}
-
-// Double-buffered U staging where the device's shared memory allows it.
-template <typename T, int D>
-void launch(const GkaParams& p, cudaStream_t stream) {
-  if (smem_optin() >= Smem<D, 2>::BYTES) launch_with<T, D, 2>(p, stream);
-  else launch_with<T, D, 1>(p, stream);
+  launch_kernel(kernel, dim3(p.H, p.B), kThreads, bytes, stream, p);
 }
 
 }  // namespace
@@ -377,7 +298,7 @@ void gka_decode_launch(const GkaParams& p, int dtype, uintptr_t stream) {
   if (p.K < 4 || p.K > 128 || p.K % 4) throw std::invalid_argument("gka_decode: K must be a multiple of 4 in [4, 128]");
   if (p.V < 4 || p.V > 128 || p.V % 4) throw std::invalid_argument("gka_decode: V must be a multiple of 4 in [4, 128]");
   if (p.num_iter < 1 || p.num_iter > kMaxChebyshevIter) throw std::invalid_argument("gka_decode: num_iter must be in [1, 64]");
-  if ((int64_t)p.B * p.H > 0x7fffffff) throw std::invalid_argument("gka_decode: B * H must fit in int32");
+  if (p.B > kMaxGridYZ) throw std::invalid_argument("gka_decode: B must be <= 65535");
   if (p.B == 0) return;
   GkaParams q = p;
   chebyshev_coefficients(q);

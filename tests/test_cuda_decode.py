@@ -494,14 +494,6 @@ def test_gdn_kernel_wide_tile_many_tokens_in_host_emulation(emulated_ext):
               dst_mode="separate")
 
 
-def test_gka_kernel_single_u_buffer_in_host_emulation(emulated_ext, monkeypatch):
-    """Devices with less shared memory than an H100 (sm_80) get the GKA kernel with one U staging
-    buffer (U fetched at the start of its own item rather than one item ahead)."""
-    monkeypatch.setenv("GKA_EMU_SMEM_OPTIN", str(163 * 1024))
-    check_gka(_emulated(emulated_ext, "gka"), "cpu", dtype=torch.float32, Tn=2, layout=(2, 2, 1, 128, 128),
-              dst_mode="separate", num_iter=5)
-
-
 def test_production_tiles_in_host_emulation(emulated_ext):
     """The tiles the serving shapes use: K = V = 128 (GDN, GKA at 30 iterations), P = 64, N = 128."""
     check_gdn(_emulated(emulated_ext, "gdn"), "cpu", dtype=torch.bfloat16, Tn=2, layout=(2, 2, 1, 128, 128),
