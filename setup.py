@@ -131,7 +131,7 @@ setup(
         "einops",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "transformers>=5,<6", "safetensors"],
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "transformers>=5,<6", "safetensors", "pybind11>=2.10"],
         "hybrid": ["transformers>=5,<6", "safetensors"],
         "bench": ["matplotlib"],
     },
