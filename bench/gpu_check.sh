@@ -2,7 +2,8 @@
 # One command for a GPU machine: build the CUDA extension, run the GPU tests, run the benchmarks,
 # and write everything (card, versions, every number) to $OUT (if set) and bench/results/.
 #
-#   bash bench/gpu_check.sh [build] [tests] [bench] [layers] [e2e]     (no argument: all of them)
+#   bash bench/gpu_check.sh [build] [tests] [bench] [profile] [layers] [e2e]
+#   (no argument: all but profile)
 #
 # Offline machines: bring peers along in .whl/ (see README, "GPU workflow"): wheels in .whl/*.whl are
 # installed into /tmp/site, and .whl/mamba_src/ (an unpacked mamba_ssm source tree) is used for
@@ -66,6 +67,13 @@ if [[ " $stages " == *" bench "* ]]; then
   echo "== kernel benchmarks"
   python3 -m bench --out "$results" --ops "${BENCH_OPS:-gdn,gla,mamba2,gka,attention}" \
     --shapes "${BENCH_SHAPES:-train-4k,long-32k,decode-64,decode-1}" --impls "${BENCH_IMPLS:-}" --rep "${BENCH_REP:-100}" --tag "$stamp" || status=1
+fi
+
+if [[ " $stages " == *" profile "* ]]; then
+  # Per-kernel GPU time, ours and peers side by side (PROFILE_OPS, PROFILE_SHAPES).
+  echo "== per-kernel profile"
+  python3 -m bench.profile_kernels --out "$results" --ops "${PROFILE_OPS:-gdn,gka}" \
+    --shapes "${PROFILE_SHAPES:-train-4k}" --tag "$stamp" || status=1
 fi
 
 if [[ " $stages " == *" layers "* ]] && [ -f bench/bench_layers.py ]; then
