@@ -151,8 +151,14 @@ class ChunkGkaSolveFunction(torch.autograd.Function):
 
 
 def _reverse_cumsum(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """``out[t] = sum_{s >= t, s in the sequence of t} x[s]`` over ``x [B, T, H]`` (float64 sums)."""
-    c = x.to(torch.float64).flip(1).cumsum(1).flip(1)
+    """``out[t] = sum_{s >= t, s in the sequence of t} x[s]`` over ``x [B, T, H]`` (float64 sums).
+
+    The scan runs along the last (contiguous) axis of a ``[B, H, T]`` copy, as ``total - prefix + x``:
+    along T of ``[B, T, H]`` (and flipped) torch runs a strided outer-dimension scan, which took
+    0.76 ms of the GKA backward at train-4k on an H200 (profile run 15)."""
+    xd = x.to(torch.float64).transpose(1, 2).contiguous()
+    prefix = xd.cumsum(-1)
+    c = (prefix[..., -1:] - prefix + xd).transpose(1, 2)
     if cu_seqlens is not None:
         T = x.shape[1]
         c_ext = torch.cat([c, c.new_zeros(1, 1, c.shape[2])], 1)
