@@ -188,14 +188,20 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, siz
 #endif
 }
 
-// Lets `kernel` use more than 48 KiB of dynamic shared memory on the current device.
-template <typename Params>
-inline void allow_dynamic_smem(void (*kernel)(Params), size_t bytes, const char* what) {
-#if defined(GKA_HOST_EMULATION)
-  (void)kernel, (void)bytes, (void)what;
+// Lets `Kernel` use `bytes` of dynamic shared memory on the current device (more than 48 KiB needs
+// this opt-in, which is per device): once per device and kernel.
+template <auto Kernel>
+inline void allow_dynamic_smem(size_t bytes, const char* what) {
+  static bool configured[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), what);
+  if (dev < 64 && configured[dev]) return;
+#if !defined(GKA_HOST_EMULATION)
+  check_cuda(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), what);
 #else
-  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), what);
+  (void)bytes;
 #endif
+  if (dev < 64) configured[dev] = true;
 }
 
 }  // namespace gka

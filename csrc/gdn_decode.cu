@@ -305,21 +305,14 @@ inline int ctas_by_smem(size_t bytes) {
 
 template <typename T, int KT>
 void launch(const GdnParams& p, cudaStream_t stream) {
-  auto kernel = gdn_decode_kernel<T, KT>;
   constexpr size_t smem = state_smem_bytes(KT);
-  // Static plus dynamic shared memory exceeds 48 KiB at KT = 256: opt in once per device.
-  static bool configured[64] = {};
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "gdn_decode: cudaGetDevice");
-  if (dev >= 64 || !configured[dev]) {
-    allow_dynamic_smem(kernel, smem, "gdn_decode: cudaFuncSetAttribute");
-    if (dev < 64) configured[dev] = true;
-  }
+  // Static plus dynamic shared memory exceeds 48 KiB at KT = 256.
+  allow_dynamic_smem<gdn_decode_kernel<T, KT>>(smem, "gdn_decode: cudaFuncSetAttribute");
   // Persistent grid: every CTA resident at once, each looping over its work items.
   const int per_sm = std::min(min_ctas(KT), ctas_by_smem(sizeof(Shared<KT>) + smem));
   const int64_t items = static_cast<int64_t>(p.B) * p.H * ((p.V + kBV - 1) / kBV);
   const int grid = static_cast<int>(std::min<int64_t>(items, static_cast<int64_t>(per_sm) * sm_count()));
-  launch_kernel(kernel, dim3(grid), kThreads, smem, stream, p);
+  launch_kernel(gdn_decode_kernel<T, KT>, dim3(grid), kThreads, smem, stream, p);
 }
 
 }  // namespace

@@ -279,16 +279,8 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
 template <typename T, int D>
 void launch(const GkaParams& p, cudaStream_t stream) {
   constexpr size_t bytes = sizeof(float) * Smem<D, D>::SIZE;
-  auto kernel = gka_decode_kernel<T, D>;
-  // The opt-in above 48 KiB is per device; set it once per device and instantiation.
-  static bool configured[64] = {};
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "gka_decode: cudaGetDevice");
-  if (dev >= 64 || !configured[dev]) {
-    allow_dynamic_smem(kernel, bytes, "gka_decode: cudaFuncSetAttribute");
-    if (dev < 64) configured[dev] = true;
-  }
-  launch_kernel(kernel, dim3(p.H, p.B), kThreads, bytes, stream, p);
+  allow_dynamic_smem<gka_decode_kernel<T, D>>(bytes, "gka_decode: cudaFuncSetAttribute");
+  launch_kernel(gka_decode_kernel<T, D>, dim3(p.H, p.B), kThreads, bytes, stream, p);
 }
 
 }  // namespace
