@@ -95,7 +95,7 @@ class ChunkGatedDeltaRuleFunction(torch.autograd.Function):
         do = do.contiguous()
         dht = dht.contiguous() if dht is not None else None
         G, Tm, w, u, h, vn, _ = _chunk_forward(k, v, g, beta, rk, initial_state, False, cu_seqlens, chunk_indices,
-                                               chunk_offsets, p, store_t=Tm is None, G=G, Tm=Tm)
+                                               chunk_offsets, p, G=G, Tm=Tm)
         dvl = dv_local(q, k, G, rq, rk, do, scale, cu_seqlens, chunk_indices, p.n_chunks_seq, p.BT, p.store,
                        p.acc, p.dot)
         need_dh0 = initial_state is not None and ctx.needs_input_grad[6]
