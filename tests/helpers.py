@@ -19,7 +19,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """``rel_err(out, ref) <= tol``; the error is also printed (shown by ``pytest -rP``), so that
+    GPU logs record the margin of every passing check."""
     err = rel_err(out, ref)
+    print(f"{name}: relative error {err:.3e} (tolerance {tol:.1e})")
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 

@@ -37,7 +37,7 @@ def run_and_grads(fn, q, k, v, g, h0, do, dht, **kw):
     return o.detach(), ht.detach(), grads
 
 
-def compare_to_ref(q, k, v, g, h0, fwd_tol, grad_tol, gate_tol=None, **kw):
+def compare_to_ref(q, k, v, g, h0, fwd_tol, grad_tol, gate_tol=None, fp32_precision="tf32x3", **kw):
     gate_tol = grad_tol if gate_tol is None else gate_tol
     o, ht, grads = None, None, None
     torch.manual_seed(1)
@@ -45,7 +45,8 @@ def compare_to_ref(q, k, v, g, h0, fwd_tol, grad_tol, gate_tol=None, **kw):
     do = torch.randn(*q.shape[:2], H, v.shape[-1], dtype=torch.float32, device=q.device)
     dht = torch.randn(h0.shape if h0 is not None else (q.shape[0], H, q.shape[-1], v.shape[-1]),
                       dtype=torch.float32, device=q.device)
-    o, ht, grads = run_and_grads(chunk_simple_gla, q, k, v, g, h0, do.to(q.dtype), dht, **kw)
+    o, ht, grads = run_and_grads(chunk_simple_gla, q, k, v, g, h0, do.to(q.dtype), dht,
+                                 fp32_precision=fp32_precision, **kw)
     ref_dtype = torch.float64 if q.device.type == "cpu" else torch.float32
     up = [t.to(ref_dtype) if t is not None else None for t in (q, k, v, g, h0)]
     o_r, ht_r, grads_r = run_and_grads(simple_gla_ref, *up, do, dht, **kw)
@@ -188,6 +189,19 @@ def test_bad_input(mutate, exc, match):
         chunk_simple_gla(**args)
 
 
+def test_bad_input_fp32_precision():
+    q, k, v, g, _ = make_inputs(1, 8, 2, 2, 2, 16, 16)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        chunk_simple_gla(q, k, v, g, fp32_precision="tf32")
+
+
+@pytest.mark.interpreter
+def test_bf16x3_mode_runs_exact_in_interpreter():
+    """The interpreter has no bf16x3 dots: the mode falls back to exact float32 products there."""
+    q, k, v, g, h0 = make_inputs(1, 70, 2, 1, 2, 16, 16)
+    compare_to_ref(q, k, v, g, h0, CPU_FWD, CPU_GRAD, fp32_precision="bf16x3")
+
+
 def test_bad_input_cu_seqlens_needs_batch_one():
     q, k, v, g, _ = make_inputs(2, 8, 2, 2, 2, 16, 16)
     with pytest.raises(ValueError, match="cu_seqlens"):
@@ -219,9 +233,13 @@ def test_gpu_varlen_bf16():
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_inputs():
-    q, k, v, g, h0 = make_inputs(2, 300, 4, 2, 2, 64, 64, dtype=torch.float32, device="cuda")
-    compare_to_ref(q, k, v, g, h0, 1e-4, 1e-3)
+@pytest.mark.parametrize("fp32_precision", ["tf32x3", "bf16x3"])
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 128)])
+def test_gpu_fp32_inputs(fp32_precision, K, V):
+    """Both float32 dot modes against the float32 reference; a single bf16 or tf32 rounding of
+    the operands would give ~1e-3 here."""
+    q, k, v, g, h0 = make_inputs(2, 300, 4, 2, 2, K, V, dtype=torch.float32, device="cuda")
+    compare_to_ref(q, k, v, g, h0, 1e-4, 1e-3, fp32_precision=fp32_precision)
 
 
 @pytest.mark.gpu

@@ -28,12 +28,15 @@ Precision: the readout ``U^T qm`` cancels heavily (``|x|`` is ~20x ``|q|`` at ri
 so rounding ``qm`` to bf16 alone costs ~1e-2 relative error in ``o``. For 16-bit inputs the solve
 therefore writes ``x``/``qm`` in float32, the chunk states ``H_c`` are float32, the solve's dot
 operands are float16 on normalized quantities (``_common.solve_dot_dtype``), and the readout runs
-the GLA op on float32 ``qm, k, v`` (3xTF32 dots); ``o`` is cast back to the input dtype. With
+the GLA op on float32 ``qm, k, v`` with 3xBF16 dots (each operand split into bf16 hi + lo, about
+16 significant bits: ~2^-16 relative error per product, ~3e-4 in ``o`` after the ~20x
+cancellation, at twice the tensor-core rate of 3xTF32); ``o`` is cast back to the input dtype. With
 near-low-rank states most of ``x`` is orthogonal to the keys, so wherever ``x``, the adjoint
 solution or the scores ``(x . k) M`` are later projected onto keys they enter the dot as fp16
 hi + lo (``_common.split_hi_lo``), and the solve's and the readout's key gradients (which cancel
 ~7x) are summed in float32 before one rounding to ``k``'s dtype.
-fp32 inputs use 3xTF32 dots throughout; float64 runs in float64 (gradcheck on the CPU).
+fp32 inputs use 3xTF32 dots throughout (readout included); float64 runs in float64 (gradcheck on
+the CPU).
 """
 
 from __future__ import annotations
@@ -241,7 +244,9 @@ def chunk_gka_unchecked(
         alpha.contiguous() if alpha is not None else None,
         h0_kk.contiguous() if h0_kk is not None else None,
         ridge_ratio, num_iter, bp_lambda, output_final_state, cu_seqlens)
-    # qm is float32 for 16-bit inputs (see the module docstring): read out in float32.
+    # qm is float32 for 16-bit inputs (see the module docstring): read out in float32 (3xBF16).
+    split = q.dtype in (torch.bfloat16, torch.float16)
     o, ht_kv = chunk_simple_gla(qm, k_read, v.to(qm.dtype), g, scale=scale, initial_state=h0_kv,
-                                output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+                                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                                fp32_precision="bf16x3" if split else "tf32x3")
     return o.to(q.dtype), ((ht_kk, ht_kv) if output_final_state else None)

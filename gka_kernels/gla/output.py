@@ -177,3 +177,14 @@ register_aot(AotSpec(
                 "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.float32, "PREC": "tf32x3"},
     num_warps=8, num_stages=2,
 ))
+register_aot(AotSpec(
+    name="gla_fwd_o[fp32,bf16x3,k128,v128,gka]",
+    kernel=chunk_fwd_o_kernel,
+    types={"q": "*fp32", "k": "*fp32", "v": "*fp32", "vs": "*fp32", "gc": "*fp32", "hs": "*fp32",
+           "D": "*fp32", "z": "*fp32", "o": "*fp32", "ypre": "*fp32", "cu_seqlens": "*i32",
+           "chunk_indices": "*i32", "scale": "fp32"},
+    constexprs={"H": 32, "HQ": 32, "HK": 8, "HV": 8, "NG": 1, "K": 128, "V": 128, "BT": 64, "BK": 64,
+                "BV": 64, "HAS_VS": False, "HAS_D": False, "D_PER_V": False, "HAS_Z": False,
+                "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.float32, "PREC": "bf16x3"},
+    num_warps=4, num_stages=2,
+))

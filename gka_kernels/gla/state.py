@@ -157,3 +157,15 @@ for _rev in (False, True):
                     "IS_VARLEN": True, "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
         num_warps=8, num_stages=3,
     ))
+    register_aot(AotSpec(
+        name=f"gla_state_pass[{'bwd' if _rev else 'fwd'},fp32,bf16x3,k128,v128,gka]",
+        kernel=chunk_state_pass_kernel,
+        types={"a": "*fp32", "b": "*fp32", "vs": "*fp32", "gc": "*fp32", "h0": "*fp32",
+               "hs": "*fp32", "ht": "*fp32", "cu_seqlens": "*i32", "chunk_offsets": "*i64",
+               "scale": "fp32"},
+        constexprs={"H": 32, "HA": 32 if _rev else 8, "HB": 32 if _rev else 8, "K": 128, "V": 128,
+                    "BT": 64, "BK": 32, "BV": 32, "REVERSE": _rev, "HAS_VS": False, "USE_H0": False,
+                    "STORE_HT": False, "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.float32,
+                    "PREC": "bf16x3"},
+        num_warps=2, num_stages=3,
+    ))
