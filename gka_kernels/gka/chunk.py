@@ -22,7 +22,7 @@ final states): ``x`` (``K`` values) and ``fro`` per token and query head, plus t
 all float32 (float64 for float64 inputs) — ``4K + 8`` bytes per token and head (520 B at K = 128).
 For 16-bit inputs the solve also keeps its 16-bit copy of ``k`` (``2K`` bytes per token and key head;
 the input it receives is the float32 copy described below). Chunk states are recomputed, never
-saved. The GLA readout saves its own inputs (float32 ``qm, k, v`` for 16-bit inputs).
+saved. The GLA readout saves its own inputs (float32 ``qm`` and ``k``, and ``v`` as given).
 
 Precision: the readout ``U^T qm`` cancels heavily (``|x|`` is ~20x ``|q|`` at ridge_ratio 0.02),
 so rounding ``qm`` to bf16 alone costs ~1e-2 relative error in ``o``. For 16-bit inputs the solve
@@ -30,7 +30,8 @@ therefore writes ``x``/``qm`` in float32, the chunk states ``H_c`` are float32, 
 operands are float16 on normalized quantities (``_common.solve_dot_dtype``), and the readout runs
 the GLA op on float32 ``qm, k, v`` with 3xBF16 dots (each operand split into bf16 hi + lo, about
 16 significant bits: ~2^-16 relative error per product, ~3e-4 in ``o`` after the ~20x
-cancellation, at twice the tensor-core rate of 3xTF32); ``o`` is cast back to the input dtype. With
+cancellation, at twice the tensor-core rate of 3xTF32); ``v`` is read in its own dtype and ``o``
+is written in it (``ChunkSimpleGLAFunction`` mixes dtypes). With
 near-low-rank states most of ``x`` is orthogonal to the keys, so wherever ``x``, the adjoint
 solution or the scores ``(x . k) M`` are later projected onto keys they enter the dot as fp16
 hi + lo (``_common.split_hi_lo``), and the solve's and the readout's key gradients (which cancel
@@ -54,7 +55,7 @@ from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
 from gka_kernels.gka.solve import gka_solve_bwd, gka_solve_fwd
-from gka_kernels.gla import chunk_simple_gla
+from gka_kernels.gla.chunk import ChunkSimpleGLAFunction
 
 #: Largest ``num_iter`` accepted.
 MAX_NUM_ITER = 64
@@ -245,8 +246,10 @@ def chunk_gka_unchecked(
         h0_kk.contiguous() if h0_kk is not None else None,
         ridge_ratio, num_iter, bp_lambda, output_final_state, cu_seqlens)
     # qm is float32 for 16-bit inputs (see the module docstring): read out in float32 (3xBF16).
+    # v stays in its dtype (exact in the float32 dots; o and dv come out in that dtype).
     split = q.dtype in (torch.bfloat16, torch.float16)
-    o, ht_kv = chunk_simple_gla(qm, k_read, v.to(qm.dtype), g, scale=scale, initial_state=h0_kv,
-                                output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-                                fp32_precision="bf16x3" if split else "tf32x3")
-    return o.to(q.dtype), ((ht_kk, ht_kv) if output_final_state else None)
+    o, ht_kv = ChunkSimpleGLAFunction.apply(
+        qm, k_read, v.contiguous(), g.to(k_read.dtype).contiguous(), scale,
+        h0_kv.contiguous() if h0_kv is not None else None, output_final_state, cu_seqlens,
+        "bf16x3" if split else "tf32x3")
+    return o, ((ht_kk, ht_kv) if output_final_state else None)

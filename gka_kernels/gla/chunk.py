@@ -166,7 +166,11 @@ def gla_backward(
 
 
 class ChunkSimpleGLAFunction(torch.autograd.Function):
-    """Autograd wrapper of ``gla_forward`` / ``gla_backward`` (inputs already validated)."""
+    """Autograd wrapper of ``gla_forward`` / ``gla_backward`` (inputs already validated).
+
+    The kernels convert every load, so internal callers may mix dtypes: the GKA readout passes
+    float32 ``q, k`` with 16-bit ``v``; ``o`` and ``dv`` then take ``v``'s dtype, the kernels' dot
+    precision follows ``q``'s dtype (``precision_for``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, fp32_precision):

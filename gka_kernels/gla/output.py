@@ -136,12 +136,13 @@ def chunk_fwd_o(
     dot_dtype,
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the output kernel; returns ``o [B,T,H,V]`` (q's dtype) and, when ``z`` is given,
-    the pre-gate output (same shape and dtype)."""
+    """Launch the output kernel; returns ``o [B,T,H,V]`` (v's dtype) and, when ``z`` is given,
+    the pre-gate output (same shape and dtype). Operands may differ in dtype (each load is
+    converted to the accumulation dtype, then to ``dot_dtype``)."""
     Bsz, T, HQ, K = q.shape
     H = gc.shape[2]
     HK, HV, V = k.shape[2], v.shape[2], v.shape[3]
-    o = q.new_empty(Bsz, T, H, V)
+    o = v.new_empty(Bsz, T, H, V)
     ypre = torch.empty_like(o) if z is not None else None
     NG = shared_qk_heads(H, HQ, HK)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]) * (H // NG) * num_chunks,)  # noqa: E731

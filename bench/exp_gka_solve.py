@@ -1,0 +1,92 @@
+"""Where the time of the GKA ridge-solve kernels goes (GPU experiment, train-4k shape).
+
+Times ``gka_solve_fwd`` and ``gka_solve_bwd`` alone with a fixed launch config (4 or 8 warps) at
+``num_iter`` 0, 1 and 30: the 0-iteration time is each kernel's fixed cost (loads, the Frobenius
+norms, the backward's ``H_t x_t`` product and scalars, stores), the slope its cost per iteration.
+A backward variant without the ``H_t x_t`` product (its source with that call replaced by
+``x``) separates that product from the rest of the fixed cost. Prints one JSON object.
+
+    python -m bench.exp_gka_solve
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import sys
+import tempfile
+
+import torch
+import triton
+
+from bench.cases import _decay, _gate, _keys
+from gka_kernels.common.cumsum import chunk_local_cumsum
+from gka_kernels.gka import solve
+from gka_kernels.gka._common import CHUNK
+from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
+
+_APPLY_CALL = """b_hxl, b_hxh = _apply(b_xl, b_xh, b_m, b_eg, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
+                          ACC, DT, PREC)"""
+
+
+class _FixedConfig:
+    """Stands in for an autotuned kernel: launches its JIT function with one config."""
+
+    def __init__(self, kernel, num_warps: int):
+        self.fn, self.num_warps = kernel.fn, num_warps
+
+    def __getitem__(self, grid):
+        return lambda *a, **kw: self.fn[grid](*a, num_warps=self.num_warps, num_stages=1, **kw)
+
+
+def _module_without_apply():
+    """A copy of ``gka_kernels.gka.solve`` whose backward skips the ``H_t x_t`` product."""
+    src = inspect.getsource(solve)
+    assert _APPLY_CALL in src, "solve.py changed: update _APPLY_CALL"
+    path = tempfile.NamedTemporaryFile("w", suffix="_solve_noapply.py", delete=False)
+    path.write(src.replace(_APPLY_CALL, "b_hxl, b_hxh = b_xl, b_xh").replace("register_aot(", "(lambda s: s)("))
+    path.close()
+    spec = importlib.util.spec_from_file_location("solve_noapply", path.name)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["solve_noapply"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    B, T, H, HKV, K = 4, 4096, 32, 8, 128
+    q, k = _keys(B, T, H, K), _keys(B, T, HKV, K)
+    gk, alpha = _decay(B, T, H), _gate(B, T, H)
+    gcum = chunk_local_cumsum(gk.float(), CHUNK)
+    h, _ = chunk_gka_fwd_h(k, gcum, H, B, B * triton.cdiv(T, CHUNK), None, False, None, None, torch.float32)
+    x, _, fro = solve.gka_solve_fwd(q, k, gcum, h, alpha, 0.02, 30, None, None)
+    dqm = torch.randn(B, T, H, K, device="cuda")
+    results = {"card": torch.cuda.get_device_name(), "triton": triton.__version__, "ms": {}}
+    variants = {"": solve, "noapply": _module_without_apply()}
+    for vname, mod in variants.items():
+        kernels = ("gka_solve_bwd_kernel",) if vname else ("gka_solve_fwd_kernel", "gka_solve_bwd_kernel")
+        for w in (4, 8):
+            saved = {n: getattr(mod, n) for n in kernels}
+            for n in kernels:
+                setattr(mod, n, _FixedConfig(saved[n], w))
+            try:
+                for it in (0, 1, 30):
+                    calls = {"bwd": lambda: mod.gka_solve_bwd(q, k, gcum, h, alpha, x, fro, dqm, 0.02, it,
+                                                                True, None, None)}
+                    if not vname:
+                        calls["fwd"] = lambda: mod.gka_solve_fwd(q, k, gcum, h, alpha, 0.02, it, None, None)
+                    for cname, call in calls.items():
+                        ms = triton.testing.do_bench(call, warmup=25, rep=100)
+                        key = f"{cname}{'-' + vname if vname else ''} w{w} it{it}"
+                        results["ms"][key] = round(ms, 4)
+                        print(key, results["ms"][key], file=sys.stderr)
+            finally:
+                for n, kern in saved.items():
+                    setattr(mod, n, kern)
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
