@@ -11,11 +11,8 @@ A backward variant without the ``H_t x_t`` product (its source with that call re
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
 import sys
-import tempfile
 
 import torch
 import triton
@@ -26,10 +23,6 @@ from gka_kernels.gka import solve
 from gka_kernels.gka._common import CHUNK
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
 
-_APPLY_CALL = """b_hxl, b_hxh = _apply(b_xl, b_xh, b_m, b_eg, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
-                          ACC, DT, PREC)"""
-
-
 class _FixedConfig:
     """Stands in for an autotuned kernel: launches its JIT function with one config."""
 
@@ -38,20 +31,6 @@ class _FixedConfig:
 
     def __getitem__(self, grid):
         return lambda *a, **kw: self.fn[grid](*a, num_warps=self.num_warps, num_stages=1, **kw)
-
-
-def _module_without_apply():
-    """A copy of ``gka_kernels.gka.solve`` whose backward skips the ``H_t x_t`` product."""
-    src = inspect.getsource(solve)
-    assert _APPLY_CALL in src, "solve.py changed: update _APPLY_CALL"
-    path = tempfile.NamedTemporaryFile("w", suffix="_solve_noapply.py", delete=False)
-    path.write(src.replace(_APPLY_CALL, "b_hxl, b_hxh = b_xl, b_xh").replace("register_aot(", "(lambda s: s)("))
-    path.close()
-    spec = importlib.util.spec_from_file_location("solve_noapply", path.name)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["solve_noapply"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main() -> None:
@@ -64,27 +43,23 @@ def main() -> None:
     x, _, fro = solve.gka_solve_fwd(q, k, gcum, h, alpha, 0.02, 30, None, None)
     dqm = torch.randn(B, T, H, K, device="cuda")
     results = {"card": torch.cuda.get_device_name(), "triton": triton.__version__, "ms": {}}
-    variants = {"": solve, "noapply": _module_without_apply()}
-    for vname, mod in variants.items():
-        kernels = ("gka_solve_bwd_kernel",) if vname else ("gka_solve_fwd_kernel", "gka_solve_bwd_kernel")
-        for w in (4, 8):
-            saved = {n: getattr(mod, n) for n in kernels}
-            for n in kernels:
-                setattr(mod, n, _FixedConfig(saved[n], w))
-            try:
-                for it in (0, 1, 30):
-                    calls = {"bwd": lambda: mod.gka_solve_bwd(q, k, gcum, h, alpha, x, fro, dqm, 0.02, it,
-                                                                True, None, None)}
-                    if not vname:
-                        calls["fwd"] = lambda: mod.gka_solve_fwd(q, k, gcum, h, alpha, 0.02, it, None, None)
-                    for cname, call in calls.items():
-                        ms = triton.testing.do_bench(call, warmup=25, rep=100)
-                        key = f"{cname}{'-' + vname if vname else ''} w{w} it{it}"
-                        results["ms"][key] = round(ms, 4)
-                        print(key, results["ms"][key], file=sys.stderr)
-            finally:
-                for n, kern in saved.items():
-                    setattr(mod, n, kern)
+    kernels = ("gka_solve_fwd_kernel", "gka_solve_bwd_kernel")
+    for w in (4, 8):
+        saved = {n: getattr(solve, n) for n in kernels}
+        for n in kernels:
+            setattr(solve, n, _FixedConfig(saved[n], w))
+        try:
+            for it in (0, 1, 30):
+                calls = {"fwd": lambda: solve.gka_solve_fwd(q, k, gcum, h, alpha, 0.02, it, None, None),
+                         "bwd": lambda: solve.gka_solve_bwd(q, k, gcum, h, alpha, x, fro, dqm, 0.02, it,
+                                                            True, None, None)}
+                for cname, call in calls.items():
+                    ms = triton.testing.do_bench(call, warmup=25, rep=100)
+                    results["ms"][f"{cname} w{w} it{it}"] = round(ms, 4)
+                    print(f"{cname} w{w} it{it}", results["ms"][f"{cname} w{w} it{it}"], file=sys.stderr)
+        finally:
+            for n, kern in saved.items():
+                setattr(solve, n, kern)
     print(json.dumps(results, indent=1))
 
 

@@ -20,7 +20,7 @@ Dot operands (``DT``; float16 for 16-bit inputs, see ``_common.solve_dot_dtype``
 float16 range whatever the data: ``H_c`` enters as ``H_c / ||H_c||_F`` (the factor goes into the
 row scale ``exp(G) ||H_c||_F``), the right-hand side is scaled per row to norm ``min(1, 1024 a)``
 (so ``||y_t|| <~ 1024``; the solve is linear, the scale is undone at the end), keys are unit-norm
-(beta-scaled), and ``H_t x_t`` in the backward is formed from row-normalized ``x``. This is SPEC 5's iteration on ``[lam_t, lam_t + fro_t]`` rescaled, with
+(beta-scaled). This is SPEC 5's iteration on ``[lam_t, lam_t + fro_t]`` rescaled, with
 the data-independent schedule ``w_i = 1 / (1 - c4 w_{i-1})``, ``w_0 = 2``.
 
 Forward kernel: fro, ``x = A^{-1} q`` and ``qm = q + alpha (x - q)``.
@@ -30,6 +30,10 @@ Backward kernel (implicit differentiation, ``A_t`` symmetric): ``dx = alpha dqm`
 
     c_t    = bp_lambda * a (x_t . dqs_t) / fro_t                (lambda-path weight of H_t)
     dgp_t  = <dH_t, H_t> = -dqs_t . (H_t x_t) - c_t ||H_t||^2    (decay gradient, own-state part)
+             with H_t x_t = q_t - lam_t x_t (x_t taken as the exact solution, as everywhere in the
+             implicit backward; 0 where H_t = 0). Forming H_t x_t with the chunk operands instead cost
+             0.65 ms and, through register pressure, 30% more per iteration of the adjoint solve
+             (train-4k, H200, bench/exp_gka_solve.py, run 19).
     beta_t = sum_{s >= t in chunk} c_s exp(G_s - G_t + G_s)
 
 Tiles: grid (chunks, B*H); one program holds ``H_c`` [K, K], the key chunk [BT, K], ``M`` [BT, BT]
@@ -119,19 +123,6 @@ def _half(b_yl, b_yh, b_ht_l, b_ht_h, b_sd, b_sdl, b_kc, b_eg, ACC: tl.constexpr
     if DT.primitive_bitwidth == 16:
         b_p = tl.dot(b_sdl, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
     return tl.dot(b_sd, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
-
-
-@triton.jit
-def _apply(b_yl, b_yh, b_m, b_eg, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
-           ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """Both column halves of rows(H_t y_t), formed from the row-normalized ``y``."""
-    b_n = tl.sqrt(tl.sum(b_yl * b_yl, axis=1) + tl.sum(b_yh * b_yh, axis=1))
-    b_n = tl.where(b_n > 0, b_n, 1.0)
-    b_s, b_ol, b_oh = _key_scores(b_yl / b_n[:, None], b_yh / b_n[:, None], b_kl, b_kh, ACC, DT, PREC)
-    b_sd, b_sdl = split_hi_lo(b_s * b_m, DT)
-    b_pl = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_sdl, b_kl, b_eg, ACC, DT, PREC)
-    b_ph = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_sdl, b_kh, b_eg, ACC, DT, PREC)
-    return b_pl * b_n[:, None], b_ph * b_n[:, None]
 
 
 @triton.jit
@@ -330,35 +321,40 @@ def gka_solve_bwd_kernel(
         b_a = tl.full([BT], 1.0, ACC)
     b_rl = _load_rows(dqm + p_row, o_l, m_t, K, ACC) * b_a[:, None]
     b_rh = _load_rows(dqm + p_row, o_h, m_t, K, ACC) * b_a[:, None]
-    b_ql, b_qh = _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl,
+    b_sl, b_sh = _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl,
                             b_ht_hh, ridge, step, c4, num_iter, ACC, DT, PREC)
-    b_ql = b_ql * b_inv[:, None]
-    b_qh = b_qh * b_inv[:, None]
-    _store_rows(dqs + p_row, o_l, m_t, b_ql, K)
-    _store_rows(dqs + p_row, o_h, m_t, b_qh, K)
+    b_sl = b_sl * b_inv[:, None]
+    b_sh = b_sh * b_inv[:, None]
+    _store_rows(dqs + p_row, o_l, m_t, b_sl, K)
+    _store_rows(dqs + p_row, o_h, m_t, b_sh, K)
 
-    # H_t x_t (both halves), then the per-row scalars.
+    # Per-row scalars. x_t is treated as the exact solution of A_t x = q_t (SPEC 5), so
+    # H_t x_t = q_t - lam_t x_t (0 where H_t = 0): no product with H_t is formed here.
     b_xl = _load_rows(x + p_row, o_l, m_t, K, ACC)
     b_xh = _load_rows(x + p_row, o_h, m_t, K, ACC)
-    b_hxl, b_hxh = _apply(b_xl, b_xh, b_m, b_eg, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
-                          ACC, DT, PREC)
-    b_qhx = tl.sum(b_ql * b_hxl, axis=1) + tl.sum(b_qh * b_hxh, axis=1)
-    b_c = bp_coef * (tl.sum(b_xl * b_ql, axis=1) + tl.sum(b_xh * b_qh, axis=1)) * b_inv
-    b_dgp = -b_qhx - b_c * b_fro * b_fro
+    b_qvl = _load_rows(q + p_row, o_l, m_t, K, ACC)
+    b_qvh = _load_rows(q + p_row, o_h, m_t, K, ACC)
+    b_sx = tl.sum(b_xl * b_sl, axis=1) + tl.sum(b_xh * b_sh, axis=1)
+    b_sq = tl.sum(b_qvl * b_sl, axis=1) + tl.sum(b_qvh * b_sh, axis=1)
+    b_shx = tl.where(b_fro > 0, b_sq - ridge * b_fro * b_sx, 0.0)
+    b_c = bp_coef * b_sx * b_inv
+    b_dgp = -b_shx - b_c * b_fro * b_fro
     o_t = tl.arange(0, BT)
     m_st = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
+    b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)  # reloaded: fewer registers
     b_e = tl.exp(tl.where(m_st, 2.0 * b_g[None, :] - b_g[:, None], float("-inf")))
     b_beta = tl.sum(b_e * b_c[None, :], axis=1)
 
     # Total dq = dqs + (1 - alpha) dqm and dalpha = (x - q) . dqm.
+    if HAS_ALPHA:  # reloaded, as G above: not kept live through the solve
+        b_a = tl.load(alpha + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_dql = _load_rows(dqm + p_row, o_l, m_t, K, ACC)
     b_dqh = _load_rows(dqm + p_row, o_h, m_t, K, ACC)
     if HAS_ALPHA:
-        b_da = tl.sum((b_xl - _load_rows(q + p_row, o_l, m_t, K, ACC)) * b_dql, axis=1)
-        b_da += tl.sum((b_xh - _load_rows(q + p_row, o_h, m_t, K, ACC)) * b_dqh, axis=1)
+        b_da = tl.sum((b_xl - b_qvl) * b_dql, axis=1) + tl.sum((b_xh - b_qvh) * b_dqh, axis=1)
         tl.store(dalpha + tok * H + i_h, b_da.to(dalpha.dtype.element_ty), mask=m_t)
-    _store_rows(dq + p_row, o_l, m_t, b_ql + (1.0 - b_a[:, None]) * b_dql, K)
-    _store_rows(dq + p_row, o_h, m_t, b_qh + (1.0 - b_a[:, None]) * b_dqh, K)
+    _store_rows(dq + p_row, o_l, m_t, b_sl + (1.0 - b_a[:, None]) * b_dql, K)
+    _store_rows(dq + p_row, o_h, m_t, b_sh + (1.0 - b_a[:, None]) * b_dqh, K)
     o_s = tok * H + i_h
     tl.store(lam_c + o_s, b_c.to(lam_c.dtype.element_ty), mask=m_t)
     tl.store(beta + o_s, b_beta.to(beta.dtype.element_ty), mask=m_t)
