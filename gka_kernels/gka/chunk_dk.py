@@ -41,11 +41,8 @@ from gka_kernels.gka._common import (
 )
 
 
-# BJ = 32 halves the live state slices: compiled for sm_90 (Triton 3.7, bf16, K = 128) the 8-warp
-# program spills 208 B per thread instead of 744 B with BJ = 64 (4 warps: 784 B instead of 1760 B).
 @autotune(
-    configs=[triton.Config({"BJ": bj}, num_warps=w, num_stages=s)
-             for bj in (32, 64) for w in (8, 4) for s in (1, 2)],
+    configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)],
     key=["K", "H", "IS_VARLEN"],
 )
 @triton.jit
@@ -56,7 +53,7 @@ def chunk_gka_bwd_dk_kernel(
 ):
     """Grid (chunks, B*H): dk (per query head) and dGc of one chunk. The [BT, BT] weight matrices
     are formed once; the output columns are produced in blocks of BJ (two [K, BJ] state slices
-    per block, BJ <= BK or masked) to bound register use."""
+    per block) to bound register use."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -172,7 +169,7 @@ def chunk_gka_bwd_dk(
     grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
     chunk_gka_bwd_dk_kernel[grid](
         k, x, dqs, gcum, lam_c, beta, dgp, h, dh, dk, dgc, cu_seqlens, chunk_indices, T, NT,
-        H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), IS_VARLEN=cu_seqlens is not None,
+        H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), BJ=min(64, next_power_of_2(K)), IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
     return dk, dgc
@@ -185,7 +182,7 @@ for _w in (4, 8):
         types={"k": "*bf16", "x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
                "beta": "*fp32", "dgp": "*fp32", "h": "*fp32", "dh": "*fp32", "dk": "*fp32",
                "dgc": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "T": "i32", "NT": "i32"},
-        constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 32, "IS_VARLEN": False,
+        constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 64, "IS_VARLEN": False,
                     "ACC": tl.float32, "DX": tl.float16, "PREC": "ieee"},
         num_warps=_w, num_stages=1,
     ))
