@@ -17,7 +17,8 @@
 // floats. An iteration is D / 32 LDS.128 of x, the FMAs, a 3-stage butterfly over the 8 column
 // lanes (the row sums land on the lanes that own the row's iterate), one STS and one
 // __syncthreads (x is double-buffered). U is not needed until the solves are done: it is
-// prefetched into shared memory with cp.async at the start (overlapping the solve), then updated
+// prefetched into shared memory with cp.async, issued after the loads of H and the token inputs
+// (which the solve waits on) and overlapping the solve, then updated
 // and read out for all tokens with lanes along V (float4), warps along K, the K reduction
 // finished across warps in shared memory.
 //
@@ -115,15 +116,7 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
   const int64_t kk_slot = (int64_t)p.H * K * K, kv_slot = (int64_t)p.H * K * V;
   const int64_t kk_head = (int64_t)h * K * K, kv_head = (int64_t)h * K * V;
 
-  // 1. Prefetch U = h_kv[src, h] into shared memory (rows of V floats, padded to VT).
-  {
-    const float* u_in = p.h_kv + src * kv_slot + kv_head;
-    const int v4 = V / 4;
-    for (int c = tid; c < K * v4; c += kThreads) cp_async16(Us + (c / v4) * VT + 4 * (c % v4), u_in + 4 * c);
-    cp_async_commit();
-  }
-
-  // 2. H = h_kk[src, h] into registers.
+  // 1. H = h_kk[src, h] into registers: issued first, as the solve waits on it.
   const int cg = lane % 8, rg = lane / 8;
   const int hrow0 = (warp * 4 + rg) * HR;
   float4 Hm[HR][HC];
@@ -139,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
       }
   }
 
-  // 3. Stage q, k, v, e^g, alpha (zero-padded to KT / VT).
+  // 2. Stage q, k, v, e^g, alpha (zero-padded to KT / VT).
   for (int i = tid; i < Tn * KT; i += kThreads) {
     const int t = i / KT, c = i % KT;
     const T* qp = static_cast<const T*>(p.q) + b * p.sq.b + t * p.sq.t + (h / p.q_group) * p.sq.h;
@@ -157,6 +150,15 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
     alph[tid] = p.alpha ? load_scalar(p.alpha, p.alpha_dtype, b * p.salpha.b + tid * p.salpha.t + h * p.salpha.h)
                         : 1.f;
   }
+  // 3. Prefetch U = h_kv[src, h] into shared memory (rows of V floats, padded to VT), issued
+  //    after H and the inputs so that those arrive first; U is not read before the solves end.
+  {
+    const float* u_in = p.h_kv + src * kv_slot + kv_head;
+    const int v4 = V / 4;
+    for (int c = tid; c < K * v4; c += kThreads) cp_async16(Us + (c / v4) * VT + 4 * (c % v4), u_in + 4 * c);
+    cp_async_commit();
+  }
+
   __syncthreads();
 
   // After the butterfly over the 8 column lanes, this lane holds the sum of row own_row; the

@@ -262,6 +262,7 @@ def gka_solve_fwd_kernel(
     b_fro2 = b_eg * b_eg * hn2 + 2.0 * b_eg * tl.sum(b_m * b_khk[None, :], axis=1) + tl.sum(b_f3, axis=1)
     b_fro = tl.sqrt(tl.maximum(b_fro2, 0.0))
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
+    tl.store(fro + tok * H + i_h, b_fro.to(fro.dtype.element_ty), mask=m_t)
 
     o_l = tl.arange(0, BH)
     o_h = BH + o_l
@@ -283,7 +284,6 @@ def gka_solve_fwd_kernel(
     p_qm = qm + (tok * H + i_h) * K
     _store_rows(p_qm, o_l, m_t, b_yl, K)
     _store_rows(p_qm, o_h, m_t, b_yh, K)
-    tl.store(fro + tok * H + i_h, b_fro.to(fro.dtype.element_ty), mask=m_t)
 
 
 @autotune(configs=_CONFIGS, key=["K", "H", "HAS_ALPHA", "IS_VARLEN"])
