@@ -363,10 +363,10 @@ for _name, _hq, _hk, _hv in (("mamba2", 8, 8, 32), ("gqa", 32, 8, 8)):
         num_warps=8, num_stages=2,
     ))
 register_aot(AotSpec(
-    name="gla_bwd_dv[fp32,bf16x3,k128,v128,gka]",
+    name="gla_bwd_dv[gka: fp32 q k, bf16 v do dv, bf16x3,k128,v128]",
     kernel=chunk_bwd_dv_kernel,
-    types={"q": "*fp32", "k": "*fp32", "v": "*fp32", "vs": "*fp32", "gc": "*fp32", "dhs": "*fp32",
-           "do": "*fp32", "D": "*fp32", "dv": "*fp32", "dvs": "*fp32", "dD": "*fp32",
+    types={"q": "*fp32", "k": "*fp32", "v": "*bf16", "vs": "*fp32", "gc": "*fp32", "dhs": "*fp32",
+           "do": "*bf16", "D": "*fp32", "dv": "*bf16", "dvs": "*fp32", "dD": "*fp32",
            "cu_seqlens": "*i32", "chunk_indices": "*i32", "scale": "fp32"},
     constexprs={"H": 32, "HQ": 32, "HK": 8, "HV": 8, "K": 128, "V": 128, "BT": 64, "BK": 64,
                 "BV": 64, "HAS_VS": False, "HAS_D": False, "D_PER_V": False, "IS_VARLEN": False,
@@ -374,10 +374,10 @@ register_aot(AotSpec(
     num_warps=4, num_stages=2,
 ))
 register_aot(AotSpec(
-    name="gla_bwd_dqkg[fp32,bf16x3,k128,v128,gka]",
+    name="gla_bwd_dqkg[gka: fp32 q k, bf16 v do, bf16x3,k128,v128]",
     kernel=chunk_bwd_dqkg_kernel,
-    types={"q": "*fp32", "k": "*fp32", "v": "*fp32", "vs": "*fp32", "gc": "*fp32",
-           "hs": "*fp32", "dhs": "*fp32", "do": "*fp32", "dq": "*fp32", "dk": "*fp32",
+    types={"q": "*fp32", "k": "*fp32", "v": "*bf16", "vs": "*fp32", "gc": "*fp32",
+           "hs": "*fp32", "dhs": "*fp32", "do": "*bf16", "dq": "*fp32", "dk": "*fp32",
            "dg": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "TT": "i64",
            "scale": "fp32"},
     constexprs={"H": 32, "HQ": 32, "HK": 8, "HV": 8, "NG": 4, "K": 128, "V": 128, "BT": 64,

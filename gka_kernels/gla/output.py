@@ -167,25 +167,22 @@ register_aot(AotSpec(
                 "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
     num_warps=8, num_stages=2,
 ))
-register_aot(AotSpec(
-    name="gla_fwd_o[fp32,tf32x3,k100,v64]",
-    kernel=chunk_fwd_o_kernel,
-    types={"q": "*fp32", "k": "*fp32", "v": "*fp32", "vs": "*fp32", "gc": "*fp32", "hs": "*fp32",
-           "D": "*fp32", "z": "*fp32", "o": "*fp32", "ypre": "*fp32", "cu_seqlens": "*i32",
-           "chunk_indices": "*i32", "scale": "fp32"},
-    constexprs={"H": 8, "HQ": 8, "HK": 2, "HV": 2, "NG": 1, "K": 100, "V": 64, "BT": 64, "BK": 64,
-                "BV": 64, "HAS_VS": False, "HAS_D": False, "D_PER_V": False, "HAS_Z": False,
-                "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.float32, "PREC": "tf32x3"},
-    num_warps=8, num_stages=2,
-))
-register_aot(AotSpec(
-    name="gla_fwd_o[fp32,bf16x3,k128,v128,gka]",
-    kernel=chunk_fwd_o_kernel,
-    types={"q": "*fp32", "k": "*fp32", "v": "*fp32", "vs": "*fp32", "gc": "*fp32", "hs": "*fp32",
-           "D": "*fp32", "z": "*fp32", "o": "*fp32", "ypre": "*fp32", "cu_seqlens": "*i32",
-           "chunk_indices": "*i32", "scale": "fp32"},
-    constexprs={"H": 32, "HQ": 32, "HK": 8, "HV": 8, "NG": 1, "K": 128, "V": 128, "BT": 64, "BK": 64,
-                "BV": 64, "HAS_VS": False, "HAS_D": False, "D_PER_V": False, "HAS_Z": False,
-                "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.float32, "PREC": "bf16x3"},
-    num_warps=4, num_stages=2,
-))
+# Float32 queries and keys (plain float32 GLA, and the GKA readout, whose v and o are 16-bit).
+_FP32_TYPES = {"q": "*fp32", "k": "*fp32", "v": "*fp32", "vs": "*fp32", "gc": "*fp32", "hs": "*fp32",
+               "D": "*fp32", "z": "*fp32", "o": "*fp32", "ypre": "*fp32", "cu_seqlens": "*i32",
+               "chunk_indices": "*i32", "scale": "fp32"}
+for _name, _types, _consts, _warps in (
+    ("gla_fwd_o[fp32,tf32x3,k100,v64]", {},
+     {"H": 8, "HQ": 8, "HK": 2, "HV": 2, "K": 100, "V": 64, "PREC": "tf32x3"}, 8),
+    ("gla_fwd_o[gka: fp32 q k, bf16 v o, bf16x3,k128,v128]", {"v": "*bf16", "o": "*bf16"},
+     {"H": 32, "HQ": 32, "HK": 8, "HV": 8, "K": 128, "V": 128, "PREC": "bf16x3"}, 4),
+):
+    register_aot(AotSpec(
+        name=_name,
+        kernel=chunk_fwd_o_kernel,
+        types={**_FP32_TYPES, **_types},
+        constexprs={"NG": 1, "BT": 64, "BK": 64, "BV": 64, "HAS_VS": False, "HAS_D": False,
+                    "D_PER_V": False, "HAS_Z": False, "IS_VARLEN": False, "ACC": tl.float32,
+                    "DT": tl.float32, **_consts},
+        num_warps=_warps, num_stages=2,
+    ))
