@@ -202,6 +202,33 @@ def test_bf16x3_mode_runs_exact_in_interpreter():
     compare_to_ref(q, k, v, g, h0, CPU_FWD, CPU_GRAD, fp32_precision="bf16x3")
 
 
+@pytest.mark.interpreter
+def test_mixed_dtypes_internal_path():
+    """``ChunkSimpleGLAFunction`` as the GKA readout calls it: float32 q, k and bf16 v (the upstream
+    gradient of o arrives in bf16). o and dv come out in bf16, dq and dk in float32; the values
+    match the float64 reference on the same (bf16-representable) v."""
+    from gka_kernels.gla.chunk import ChunkSimpleGLAFunction
+
+    q, k, v, g, h0 = make_inputs(1, 70, 2, 1, 2, 16, 16)
+    v = v.bfloat16()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, h0)]
+    o, ht = ChunkSimpleGLAFunction.apply(*leaves[:4], 16 ** -0.5, leaves[4], True, None, "bf16x3")
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    do = torch.randn(o.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((o.double() * do).sum() + ht.double().sum(), leaves)
+    assert [t.dtype for t in grads] == [torch.float32, torch.float32, torch.bfloat16, torch.float32,
+                                        torch.float32]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v, g, h0)]
+    o_r, ht_r = simple_gla_ref(*ref[:4], scale=16 ** -0.5, initial_state=ref[4], output_final_state=True)
+    grads_r = torch.autograd.grad((o_r * do.to(torch.bfloat16).double()).sum() + ht_r.sum(), ref)
+    one_bf16_conversion = 2.0 ** -7   # bound of one float32 -> bf16 conversion, rounding or truncating
+    assert_close("o", o, o_r, one_bf16_conversion)
+    assert_close("final_state", ht, ht_r, CPU_FWD)
+    for name, a, b, tol in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_r,
+                               (CPU_GRAD, CPU_GRAD, one_bf16_conversion, CPU_GRAD, CPU_GRAD)):
+        assert_close(name, a, b, tol)
+
+
 def test_bad_input_cu_seqlens_needs_batch_one():
     q, k, v, g, _ = make_inputs(2, 8, 2, 2, 2, 16, 16)
     with pytest.raises(ValueError, match="cu_seqlens"):
