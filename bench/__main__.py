@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import platform
 import sys
@@ -31,6 +32,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def source_digest(root: Path | None = None) -> str:
+    """First 12 hex digits of a SHA-256 over the kernel sources (``gka_kernels/**/*.py`` and
+    ``csrc/*``, paths and contents, in path order). It names the tree a result came from where the
+    copy's git history cannot (the GPU machine's checkout): compute it in a checkout of the
+    candidate commit and compare."""
+    root = root or Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*(root / "gka_kernels").rglob("*.py"), *(root / "csrc").glob("*")]):
+        if path.is_file():
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def environment() -> dict:
     import torch
     import triton
@@ -38,7 +53,8 @@ def environment() -> dict:
     from bench import peers
 
     env = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-           "python": platform.python_version(), "peers": peers.versions()}
+           "python": platform.python_version(), "peers": peers.versions(),
+           "source_digest": source_digest()}
     if torch.cuda.is_available():
         prop = torch.cuda.get_device_properties(0)
         env.update(card=prop.name, sm_count=prop.multi_processor_count,

@@ -37,3 +37,19 @@ def test_aot_compile_all_kernels_for_sm90(tmp_path):
                           env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert out.exists()
+
+
+def test_source_digest_names_the_kernel_sources(tmp_path):
+    """Benchmark JSONs record ``source_digest``: equal for equal kernel sources, different when one
+    kernel file changes, blind to files outside ``gka_kernels/`` and ``csrc/``."""
+    from bench.__main__ import source_digest
+
+    (tmp_path / "gka_kernels" / "gka").mkdir(parents=True)
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "gka_kernels" / "gka" / "solve.py").write_text("x = 1\n")
+    (tmp_path / "csrc" / "gka_decode.cu").write_text("// kernel\n")
+    first = source_digest(tmp_path)
+    (tmp_path / "README.md").write_text("docs\n")
+    assert source_digest(tmp_path) == first
+    (tmp_path / "csrc" / "gka_decode.cu").write_text("// kernel, changed\n")
+    assert source_digest(tmp_path) != first
