@@ -221,7 +221,9 @@ def test_mixed_dtypes_internal_path():
     ref = [t.detach().double().requires_grad_() for t in (q, k, v, g, h0)]
     o_r, ht_r = simple_gla_ref(*ref[:4], scale=16 ** -0.5, initial_state=ref[4], output_final_state=True)
     grads_r = torch.autograd.grad((o_r * do.to(torch.bfloat16).double()).sum() + ht_r.sum(), ref)
-    one_bf16_conversion = 2.0 ** -7   # bound of one float32 -> bf16 conversion, rounding or truncating
+    # One float32 -> bf16 conversion of o and of dv. The Triton 3.7 interpreter truncates it (on the
+    # GPU it rounds): relative error < 2^-7 per element.
+    one_bf16_conversion = 2.0 ** -7
     assert_close("o", o, o_r, one_bf16_conversion)
     assert_close("final_state", ht, ht_r, CPU_FWD)
     for name, a, b, tol in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_r,

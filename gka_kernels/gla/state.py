@@ -145,24 +145,24 @@ def chunk_state_pass(
     return hs, ht
 
 
-# bf16 GLA / Mamba-2 layouts, and the GKA readout (float32 queries and keys, bf16 values and
+# The bf16 GLA / Mamba-2 layout, and the GKA readout (float32 queries and keys, bf16 values and
 # output gradient: the reverse pass reads q and do).
+_BF16_TYPES = {"a": "*bf16", "b": "*bf16", "vs": "*fp32", "gc": "*fp32", "h0": "*fp32", "hs": "*bf16",
+               "ht": "*fp32", "cu_seqlens": "*i32", "chunk_offsets": "*i64", "scale": "fp32"}
 for _rev in (False, True):
-    for _tag, _a, _b, _dt, _ha, _hb, _prec, _extra, _warps, _bk in (
-        ("bf16", "*bf16", "*bf16", tl.bfloat16, 8, 32, "ieee",
-         {"HAS_VS": not _rev, "USE_H0": True, "STORE_HT": True, "IS_VARLEN": True}, 8, 64),
-        ("gka: fp32 a, bf16 b, bf16x3", "*fp32", "*bf16", tl.float32, 32 if _rev else 8,
-         32 if _rev else 8, "bf16x3",
-         {"HAS_VS": False, "USE_H0": False, "STORE_HT": False, "IS_VARLEN": False}, 4, 32),
+    for _tag, _types, _consts, _warps in (
+        ("bf16", {}, {"HA": 8, "HB": 32, "BK": 64, "HAS_VS": not _rev, "USE_H0": True,
+                      "STORE_HT": True, "IS_VARLEN": True, "DT": tl.bfloat16, "PREC": "ieee"}, 8),
+        ("gka: fp32 a, bf16 b, bf16x3", {"a": "*fp32", "hs": "*fp32"},
+         {"HA": 32 if _rev else 8, "HB": 32 if _rev else 8, "BK": 32, "HAS_VS": False,
+          "USE_H0": False, "STORE_HT": False, "IS_VARLEN": False, "DT": tl.float32,
+          "PREC": "bf16x3"}, 4),
     ):
         register_aot(AotSpec(
             name=f"gla_state_pass[{'bwd' if _rev else 'fwd'},{_tag},k128,v128]",
             kernel=chunk_state_pass_kernel,
-            types={"a": _a, "b": _b, "vs": "*fp32", "gc": "*fp32", "h0": "*fp32",
-                   "hs": "*bf16" if _dt == tl.bfloat16 else "*fp32", "ht": "*fp32",
-                   "cu_seqlens": "*i32", "chunk_offsets": "*i64", "scale": "fp32"},
-            constexprs={"H": 32, "HA": _ha, "HB": _hb, "K": 128, "V": 128, "BT": 64, "BK": _bk,
-                        "BV": 64, "REVERSE": _rev, **_extra, "ACC": tl.float32, "DT": _dt,
-                        "PREC": _prec},
+            types={**_BF16_TYPES, **_types},
+            constexprs={"H": 32, "K": 128, "V": 128, "BT": 64, "BV": 64, "REVERSE": _rev,
+                        "ACC": tl.float32, **_consts},
             num_warps=_warps, num_stages=3,
         ))
