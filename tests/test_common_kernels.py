@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from gka_kernels.common.cumsum import chunk_local_cumsum
+from gka_kernels.common.split_dot import dot_hi_lo
 from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
 
 pytestmark = pytest.mark.interpreter
@@ -41,3 +44,27 @@ def test_chunk_indices_and_offsets():
     idx = prepare_chunk_indices(cu, 16)
     assert idx.tolist() == [[0, 0], [1, 0], [3, 0], [3, 1]]
     assert prepare_chunk_offsets(cu, 16).tolist() == [0, 1, 2, 2, 4]
+
+
+@triton.jit
+def _dot_hi_lo_kernel(a, b, c, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, M: tl.constexpr):
+    o = tl.arange(0, M)
+    x = tl.load(a + o[:, None] * M + o[None, :])
+    y = tl.load(b + o[:, None] * M + o[None, :])
+    tl.store(c + o[:, None] * M + o[None, :], dot_hi_lo(x, y, SPLIT_A, SPLIT_B, tl.float16, tl.float32, "ieee"))
+
+
+@pytest.mark.parametrize("split_a,split_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_dot_hi_lo(split_a, split_b):
+    """``dot_hi_lo`` with fp16 parts (the interpreter multiplies fp16 tiles correctly, bf16 ones
+    not): a split operand contributes ~2^-22 relative rounding instead of ~2^-11, an operand that is
+    exact in fp16 contributes none."""
+    torch.manual_seed(0)
+    a, b = torch.randn(32, 32), torch.randn(32, 32)
+    a_exact, b_exact = a.half().float(), b.half().float()
+    for x, y, exact_a, exact_b in ((a, b, False, False), (a_exact, b, True, False), (a, b_exact, False, True)):
+        c = torch.empty(32, 32)
+        _dot_hi_lo_kernel[(1,)](x, y, c, split_a, split_b, 32)
+        err = ((c.double() - x.double() @ y.double()).norm() / (x.double() @ y.double()).norm()).item()
+        fine = (split_a or exact_a) and (split_b or exact_b)
+        assert (err < 2e-6) if fine else (1e-4 < err < 2e-3), (split_a, split_b, exact_a, exact_b, err)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gka_kernels.gla import chunk_simple_gla
+from gka_kernels.gla.chunk import BF16_HILO
 from gka_kernels.reference.gla import simple_gla_ref
 from tests.helpers import CPU_FWD, CPU_GRAD, GPU_FWD, GPU_GATE_GRAD, GPU_GRAD, assert_close
 
@@ -203,16 +204,22 @@ def test_bf16x3_mode_runs_exact_in_interpreter():
 
 
 @pytest.mark.interpreter
-def test_mixed_dtypes_internal_path():
-    """``ChunkSimpleGLAFunction`` as the GKA readout calls it: float32 q, k and bf16 v (the upstream
-    gradient of o arrives in bf16). o and dv come out in bf16, dq and dk in float32; the values
-    match the float64 reference on the same (bf16-representable) v."""
+@pytest.mark.parametrize("mode", ["bf16x3", BF16_HILO])
+def test_mixed_dtypes_internal_path(mode):
+    """``ChunkSimpleGLAFunction`` as the GKA readout calls it: float32 q, k (holding bf16 values)
+    and bf16 v (the upstream gradient of o arrives in bf16). o and dv come out in bf16, dq and dk in
+    float32; the values match the float64 reference on the same inputs. The interpreter runs both
+    modes on exact float32 products (it multiplies bf16 tiles wrongly), so this checks the
+    plumbing of the split mode (which operands, dtypes, varying head counts); its bf16 rounding is
+    checked by the GPU tests."""
     from gka_kernels.gla.chunk import ChunkSimpleGLAFunction
 
     q, k, v, g, h0 = make_inputs(1, 70, 2, 1, 2, 16, 16)
+    k = k.bfloat16().float()
     v = v.bfloat16()
+    fwd_tol, grad_tol = CPU_FWD, CPU_GRAD
     leaves = [t.clone().requires_grad_() for t in (q, k, v, g, h0)]
-    o, ht = ChunkSimpleGLAFunction.apply(*leaves[:4], 16 ** -0.5, leaves[4], True, None, "bf16x3")
+    o, ht = ChunkSimpleGLAFunction.apply(*leaves[:4], 16 ** -0.5, leaves[4], True, None, mode)
     assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
     do = torch.randn(o.shape, dtype=torch.float64)
     grads = torch.autograd.grad((o.double() * do).sum() + ht.double().sum(), leaves)
@@ -225,9 +232,9 @@ def test_mixed_dtypes_internal_path():
     # GPU it rounds): relative error < 2^-7 per element.
     one_bf16_conversion = 2.0 ** -7
     assert_close("o", o, o_r, one_bf16_conversion)
-    assert_close("final_state", ht, ht_r, CPU_FWD)
+    assert_close("final_state", ht, ht_r, fwd_tol)
     for name, a, b, tol in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_r,
-                               (CPU_GRAD, CPU_GRAD, one_bf16_conversion, CPU_GRAD, CPU_GRAD)):
+                               (grad_tol, grad_tol, one_bf16_conversion, grad_tol, grad_tol)):
         assert_close(name, a, b, tol)
 
 
@@ -269,6 +276,31 @@ def test_gpu_fp32_inputs(fp32_precision, K, V):
     the operands would give ~1e-3 here."""
     q, k, v, g, h0 = make_inputs(2, 300, 4, 2, 2, K, V, dtype=torch.float32, device="cuda")
     compare_to_ref(q, k, v, g, h0, 1e-4, 1e-3, fp32_precision=fp32_precision)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("HQ,HK,HV", [(8, 2, 2), (4, 4, 4)])
+def test_gpu_bf16_hilo_mode(HQ, HK, HV):
+    """The GKA readout's internal mode (BF16_HILO): float32 q, states and scores as bf16 hi + lo,
+    k, v and do (float32 storage holding bf16 values) once. Against the float32 reference at 1e-4;
+    rounding q to bf16 once would give ~2e-3."""
+    from gka_kernels.gla.chunk import ChunkSimpleGLAFunction
+
+    q, k, v, g, h0 = make_inputs(2, 700, HQ, HK, HV, 128, 128, dtype=torch.float32, device="cuda")
+    q = q * 20.0                                      # GKA's qm is ~20x a unit query
+    k, v = k.bfloat16().float(), v.bfloat16().float()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, g, h0)]
+    o, ht = ChunkSimpleGLAFunction.apply(*leaves[:4], 128 ** -0.5, leaves[4], True, None, BF16_HILO)
+    do = torch.randn(o.shape, device="cuda").bfloat16().float()
+    dht = torch.randn(ht.shape, device="cuda")
+    grads = torch.autograd.grad((o * do).sum() + (ht * dht).sum(), leaves)
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v, g, h0)]
+    o_r, ht_r = simple_gla_ref(*ref[:4], scale=128 ** -0.5, initial_state=ref[4], output_final_state=True)
+    grads_r = torch.autograd.grad((o_r * do).sum() + (ht_r * dht).sum(), ref)
+    assert_close("o", o, o_r, 1e-4)
+    assert_close("final_state", ht, ht_r, 1e-4)
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dh0"), grads, grads_r):
+        assert_close(name, a, b, 1e-4)
 
 
 @pytest.mark.gpu

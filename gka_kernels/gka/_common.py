@@ -6,6 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
+# The solve kernels split operands with ``split_hi_lo`` where an iterate or solution ``y`` is
+# projected onto keys: ``y`` is dominated by its component orthogonal to the keys (up to
+# ``1 / ridge_ratio`` times the rest), so rounding ``y`` once puts an error of ``u |y|`` into
+# ``k . y``, whose true value is only the small key-space part. Measured on GKA layer inputs (bf16,
+# strong decays): rounding ``y`` in the solve's scores alone gave 1.3e-2 output error; every other
+# fp16 rounding of the solve together, 4e-4.
+from gka_kernels.common.split_dot import split_hi_lo  # noqa: F401  (re-exported for the GKA kernels)
+
 #: Chunk length of every chunked GKA kernel (rows solved together, tokens per stored state).
 CHUNK = 64
 #: Largest key head dim the kernels hold on-chip.
@@ -99,20 +107,6 @@ def row_norms(a):
     """``(n, 1/n)`` of the rows of ``a`` (``1/n = 0`` for zero rows): row scaling of dot operands."""
     n = tl.sqrt(tl.sum(a * a, axis=1))
     return n, tl.where(n > 0, 1.0 / n, 0.0)
-
-
-@triton.jit
-def split_hi_lo(a, DT: tl.constexpr):
-    """``a ~= hi + lo`` with both terms in the dot dtype ``DT`` (``lo`` is the rounding error of
-    ``hi``): ``dot(hi, b) + dot(lo, b)`` multiplies ``a`` at ~twice ``DT``'s mantissa.
-
-    Needed where an iterate or solution ``y`` is projected onto keys: ``y`` is dominated by its
-    component orthogonal to the keys (up to ``1 / ridge_ratio`` times the rest), so rounding ``y``
-    once puts an error of ``u |y|`` into ``k . y``, whose true value is only the small key-space
-    part. Measured on GKA layer inputs (bf16, strong decays): rounding ``y`` in the solve's scores
-    alone gave 1.3e-2 output error; every other fp16 rounding of the solve together, 4e-4."""
-    hi = a.to(DT)
-    return hi, (a - hi.to(a.dtype)).to(DT)
 
 
 @triton.jit

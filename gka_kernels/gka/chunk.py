@@ -28,10 +28,12 @@ Precision: the readout ``U^T qm`` cancels heavily (``|x|`` is ~20x ``|q|`` at ri
 so rounding ``qm`` to bf16 alone costs ~1e-2 relative error in ``o``. For 16-bit inputs the solve
 therefore writes ``x``/``qm`` in float32, the chunk states ``H_c`` are float32, the solve's dot
 operands are float16 on normalized quantities (``_common.solve_dot_dtype``), and the readout runs
-the GLA op on float32 ``qm, k, v`` with 3xBF16 dots (each operand split into bf16 hi + lo, about
-16 significant bits: ~2^-16 relative error per product, ~3e-4 in ``o`` after the ~20x
-cancellation, at twice the tensor-core rate of 3xTF32); ``v`` is read in its own dtype and ``o``
-is written in it (``ChunkSimpleGLAFunction`` mixes dtypes). With
+the GLA op on float32 ``qm`` and ``k``: for bf16 inputs ``qm``, the states and the scores enter
+its dots as bf16 hi + lo (about 16 significant bits: ~2^-16 relative error per product, ~3e-4 in
+``o`` after the ~20x cancellation) and the exact bf16 keys, values and output gradient once
+(``gla.chunk.BF16_HILO``); fp16 inputs use 3xBF16 dots (every operand split: fp16 values are not
+exact in bf16). ``v`` is read in its own dtype and ``o`` is written in it
+(``ChunkSimpleGLAFunction`` mixes dtypes). With
 near-low-rank states most of ``x`` is orthogonal to the keys, so wherever ``x``, the adjoint
 solution or the scores ``(x . k) M`` are later projected onto keys they enter the dot as fp16
 hi + lo (``_common.split_hi_lo``), and the solve's and the readout's key gradients (which cancel
@@ -55,7 +57,7 @@ from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
 from gka_kernels.gka.solve import gka_solve_bwd, gka_solve_fwd
-from gka_kernels.gla.chunk import ChunkSimpleGLAFunction
+from gka_kernels.gla.chunk import BF16_HILO, ChunkSimpleGLAFunction
 
 #: Largest ``num_iter`` accepted.
 MAX_NUM_ITER = 64
@@ -245,11 +247,12 @@ def chunk_gka_unchecked(
         alpha.contiguous() if alpha is not None else None,
         h0_kk.contiguous() if h0_kk is not None else None,
         ridge_ratio, num_iter, bp_lambda, output_final_state, cu_seqlens)
-    # qm is float32 for 16-bit inputs (see the module docstring): read out in float32 (3xBF16).
-    # v stays in its dtype (exact in the float32 dots; o and dv come out in that dtype).
-    split = q.dtype in (torch.bfloat16, torch.float16)
+    # qm is float32 for 16-bit inputs (see the module docstring): read out from float32 queries.
+    # v stays in its dtype (o and dv come out in that dtype). bf16 inputs: k, v and do hold bf16
+    # values, so only qm, the states and the scores need hi + lo (BF16_HILO); fp16 values are not
+    # exact in bf16 (3xBF16 splits everything); float32 inputs keep 3xTF32.
+    mode = {torch.bfloat16: BF16_HILO, torch.float16: "bf16x3"}.get(q.dtype, "tf32x3")
     o, ht_kv = ChunkSimpleGLAFunction.apply(
         qm, k_read, v.contiguous(), g.to(k_read.dtype).contiguous(), scale,
-        h0_kv.contiguous() if h0_kv is not None else None, output_final_state, cu_seqlens,
-        "bf16x3" if split else "tf32x3")
+        h0_kv.contiguous() if h0_kv is not None else None, output_final_state, cu_seqlens, mode)
     return o, ((ht_kk, ht_kv) if output_final_state else None)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
+from gka_kernels.common.split_dot import dot_hi_lo
 from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.triton_utils import autotune
 from gka_kernels.gla.locate import locate_chunk
@@ -37,7 +38,7 @@ _DV_BV = 64
         triton.Config({"BK": BK}, num_warps=w, num_stages=s)
         for BK, w, s in ((64, 8, 2), (64, 4, 2), (128, 8, 2), (128, 4, 3))
     ],
-    key=["H", "HQ", "HK", "HV", "K", "V", "BT", "BV", "HAS_VS", "HAS_D", "DT"],
+    key=["H", "HQ", "HK", "HV", "K", "V", "BT", "BV", "HAS_VS", "HAS_D", "DT", "SPLIT"],
 )
 @triton.jit
 def chunk_bwd_dv_kernel(
@@ -46,6 +47,7 @@ def chunk_bwd_dv_kernel(
     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_VS: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """1-D grid over (V block, value head, chunk): one program owns a [BT, BV] tile of one value
     head and loops over the H/HV heads reading it. dv: [B,T,HV,V]; dvs: [NV,B,T,H] float32 partial sums over
@@ -92,15 +94,15 @@ def chunk_bwd_dv_kernel(
                           mask=m_k[:, None] & m_t[None, :], other=0).to(ACC)
             bdh = tl.load(dh_base + o_k[:, None] * V + o_v[None, :],
                           mask=m_k[:, None] & m_v[None, :], other=0).to(ACC)
-            acc_at += tl.dot(bk.to(DT), bqt.to(DT), out_dtype=ACC, input_precision=PREC)
-            b_dv += tl.dot(bk.to(DT), bdh.to(DT), out_dtype=ACC, input_precision=PREC)
+            acc_at += dot_hi_lo(bk, bqt, False, SPLIT, DT, ACC, PREC)
+            b_dv += dot_hi_lo(bk, bdh, False, SPLIT, DT, ACC, PREC)
         G = tl.load(g_base + r * H, mask=m_t, other=0).to(ACC)
         G_last = tl.load(g_base + last * H).to(ACC)
         b_dv *= tl.where(m_t, tl.exp(G_last - G), 0)[:, None]
         acc_at *= tl.exp(tl.where(causal_t, G[None, :] - G[:, None], float("-inf"))) * scale
         out_off = (row0 * H + i_h) * V + r[:, None] * (H * V) + o_v[None, :]
         bdo = tl.load(do + out_off, mask=m_tv, other=0).to(ACC)
-        b_dv += tl.dot(acc_at.to(DT), bdo.to(DT), out_dtype=ACC, input_precision=PREC)
+        b_dv += dot_hi_lo(acc_at, bdo, SPLIT, False, DT, ACC, PREC)
         if HAS_VS:
             tl.store(dvs + (i_v.to(tl.int64) * TT + row0) * H + i_h + r * H,
                      tl.sum(b_dv * bv, axis=1), mask=m_t)
@@ -121,7 +123,7 @@ def chunk_bwd_dv_kernel(
         triton.Config({"BV": BV}, num_warps=w, num_stages=s)
         for BV, w, s in ((32, 8, 2), (64, 8, 2), (32, 4, 2), (32, 8, 3))
     ],
-    key=["H", "HQ", "HK", "HV", "K", "V", "BT", "BK", "HAS_VS", "DT"],
+    key=["H", "HQ", "HK", "HV", "K", "V", "BT", "BK", "HAS_VS", "DT", "SPLIT"],
 )
 @triton.jit
 def chunk_bwd_dqkg_kernel(
@@ -130,6 +132,7 @@ def chunk_bwd_dqkg_kernel(
     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     Q_ACC: tl.constexpr, K_ACC: tl.constexpr, HAS_VS: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """1-D grid over (K block, head group, chunk): one program owns a [BT, BK] tile and NG
     consecutive heads.
@@ -202,19 +205,17 @@ def chunk_bwd_dqkg_kernel(
             m_vk = m_v[:, None] & m_k[None, :]
             bht = tl.load(h_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
             bdht = tl.load(dh_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
-            b_da += tl.dot(bdo.to(DT), tl.trans(bv.to(DT)), out_dtype=ACC, input_precision=PREC)
-            dq_acc += tl.dot((bdo * w_q[:, None]).to(DT), bht.to(DT), out_dtype=ACC,
-                             input_precision=PREC)
-            dk_acc += tl.dot((bv * w_k[:, None]).to(DT), bdht.to(DT), out_dtype=ACC,
-                             input_precision=PREC)
+            b_da += dot_hi_lo(bdo, tl.trans(bv), False, False, DT, ACC, PREC)
+            dq_acc += dot_hi_lo(bdo * w_q[:, None], bht, SPLIT, SPLIT, DT, ACC, PREC)
+            dk_acc += dot_hi_lo(bv * w_k[:, None], bdht, SPLIT, SPLIT, DT, ACC, PREC)
             b_hdh += tl.sum(bht * bdht, axis=0)
         sk_inter = tl.sum(bk * dk_acc, axis=1)
         dg_last = tl.sum(b_hdh, axis=0) * tl.exp(G_last) + tl.sum(sk_inter - sk, axis=0)
         b_da *= tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf"))) * scale
         if HAS_VS:
             b_da *= bs[None, :]
-        dq_acc += tl.dot(b_da.to(DT), bk.to(DT), out_dtype=ACC, input_precision=PREC)
-        dk_acc += tl.dot(tl.trans(b_da).to(DT), bq.to(DT), out_dtype=ACC, input_precision=PREC)
+        dq_acc += dot_hi_lo(b_da, bk, SPLIT, False, DT, ACC, PREC)
+        dk_acc += dot_hi_lo(tl.trans(b_da), bq, SPLIT, SPLIT, DT, ACC, PREC)
         sq_new = tl.sum(bq * dq_acc, axis=1)
         sk_new = tl.sum(bk * dk_acc, axis=1)
         b_dg = (sq_new - sq) - (sk_new - sk) + tl.where(r == last, dg_last, 0)
@@ -258,6 +259,7 @@ def chunk_bwd_dv(
     acc,
     dot_dtype,
     precision: str,
+    split: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Returns ``dv [B,T,HV,V]`` (v's dtype), ``dvs [B,T,H]`` (float32) when ``v_scale`` is given,
     ``dD`` (D's shape, float32) when ``D`` is given."""
@@ -274,7 +276,7 @@ def chunk_bwd_dv(
         q, k, v, v_scale, gc, dhs, do, D, dv, dvs, dD, cu_seqlens, chunk_indices, T, Bsz * T, scale,
         H=H, HQ=HQ, HK=HK, HV=HV, K=K, V=V, BT=BT, BV=BV,
         HAS_VS=v_scale is not None, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2,
-        IS_VARLEN=cu_seqlens is not None, ACC=acc, DT=dot_dtype, PREC=precision,
+        IS_VARLEN=cu_seqlens is not None, ACC=acc, DT=dot_dtype, PREC=precision, SPLIT=split,
     )
     if dvs is not None:
         dvs = dvs.sum(0)
@@ -303,6 +305,7 @@ def chunk_bwd_dqkg(
     acc,
     dot_dtype,
     precision: str,
+    split: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``dq`` (q's shape and dtype), ``dk`` (k's), ``dg [B,T,H]`` float32 (float64 under
     gradcheck)."""
@@ -325,7 +328,7 @@ def chunk_bwd_dqkg(
         q, k, v, v_scale, gc, hs, dhs, do, dq, dk, dg, cu_seqlens, chunk_indices, T, Bsz * T, scale,
         H=H, HQ=HQ, HK=HK, HV=HV, NG=NG, K=K, V=V, BT=BT, BK=BK,
         Q_ACC=q_acc, K_ACC=k_acc, HAS_VS=v_scale is not None,
-        IS_VARLEN=cu_seqlens is not None, ACC=acc, DT=dot_dtype, PREC=precision,
+        IS_VARLEN=cu_seqlens is not None, ACC=acc, DT=dot_dtype, PREC=precision, SPLIT=split,
     )
     if not q_acc and gq > 1:
         dq = dq.view(Bsz, T, HQ, gq, K).sum(3).to(q.dtype)
@@ -344,7 +347,7 @@ register_aot(AotSpec(
            "cu_seqlens": "*i32", "chunk_indices": "*i32", "scale": "fp32"},
     constexprs={"H": 32, "HQ": 8, "HK": 8, "HV": 32, "K": 128, "V": 128, "BT": 64, "BK": 64,
                 "BV": 64, "HAS_VS": True, "HAS_D": True, "D_PER_V": True, "IS_VARLEN": False,
-                "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
+                "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee", "SPLIT": False},
     num_warps=8, num_stages=2,
 ))
 for _name, _hq, _hk, _hv in (("mamba2", 8, 8, 32), ("gqa", 32, 8, 8)):
@@ -359,22 +362,22 @@ for _name, _hq, _hk, _hv in (("mamba2", 8, 8, 32), ("gqa", 32, 8, 8)):
                     "K": 128, "V": 128, "BT": 64, "BK": 64, "BV": 32,
                     "Q_ACC": _hq == min(_hq, _hk), "K_ACC": _hk == min(_hq, _hk),
                     "HAS_VS": _name == "mamba2", "IS_VARLEN": True,
-                    "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
+                    "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee", "SPLIT": False},
         num_warps=8, num_stages=2,
     ))
 register_aot(AotSpec(
-    name="gla_bwd_dv[gka: fp32 q k, bf16 v do dv, bf16x3,k128,v128]",
+    name="gla_bwd_dv[gka: fp32 q k, bf16 v do dv, bf16 hi+lo,k128,v128]",
     kernel=chunk_bwd_dv_kernel,
     types={"q": "*fp32", "k": "*fp32", "v": "*bf16", "vs": "*fp32", "gc": "*fp32", "dhs": "*fp32",
            "do": "*bf16", "D": "*fp32", "dv": "*bf16", "dvs": "*fp32", "dD": "*fp32",
            "cu_seqlens": "*i32", "chunk_indices": "*i32", "scale": "fp32"},
     constexprs={"H": 32, "HQ": 32, "HK": 8, "HV": 8, "K": 128, "V": 128, "BT": 64, "BK": 64,
                 "BV": 64, "HAS_VS": False, "HAS_D": False, "D_PER_V": False, "IS_VARLEN": False,
-                "ACC": tl.float32, "DT": tl.float32, "PREC": "bf16x3"},
+                "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee", "SPLIT": True},
     num_warps=4, num_stages=2,
 ))
 register_aot(AotSpec(
-    name="gla_bwd_dqkg[gka: fp32 q k, bf16 v do, bf16x3,k128,v128]",
+    name="gla_bwd_dqkg[gka: fp32 q k, bf16 v do, bf16 hi+lo,k128,v128]",
     kernel=chunk_bwd_dqkg_kernel,
     types={"q": "*fp32", "k": "*fp32", "v": "*bf16", "vs": "*fp32", "gc": "*fp32",
            "hs": "*fp32", "dhs": "*fp32", "do": "*bf16", "dq": "*fp32", "dk": "*fp32",
@@ -382,6 +385,6 @@ register_aot(AotSpec(
            "scale": "fp32"},
     constexprs={"H": 32, "HQ": 32, "HK": 8, "HV": 8, "NG": 4, "K": 128, "V": 128, "BT": 64,
                 "BK": 64, "BV": 32, "Q_ACC": False, "K_ACC": True, "HAS_VS": False,
-                "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.float32, "PREC": "bf16x3"},
+                "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee", "SPLIT": True},
     num_warps=4, num_stages=2,
 ))

@@ -43,6 +43,11 @@ MAX_HEAD_DIM = 256
 #: float32) or 3xBF16 (each operand split into bf16 hi + lo, three bf16 products: ~1e-5 relative
 #: operand error, about twice the tensor-core rate of 3xTF32).
 FP32_PRECISIONS = ("tf32x3", "bf16x3")
+#: Internal mode of the GKA readout (``ChunkSimpleGLAFunction`` only): float32 queries, states and
+#: scores enter the dots as bf16 hi + lo, keys, values and the output gradient once as bf16, so
+#: those three must hold bf16 values whatever their storage dtype. A product with one exact side
+#: costs two bf16 dots instead of 3xBF16's three.
+BF16_HILO = "bf16_hilo"
 
 
 @dataclass(frozen=True)
@@ -69,24 +74,31 @@ class Precision:
     """How the kernels compute for one input dtype: ``acc`` (float32, float64 for gradcheck),
     ``dot`` (tensor-core operand dtype: bf16/fp16 inputs stay 16-bit), ``prec`` (``tl.dot``
     input precision: fp32 inputs use 3xTF32, which is close to full fp32), ``states`` (storage
-    dtype of the per-chunk states and state gradients)."""
+    dtype of the per-chunk states and state gradients), ``split`` (``BF16_HILO``: float32-sourced
+    operands enter as bf16 hi + lo, see ``common.split_dot``)."""
 
     acc: object
     dot: object
     prec: str
     states: torch.dtype
+    split: bool = False
 
 
 def precision_for(dtype: torch.dtype, fp32_precision: str = "tf32x3") -> Precision:
-    """Kernel precision for inputs of ``dtype``; ``fp32_precision`` (one of ``FP32_PRECISIONS``)
-    applies to float32 inputs only. The interpreter computes float32 dots exactly ("ieee") and
-    does not accept "bf16x3"."""
+    """Kernel precision for inputs of ``dtype``; ``fp32_precision`` (one of ``FP32_PRECISIONS`` or
+    ``BF16_HILO``) applies to float32 inputs only. The interpreter computes float32 dots exactly
+    ("ieee"), does not accept "bf16x3" and runs ``BF16_HILO`` on float32 parts."""
     if dtype == torch.bfloat16:
         return Precision(tl.float32, tl.bfloat16, "ieee", torch.bfloat16)
     if dtype == torch.float16:
         return Precision(tl.float32, tl.float16, "ieee", torch.float16)
     if dtype == torch.float64:
         return Precision(tl.float64, tl.float64, "ieee", torch.float64)
+    if fp32_precision == BF16_HILO:
+        # The interpreter (Triton 3.7) multiplies bf16 tiles wrongly: there the parts stay float32
+        # (the split is then exact); the bf16 rounding is exercised by the GPU tests.
+        dot = tl.float32 if is_interpreter() else tl.bfloat16
+        return Precision(compute_dtype(dtype), dot, "ieee", torch.float32, split=True)
     prec = "ieee" if fp32_precision == "bf16x3" and is_interpreter() else fp32_precision
     return Precision(compute_dtype(dtype), tl.float32, prec, torch.float32)
 
@@ -118,11 +130,11 @@ def gla_forward(
         k, v, gc, BT=BT, reverse=False, scale=scale, state_in=initial_state,
         store_final=output_final_state, states_dtype=p.states, v_scale=v_scale, cu_seqlens=cu,
         chunk_offsets=plan.chunk_offsets, num_chunks=plan.num_chunks, num_seqs=plan.num_seqs,
-        acc=p.acc, dot_dtype=p.dot, precision=p.prec)
+        acc=p.acc, dot_dtype=p.dot, precision=p.prec, split=p.split)
     o, ypre = chunk_fwd_o(
         q, k, v, gc, hs, scale=scale, BT=BT, num_chunks=plan.num_chunks, v_scale=v_scale, D=D, z=z,
         cu_seqlens=cu, chunk_indices=plan.chunk_indices, acc=p.acc, dot_dtype=p.dot,
-        precision=p.prec)
+        precision=p.prec, split=p.split)
     return o, ht, gc, ypre
 
 
@@ -147,7 +159,7 @@ def gla_backward(
     ``dD`` (with ``D``)."""
     p = precision_for(q.dtype, fp32_precision)
     cu = plan.cu_seqlens
-    common = dict(BT=BT, cu_seqlens=cu, acc=p.acc, dot_dtype=p.dot, precision=p.prec)
+    common = dict(BT=BT, cu_seqlens=cu, acc=p.acc, dot_dtype=p.dot, precision=p.prec, split=p.split)
     hs, _ = chunk_state_pass(
         k, v, gc, reverse=False, scale=scale, state_in=initial_state, store_final=False,
         states_dtype=p.states, v_scale=v_scale, chunk_offsets=plan.chunk_offsets,

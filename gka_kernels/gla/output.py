@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
+from gka_kernels.common.split_dot import dot_hi_lo
 from gka_kernels.common.triton_utils import autotune
 from gka_kernels.gla.locate import locate_chunk
 
@@ -29,7 +30,7 @@ from gka_kernels.gla.locate import locate_chunk
         for BK, BV, w, s in ((64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2),
                              (128, 128, 8, 2))
     ],
-    key=["H", "HQ", "HK", "HV", "NG", "K", "V", "BT", "HAS_VS", "HAS_D", "HAS_Z", "DT"],
+    key=["H", "HQ", "HK", "HV", "NG", "K", "V", "BT", "HAS_VS", "HAS_D", "HAS_Z", "DT", "SPLIT"],
 )
 @triton.jit
 def chunk_fwd_o_kernel(
@@ -38,6 +39,7 @@ def chunk_fwd_o_kernel(
     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_VS: tl.constexpr, HAS_D: tl.constexpr, D_PER_V: tl.constexpr, HAS_Z: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """q: [B,T,HQ,K], k: [B,T,HK,K], v: [B,T,HV,V], vs/gc: [B,T,H], hs: [NT_total,H,K,V],
     D: [H] or [H,V], z/o/ypre: [B,T,H,V]. One program serves NG consecutive heads that read the
@@ -72,7 +74,7 @@ def chunk_fwd_o_kernel(
                      mask=m_t[:, None] & m_k[None, :], other=0).to(ACC)
         bkt = tl.load(k_base + r[None, :] * (HK * K) + o_k[:, None],
                       mask=m_k[:, None] & m_t[None, :], other=0).to(ACC)
-        qk += tl.dot(bq.to(DT), bkt.to(DT), out_dtype=ACC, input_precision=PREC)
+        qk += dot_hi_lo(bq, bkt, SPLIT, False, DT, ACC, PREC)
 
     for i_g in range(NG):
         i_h = i_hg * NG + i_g
@@ -85,7 +87,7 @@ def chunk_fwd_o_kernel(
                          mask=m_t[:, None] & m_k[None, :], other=0).to(ACC)
             bh = tl.load(h_base + o_k[:, None] * V + o_v[None, :],
                          mask=m_k[:, None] & m_v[None, :], other=0).to(ACC)
-            acc_o += tl.dot(bq.to(DT), bh.to(DT), out_dtype=ACC, input_precision=PREC)
+            acc_o += dot_hi_lo(bq, bh, SPLIT, SPLIT, DT, ACC, PREC)
         G = tl.load(gc + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
         acc_o *= tl.exp(G)[:, None]
         acc_a = qk * tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf")))
@@ -94,7 +96,7 @@ def chunk_fwd_o_kernel(
         if HAS_VS:
             bs = tl.load(vs + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
             acc_a *= bs[None, :]
-        acc_o += tl.dot(acc_a.to(DT), bv.to(DT), out_dtype=ACC, input_precision=PREC)
+        acc_o += dot_hi_lo(acc_a, bv, SPLIT, False, DT, ACC, PREC)
         acc_o *= scale
         if HAS_D:
             if D_PER_V:
@@ -135,10 +137,12 @@ def chunk_fwd_o(
     acc,
     dot_dtype,
     precision: str,
+    split: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the output kernel; returns ``o [B,T,H,V]`` (v's dtype) and, when ``z`` is given,
     the pre-gate output (same shape and dtype). Operands may differ in dtype (each load is
-    converted to the accumulation dtype, then to ``dot_dtype``)."""
+    converted to the accumulation dtype, then to ``dot_dtype``). ``split``: queries, states and
+    scores enter the dots as hi + lo (``common.split_dot``), keys and values once."""
     Bsz, T, HQ, K = q.shape
     H = gc.shape[2]
     HK, HV, V = k.shape[2], v.shape[2], v.shape[3]
@@ -151,7 +155,7 @@ def chunk_fwd_o(
         H=H, HQ=HQ, HK=HK, HV=HV, NG=NG, K=K, V=V, BT=BT,
         HAS_VS=v_scale is not None, HAS_D=D is not None, D_PER_V=D is not None and D.dim() == 2,
         HAS_Z=z is not None, IS_VARLEN=cu_seqlens is not None,
-        ACC=acc, DT=dot_dtype, PREC=precision,
+        ACC=acc, DT=dot_dtype, PREC=precision, SPLIT=split,
     )
     return o, ypre
 
@@ -164,7 +168,7 @@ register_aot(AotSpec(
            "chunk_indices": "*i32", "scale": "fp32"},
     constexprs={"H": 32, "HQ": 8, "HK": 8, "HV": 32, "NG": 4, "K": 128, "V": 128, "BT": 64, "BK": 64,
                 "BV": 64, "HAS_VS": True, "HAS_D": True, "D_PER_V": False, "HAS_Z": True,
-                "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee"},
+                "IS_VARLEN": False, "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee", "SPLIT": False},
     num_warps=8, num_stages=2,
 ))
 # Float32 queries and keys (plain float32 GLA, and the GKA readout, whose v and o are 16-bit).
@@ -173,9 +177,11 @@ _FP32_TYPES = {"q": "*fp32", "k": "*fp32", "v": "*fp32", "vs": "*fp32", "gc": "*
                "chunk_indices": "*i32", "scale": "fp32"}
 for _name, _types, _consts, _warps in (
     ("gla_fwd_o[fp32,tf32x3,k100,v64]", {},
-     {"H": 8, "HQ": 8, "HK": 2, "HV": 2, "K": 100, "V": 64, "PREC": "tf32x3"}, 8),
-    ("gla_fwd_o[gka: fp32 q k, bf16 v o, bf16x3,k128,v128]", {"v": "*bf16", "o": "*bf16"},
-     {"H": 32, "HQ": 32, "HK": 8, "HV": 8, "K": 128, "V": 128, "PREC": "bf16x3"}, 4),
+     {"H": 8, "HQ": 8, "HK": 2, "HV": 2, "K": 100, "V": 64, "DT": tl.float32, "PREC": "tf32x3",
+      "SPLIT": False}, 8),
+    ("gla_fwd_o[gka: fp32 q k, bf16 v o, bf16 hi+lo,k128,v128]", {"v": "*bf16", "o": "*bf16"},
+     {"H": 32, "HQ": 32, "HK": 8, "HV": 8, "K": 128, "V": 128, "DT": tl.bfloat16, "PREC": "ieee",
+      "SPLIT": True}, 4),
 ):
     register_aot(AotSpec(
         name=_name,
@@ -183,6 +189,6 @@ for _name, _types, _consts, _warps in (
         types={**_FP32_TYPES, **_types},
         constexprs={"NG": 1, "BT": 64, "BK": 64, "BV": 64, "HAS_VS": False, "HAS_D": False,
                     "D_PER_V": False, "HAS_Z": False, "IS_VARLEN": False, "ACC": tl.float32,
-                    "DT": tl.float32, **_consts},
+                    **_consts},
         num_warps=_warps, num_stages=2,
     ))

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
+from gka_kernels.common.split_dot import dot_hi_lo
 from gka_kernels.common.triton_utils import autotune
 
 
@@ -31,7 +32,7 @@ from gka_kernels.common.triton_utils import autotune
         for BK, BV, w, s in ((64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3),
                              (32, 32, 4, 2), (32, 32, 2, 3))
     ],
-    key=["H", "HA", "HB", "K", "V", "BT", "NH", "REVERSE", "HAS_VS", "DT"],
+    key=["H", "HA", "HB", "K", "V", "BT", "NH", "REVERSE", "HAS_VS", "DT", "SPLIT"],
 )
 @triton.jit
 def chunk_state_pass_kernel(
@@ -40,6 +41,7 @@ def chunk_state_pass_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     REVERSE: tl.constexpr, HAS_VS: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """a: [B,T,HA,K], b: [B,T,HB,V], vs (optional row scale of b): [B,T,H], gc: [B,T,H] chunk-local
     cumsum of g, h0/ht: [N,H,K,V] float32, hs: [NT_total,H,K,V]. NH (= N*H) only keys autotuning."""
@@ -99,8 +101,7 @@ def chunk_state_pass_kernel(
         if HAS_VS:  # (W a)^T (vs b) = (W vs a)^T b
             w *= tl.load(vs + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
         w = tl.where(m_t, w, 0)
-        S = S * tl.exp(G_last) + tl.dot((at * w[None, :]).to(DT), bt.to(DT), out_dtype=ACC,
-                                        input_precision=PREC)
+        S = S * tl.exp(G_last) + dot_hi_lo(at * w[None, :], bt, SPLIT, False, DT, ACC, PREC)
     if STORE_HT:
         tl.store(ht + i_nh.to(tl.int64) * K * V + kv_off, S.to(ht.dtype.element_ty), mask=m_kv)
 
@@ -124,6 +125,7 @@ def chunk_state_pass(
     acc,
     dot_dtype,
     precision: str,
+    split: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the state pass; returns (per-chunk states ``[num_chunks, H, K, V]`` in
     ``states_dtype``, final ``[N, H, K, V]`` float32 (float64 under gradcheck) or None)."""
@@ -140,29 +142,28 @@ def chunk_state_pass(
         H=H, HA=HA, HB=HB, K=K, V=V, BT=BT,
         REVERSE=reverse, HAS_VS=v_scale is not None, USE_H0=state_in is not None,
         STORE_HT=store_final, IS_VARLEN=cu_seqlens is not None,
-        ACC=acc, DT=dot_dtype, PREC=precision,
+        ACC=acc, DT=dot_dtype, PREC=precision, SPLIT=split,
     )
     return hs, ht
 
 
-# The bf16 GLA / Mamba-2 layout, and the GKA readout (float32 queries and keys, bf16 values and
-# output gradient: the reverse pass reads q and do).
+# The bf16 GLA / Mamba-2 layout, and the GKA readout (float32 queries and keys split into bf16
+# hi + lo, bf16 values and output gradient: the reverse pass reads q and do).
 _BF16_TYPES = {"a": "*bf16", "b": "*bf16", "vs": "*fp32", "gc": "*fp32", "h0": "*fp32", "hs": "*bf16",
                "ht": "*fp32", "cu_seqlens": "*i32", "chunk_offsets": "*i64", "scale": "fp32"}
 for _rev in (False, True):
     for _tag, _types, _consts, _warps in (
         ("bf16", {}, {"HA": 8, "HB": 32, "BK": 64, "HAS_VS": not _rev, "USE_H0": True,
-                      "STORE_HT": True, "IS_VARLEN": True, "DT": tl.bfloat16, "PREC": "ieee"}, 8),
-        ("gka: fp32 a, bf16 b, bf16x3", {"a": "*fp32", "hs": "*fp32"},
+                      "STORE_HT": True, "IS_VARLEN": True, "SPLIT": False}, 8),
+        ("gka: fp32 a, bf16 b, bf16 hi+lo", {"a": "*fp32", "hs": "*fp32"},
          {"HA": 32 if _rev else 8, "HB": 32 if _rev else 8, "BK": 32, "HAS_VS": False,
-          "USE_H0": False, "STORE_HT": False, "IS_VARLEN": False, "DT": tl.float32,
-          "PREC": "bf16x3"}, 4),
+          "USE_H0": False, "STORE_HT": False, "IS_VARLEN": False, "SPLIT": True}, 4),
     ):
         register_aot(AotSpec(
             name=f"gla_state_pass[{'bwd' if _rev else 'fwd'},{_tag},k128,v128]",
             kernel=chunk_state_pass_kernel,
             types={**_BF16_TYPES, **_types},
             constexprs={"H": 32, "K": 128, "V": 128, "BT": 64, "BV": 64, "REVERSE": _rev,
-                        "ACC": tl.float32, **_consts},
+                        "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee", **_consts},
             num_warps=_warps, num_stages=3,
         ))
