@@ -34,10 +34,15 @@ from gka_kernels.gka._common import (
 )
 
 
+# Wider tiles read x and dqs fewer times (each is read K / BKI and K / BKJ times over the grid:
+# 1.6 GB of the ~2.8 GB this pass moves at train-4k with 32 x 64 tiles) but leave fewer programs
+# to hide the sequential chunk loop; 128 x 128 (one program per head) spills ~630 B per thread
+# when compiled for sm_90 here. The autotuner measures.
 @autotune(
     configs=[
         triton.Config({"BKI": bki, "BKJ": bkj}, num_warps=w, num_stages=s)
-        for bki, bkj, w in ((64, 64, 8), (32, 64, 8), (32, 32, 4), (32, 32, 8))
+        for bki, bkj, w in ((64, 64, 8), (32, 64, 8), (32, 32, 4), (32, 32, 8), (128, 64, 8),
+                            (128, 128, 16))
         for s in (2, 3)
     ],
     key=["K", "H", "IS_VARLEN"],
