@@ -8,6 +8,7 @@ the float32 reference at the SPEC 9 GPU bounds. A config that computes wrong res
 fails the test, whether or not the autotuner would pick it.
 
     python tests/test_all_configs.py gka      # what the GPU test runs, one op
+    python tests/test_all_configs.py gka 1/4  # config indices i with i % 4 == 1 (parallel shards)
 """
 
 from __future__ import annotations
@@ -88,14 +89,15 @@ def _gdn_case():
 CASES = {"gka": _gka_case, "gdn": _gdn_case}
 
 
-def sweep(op: str) -> int:
-    """Runs ``op``'s check once per config index; returns the number of runs."""
+def sweep(op: str, shard: int = 0, shards: int = 1) -> int:
+    """Runs ``op``'s check once per config index ``i`` with ``i % shards == shard``; returns the
+    number of runs."""
     tuners = autotuned_kernels()
     configs = {id(t): list(t.configs) for t in tuners}
     check = CASES[op]()
     runs = max(len(c) for c in configs.values())
     try:
-        for i in range(runs):
+        for i in range(shard, runs, shards):
             for t in tuners:
                 t.configs = [configs[id(t)][i % len(configs[id(t)])]]
                 t.cache.clear()
@@ -105,7 +107,7 @@ def sweep(op: str) -> int:
         for t in tuners:
             t.configs = configs[id(t)]
             t.cache.clear()
-    return runs
+    return len(range(shard, runs, shards))
 
 
 def test_autotuned_kernels_are_found():
@@ -131,4 +133,5 @@ def test_every_autotuned_config(op):
 
 
 if __name__ == "__main__":
-    print(f"{sweep(sys.argv[1])} runs passed")
+    shard, shards = map(int, sys.argv[2].split("/")) if len(sys.argv) > 2 else (0, 1)
+    print(f"{sweep(sys.argv[1], shard, shards)} runs passed")
