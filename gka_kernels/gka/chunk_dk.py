@@ -17,7 +17,20 @@ the reverse state pass, ``H_c`` the chunk-start state, ``G`` the chunk-local cum
 
 and ``dgk`` is its reverse cumulative sum over the sequence (done by the caller).
 
-Tiles: grid (chunks, B*H); [BT, K] rows, [BT, BT] masks, two [K, K] states per program.
+Tiles: grid (chunks, B*H); [BT, K] rows, [BT, BT] masks; the two [K, K] states are read in
+[BJ, BJ] sub-tiles (``dh`` and its transpose, ``h`` once), and dk is produced in [BT, BJ] column
+blocks by a (not unrolled) loop. Register budget (sm_90, K = 128, BJ = 64): only the three [BT, BT]
+weight tiles stay live across that loop; ``x``, ``dqs`` and ``k`` column blocks are re-read (L1/L2
+hits) instead of held; the prologue forms each weight tile right after loading what it needs.
+
+``H_c`` enters as ``2 H_c`` (one load), not ``H_c + H_c^T``: ``H`` is symmetric by contract (the
+initial ``h_kk`` is; the backward already treats ``A_t = H_t + lam_t I`` as symmetric, e.g.
+``dqs = A^{-1} dqm``), and the stored ``h`` (:mod:`gka_kernels.gka.chunk_h`) differs from its
+transpose only by rounding: entry ``(a, b)`` sums ``round(e_t k_ta) k_tb`` where ``(b, a)`` sums
+``round(e_t k_tb) k_ta`` (``e_t = exp(G_last - G_t)``, rounding to the dot dtype ``u``: float16
+``2^-11`` for 16-bit inputs, tf32x3 / float64 otherwise), so ``|H_ab - H_ba| <= 2u sqrt(H_aa H_bb)
+<= 2u max|H_c|`` -- the size of the error ``h`` already carries relative to the exact state (and
+that the forward solve used), and of the float16 rounding of the state tile below.
 
 Precision: ``x`` is ~20x ``q`` and its terms cancel in ``dGc``; with bf16 dot operands ``dgk`` was
 off by 2-4e-2 (rounding ``x`` dominated). Every dot therefore takes ``DX`` operands (float16 for
@@ -26,6 +39,9 @@ off by 2-4e-2 (rounding ``x`` dominated). Every dot therefore takes ``DX`` opera
 tile is divided by its largest magnitude (:func:`tile_scale`), multiplied back after the dot.
 ``k . x``, ``k . dqs`` and the ``x`` rows of the ``(k . dqs) x`` term take hi + lo operands
 (:func:`split_hi_lo`): each is later projected onto keys.
+The state sub-tiles are scaled one by one (a finer scale than one per column block), and the
+decay ``exp(G_last - G_t)`` and ``beta_t`` multiply the fp32 dot results by row, never a 16-bit
+operand.
 """
 
 from __future__ import annotations
@@ -42,7 +58,7 @@ from gka_kernels.gka._common import (
 
 
 @autotune(
-    configs=[triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)],
+    configs=[triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)],
     key=["K", "H", "IS_VARLEN"],
 )
 @triton.jit
@@ -52,8 +68,8 @@ def chunk_gka_bwd_dk_kernel(
     BJ: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DX: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (chunks, B*H): dk (per query head) and dGc of one chunk. The [BT, BT] weight matrices
-    are formed once; the output columns are produced in blocks of BJ (two [K, BJ] state slices
-    per block) to bound register use."""
+    are formed once; the output columns are produced in blocks of BJ, each from [BJ, BJ] state
+    sub-tiles, to bound register use."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -67,38 +83,15 @@ def chunk_gka_bwd_dk_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     m_tt = m_t[:, None] & m_t[None, :]
     tok = bos + i_t * BT + o_t
+    p_row = (tok * H + i_h) * K
+    p_k = (tok * HKV + i_hk) * K
 
     b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
     g_last = tl.load(gcum + (bos + i_t * BT + rows - 1) * H + i_h).to(ACC)
     b_c = tl.load(lam_c + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    p_row = (tok * H + i_h) * K
-    p_k = (tok * HKV + i_hk) * K
-    b_k = tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
-    b_kd = b_k.to(DX)
-    b_xd = tl.load(x + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
-    b_dqd = tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
-    b_xn, b_xr = row_norms(b_xd)
-    b_dn, b_dr = row_norms(b_dqd)
-    b_xd, b_xlo = split_hi_lo(b_xd * b_xr[:, None], DX)
-    b_dqd, b_dqlo = split_hi_lo(b_dqd * b_dr[:, None], DX)
-
-    # Rows t, columns s >= t: Mt[t, s] = exp(G_s - G_t), times |x_s| |dqs_s| (operands are unit rows).
+    b_kd = tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC).to(DX)
+    # Symmetric lambda-path weights 2 Mw[t, j] (k_t . k_j) (formed first: they need only k).
     m_up = (o_t[None, :] >= o_t[:, None]) & m_tt
-    b_mt = tl.exp(tl.where(m_up, b_g[None, :] - b_g[:, None], float("-inf"))) * (b_xn * b_dn)[None, :]
-    b_a1 = tl.dot(b_kd, tl.trans(b_xd), input_precision=PREC, out_dtype=ACC)
-    if DX.primitive_bitwidth == 16:  # k . x is a small key-space part of x: x as hi + lo
-        b_a1 = tl.dot(b_kd, tl.trans(b_xlo), b_a1, input_precision=PREC, out_dtype=ACC)
-    b_a1 = b_a1 * b_mt
-    s_a1 = tile_scale(b_a1)
-    b_a1 = (b_a1 / s_a1).to(DX)
-    b_a2 = tl.dot(b_kd, tl.trans(b_dqd), input_precision=PREC, out_dtype=ACC)
-    if DX.primitive_bitwidth == 16:  # the same for dqs, another solution of the ridge system
-        b_a2 = tl.dot(b_kd, tl.trans(b_dqlo), b_a2, input_precision=PREC, out_dtype=ACC)
-    b_a2 = b_a2 * b_mt
-    s_a2 = tile_scale(b_a2)
-    b_a2 = (b_a2 / s_a2).to(DX)
-    # Symmetric lambda-path weights 2 Mw[t, j] (k_t . k_j).
     b_e2 = tl.exp(tl.where(m_up, 2.0 * (b_g[None, :] - b_g[:, None]), float("-inf")))
     b_bp = tl.sum(b_e2 * b_c[None, :], axis=1)
     m_lo = o_t[:, None] >= o_t[None, :]
@@ -108,41 +101,69 @@ def chunk_gka_bwd_dk_kernel(
     b_a3 = 2.0 * tl.dot(b_kd, tl.trans(b_kd), input_precision=PREC, out_dtype=ACC) * b_mw
     s_a3 = tile_scale(b_a3)
     b_a3 = (b_a3 / s_a3).to(DX)
-    b_el = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
-    b_kel = (b_k * b_el[:, None]).to(DX)
+    # k . x (x dies here), then k . dqs; both weighted below once both row norms are known.
+    b_x = tl.load(x + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
+    b_xn, b_xr = row_norms(b_x)
+    b_xhi, b_xlo = split_hi_lo(b_x * b_xr[:, None], DX)
+    b_a1 = tl.dot(b_kd, tl.trans(b_xhi), input_precision=PREC, out_dtype=ACC)
+    if DX.primitive_bitwidth == 16:  # k . x is a small key-space part of x: x as hi + lo
+        b_a1 = tl.dot(b_kd, tl.trans(b_xlo), b_a1, input_precision=PREC, out_dtype=ACC)
+    b_dq = tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
+    b_dn, b_dr = row_norms(b_dq)
+    b_dqhi, b_dqlo = split_hi_lo(b_dq * b_dr[:, None], DX)
+    b_a2 = tl.dot(b_kd, tl.trans(b_dqhi), input_precision=PREC, out_dtype=ACC)
+    if DX.primitive_bitwidth == 16:  # the same for dqs, another solution of the ridge system
+        b_a2 = tl.dot(b_kd, tl.trans(b_dqlo), b_a2, input_precision=PREC, out_dtype=ACC)
+    # Rows t, columns s >= t: Mt[t, s] = exp(G_s - G_t), times |x_s| |dqs_s| (operands are unit rows).
+    b_mt = tl.exp(tl.where(m_up, b_g[None, :] - b_g[:, None], float("-inf"))) * (b_xn * b_dn)[None, :]
+    b_a1 = b_a1 * b_mt
+    s_a1 = tile_scale(b_a1)
+    b_a1 = (b_a1 / s_a1).to(DX)
+    b_a2 = b_a2 * b_mt
+    s_a2 = tile_scale(b_a2)
+    b_a2 = (b_a2 / s_a2).to(DX)
 
+    b_el = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
+    b_beta2 = 2.0 * tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
     p_state = (i_s * H + i_h) * K * K
     b_dgc = tl.load(dgp + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    for j0 in tl.static_range(0, BK, BJ):
+    for j0 in tl.range(0, BK, BJ, num_stages=1):
         o_j = j0 + tl.arange(0, BJ)
         m_j = o_j < K
-        m_kj = m_k[:, None] & m_j[None, :]
         m_tj = m_t[:, None] & m_j[None, :]
-        o_kj = o_k[:, None] * K + o_j[None, :]
-        o_jk = o_k[:, None] + o_j[None, :] * K
-        b_ds = (tl.load(dh + p_state + o_kj, mask=m_kj, other=0).to(ACC)
-                + tl.load(dh + p_state + o_jk, mask=m_kj, other=0).to(ACC))
-        b_hs = (tl.load(h + p_state + o_kj, mask=m_kj, other=0).to(ACC)
-                + tl.load(h + p_state + o_jk, mask=m_kj, other=0).to(ACC))
-        b_kj = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
-        b_xj = tl.load(x + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
+        # Later chunks and the H_c part of the lambda path, by [BJ, BJ] state sub-tiles.
+        b_dk = tl.zeros([BT, BJ], dtype=ACC)
+        for i0 in tl.static_range(0, BK, BJ):
+            o_i = i0 + tl.arange(0, BJ)
+            m_i = o_i < K
+            m_ij = m_i[:, None] & m_j[None, :]
+            b_ki = tl.load(k + p_k[:, None] + o_i[None, :], mask=m_t[:, None] & m_i[None, :],
+                           other=0).to(ACC).to(DX)
+            b_ds = (tl.load(dh + p_state + o_i[:, None] * K + o_j[None, :], mask=m_ij, other=0).to(ACC)
+                    + tl.load(dh + p_state + o_i[:, None] + o_j[None, :] * K, mask=m_ij, other=0).to(ACC))
+            s_ds = tile_scale(b_ds)
+            b_dk += (b_el * s_ds)[:, None] * tl.dot(b_ki, (b_ds / s_ds).to(DX), input_precision=PREC,
+                                                    out_dtype=ACC)
+            b_hs = tl.load(h + p_state + o_i[:, None] * K + o_j[None, :], mask=m_ij, other=0).to(ACC)
+            s_hs = tile_scale(b_hs)
+            b_dk -= (b_beta2 * s_hs)[:, None] * tl.dot(b_ki, (b_hs / s_hs).to(DX), input_precision=PREC,
+                                                       out_dtype=ACC)
+        # This chunk's tokens.
         b_dqj = tl.load(dqs + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
-        s_ds = tile_scale(b_ds)
-        s_hs = tile_scale(b_hs)
-        # Later chunks, then the H_c part of the lambda path, then this chunk's tokens.
-        b_dk = s_ds * tl.dot(b_kel, (b_ds / s_ds).to(DX), input_precision=PREC, out_dtype=ACC)
-        b_dk -= (b_beta * s_hs)[:, None] * tl.dot(b_kd, (b_hs / s_hs).to(DX), input_precision=PREC,
-                                                 out_dtype=ACC)
         b_dk -= s_a1 * tl.dot(b_a1, (b_dqj * b_dr[:, None]).to(DX), input_precision=PREC, out_dtype=ACC)
         # dGc projects this term onto k_t: x_j as hi + lo (split_hi_lo) for a 16-bit DX.
+        b_xj = tl.load(x + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
         b_xjh, b_xjl = split_hi_lo(b_xj * b_xr[:, None], DX)
         b_xa = tl.dot(b_a2, b_xjh, input_precision=PREC, out_dtype=ACC)
         if DX.primitive_bitwidth == 16:
             b_xa = tl.dot(b_a2, b_xjl, b_xa, input_precision=PREC, out_dtype=ACC)
         b_dk -= s_a2 * b_xa
-        b_dk -= s_a3 * tl.dot(b_a3, b_kj.to(DX), input_precision=PREC, out_dtype=ACC)
+        b_kj = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC).to(DX)
+        b_dk -= s_a3 * tl.dot(b_a3, b_kj, input_precision=PREC, out_dtype=ACC)
         tl.store(dk + p_row[:, None] + o_j[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tj)
-        b_dgc -= 0.5 * tl.sum(b_kj * b_dk, axis=1)
+        # dGc with the keys as given (a separate read: nothing of k stays live across the dots).
+        b_kf = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
+        b_dgc -= 0.5 * tl.sum(b_kf * b_dk, axis=1)
     tl.store(dgc + tok * H + i_h, b_dgc.to(dgc.dtype.element_ty), mask=m_t)
 
 
@@ -169,7 +190,8 @@ def chunk_gka_bwd_dk(
     grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
     chunk_gka_bwd_dk_kernel[grid](
         k, x, dqs, gcum, lam_c, beta, dgp, h, dh, dk, dgc, cu_seqlens, chunk_indices, T, NT,
-        H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), BJ=min(64, next_power_of_2(K)), IS_VARLEN=cu_seqlens is not None,
+        H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), BJ=min(64, next_power_of_2(K)),
+        IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
     return dk, dgc
