@@ -16,13 +16,11 @@
 // LDS.128 of x), lane bits 3-4 and the warp pick D / 32 consecutive rows; a thread holds D^2 / 256
 // floats. An iteration is D / 32 LDS.128 of x, the FMAs, a 3-stage butterfly over the 8 column
 // lanes (the row sums land on the lanes that own the row's iterate), one STS and one
-// __syncthreads (x is double-buffered). U does not depend on the solves: it is copied into shared
-// memory with cp.async (issued after the loads of H and the token inputs), and once the first
-// token's H is updated its final value e^{g_Tn} (... (e^{g_1} U + k_1 v_1^T) ...) + k_Tn v_Tn^T is
-// streamed from there to h_kv[dst], so that the stores of both states drain during the solves
-// (the two CTAs of an SM run in near lockstep; otherwise DRAM idles while they iterate). The
-// readout after the solves replays the same recurrence on the staged U in registers, lanes along
-// V (float4), warps along K, the K reduction finished across warps in shared memory.
+// __syncthreads (x is double-buffered). U is not needed until the solves are done: it is
+// prefetched into shared memory with cp.async, issued after the loads of H and the token inputs
+// (which the solve waits on) and overlapping the solve, then updated
+// and read out for all tokens with lanes along V (float4), warps along K, the K reduction
+// finished across warps in shared memory.
 //
 // Dynamic shared memory 4 * (D^2 + 34 D + 32) B = 83,072 B at D = 128.
 // ptxas -v (sm_90, nvcc 13.0, this machine), kernel<input dtype, tile dims>:
@@ -66,22 +64,6 @@ __device__ __forceinline__ void store_h(float* h_out, const float4 (&Hm)[HR][HC]
       const int r = hrow0 + i, c = 32 * j + 4 * cg;
       if (r < K && c < K) *reinterpret_cast<float4*>(h_out + (int64_t)r * K + c) = Hm[i][j];
     }
-}
-
-// Writes U after all Tn tokens, U <- e^{g_t} U + k_t v_t^T in token order, from the staged U
-// [K][VT] (shared memory) to u_out [K, V]: the same arithmetic, element by element, as the
-// readout's register recurrence. Threads stride over the float4s of U.
-template <int KT, int VT>
-__device__ __forceinline__ void store_final_u(float* u_out, const float* Us, const float* ks, const float* vs,
-                                              const float* decay, int Tn, int K, int V, int tid) {
-  const int v4 = V / 4;
-  for (int c = tid; c < K * v4; c += kThreads) {
-    const int r = c / v4, c4 = c % v4;
-    float4 u = reinterpret_cast<const float4*>(Us + r * VT)[c4];
-    for (int t = 0; t < Tn; ++t)
-      u = fma4(ks[t * KT + r], reinterpret_cast<const float4*>(vs + t * VT)[c4], scale4(decay[t], u));
-    *reinterpret_cast<float4*>(u_out + 4 * c) = u;
-  }
 }
 
 // Fills p.cheb for p.num_iter iterations from p.ridge_ratio (see the header comment).
@@ -210,11 +192,6 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
     const float gamma = 2.f * inv_fro / (1.f + 2.f * p.ridge_ratio);  // x_0 = gamma q
 
     if (t == Tn - 1 && dst >= 0) store_h(p.h_kk + dst * kk_slot + kk_head, Hm, hrow0, cg, K);
-    if (t == 0) {
-      cp_async_wait_all();
-      __syncthreads();
-      if (dst >= 0) store_final_u<KT, VT>(p.h_kv + dst * kv_slot + kv_head, Us, ks, vs, decay, Tn, K, V, tid);
-    }
 
     // Chebyshev iteration; the first matvec H x_0 = gamma H q reads q directly.
     const float qr = qs[t * KT + own_row];
@@ -248,7 +225,9 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
     if (writer) qms[t * KT + own_row] = qr + alph[t] * (x - qr);
   }
 
-  // 4. Readout for every token (U was staged and stored before the first solve).
+  // 4. U update and readout for every token.
+  cp_async_wait_all();
+  __syncthreads();
   const int ucg = lane % ULPR, url = lane / ULPR;
   const int urow0 = warp * URPI + url;
   const bool ucol_ok = 4 * ucg < V;
@@ -280,6 +259,14 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
       for (int e = 0; e < 4; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
     if (url == 0)
       reinterpret_cast<float4*>(part + (t * kWarps + warp) * VT)[ucg] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  }
+  if (dst >= 0) {
+    float* u_out = p.h_kv + dst * kv_slot + kv_head;
+#pragma unroll
+    for (int i = 0; i < URPT; ++i) {
+      const int r = urow0 + URG * i;
+      if (r < K && ucol_ok) *reinterpret_cast<float4*>(u_out + (int64_t)r * V + 4 * ucg) = Ur[i];
+    }
   }
   __syncthreads();
   for (int i = tid; i < Tn * V; i += kThreads) {
