@@ -89,9 +89,25 @@ def _gdn_case():
 CASES = {"gka": _gka_case, "gdn": _gdn_case}
 
 
+def _failing_tuner(exc: BaseException):
+    """The autotuner whose launch raised ``exc`` (from the traceback), or None."""
+    from triton.runtime.autotuner import Autotuner
+
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        candidate = tb.tb_frame.f_locals.get("self")
+        if isinstance(candidate, Autotuner):
+            found = candidate
+        tb = tb.tb_next
+    return found
+
+
 def sweep(op: str, shard: int = 0, shards: int = 1) -> int:
     """Runs ``op``'s check once per config index ``i`` with ``i % shards == shard``; returns the
-    number of runs."""
+    number of runs. A config that needs more shared memory than the device has is skipped, as the
+    autotuner skips it (that kernel runs its config 0 instead, and the skip is printed)."""
+    from triton.runtime.errors import OutOfResources
+
     tuners = autotuned_kernels()
     configs = {id(t): list(t.configs) for t in tuners}
     check = CASES[op]()
@@ -102,7 +118,17 @@ def sweep(op: str, shard: int = 0, shards: int = 1) -> int:
                 t.configs = [configs[id(t)][i % len(configs[id(t)])]]
                 t.cache.clear()
             print(f"== {op}: config index {i} of {runs}", flush=True)
-            check()
+            while True:
+                try:
+                    check()
+                    break
+                except OutOfResources as exc:
+                    tuner = _failing_tuner(exc)
+                    if tuner is None or tuner.configs[0] is configs[id(tuner)][0]:
+                        raise
+                    print(f"   skipped {tuner.fn.__name__} {tuner.configs[0]}: {exc}", flush=True)
+                    tuner.configs = [configs[id(tuner)][0]]
+                    tuner.cache.clear()
     finally:
         for t in tuners:
             t.configs = configs[id(t)]
@@ -118,6 +144,21 @@ def test_autotuned_kernels_are_found():
             "chunk_gka_bwd_dh_kernel", "chunk_fwd_o_kernel", "chunk_state_pass_kernel",
             "chunk_bwd_dqkg_kernel", "chunk_bwd_dv_kernel"} <= names
     assert {"wy_fwd_kernel", "wy_bwd_kernel", "state_fwd_kernel", "output_fwd_kernel"} <= names  # GDN
+
+
+def test_failing_tuner_is_found_in_the_traceback():
+    """The sweep's skip of configs that do not fit names the kernel whose launch failed."""
+    from triton.runtime.errors import OutOfResources
+
+    tuner = autotuned_kernels()[0]
+
+    def launch(self):  # stands in for Autotuner.run, whose frame holds the tuner as ``self``
+        raise OutOfResources(238592, 232448, "shared memory")
+
+    with pytest.raises(OutOfResources) as info:
+        launch(tuner)
+    assert _failing_tuner(info.value) is tuner
+    assert _failing_tuner(OutOfResources(1, 0, "shared memory")) is None
 
 
 @pytest.mark.gpu
