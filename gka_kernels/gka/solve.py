@@ -56,19 +56,6 @@ from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
 from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_coords, dot_precision, solve_dot_dtype, split_hi_lo
 
-#: With a 16-bit dot dtype, the adjoint solve (backward) takes the lo parts of the iterate (key
-#: scores) and of the masked scores (``S @ K``) only in its last ``ADJOINT_LO_TAIL`` iterations;
-#: the forward solve takes them in every iteration. The Chebyshev update recomputes the residual
-#: every iteration, so an error made in an early matvec is damped like an initial error by the
-#: iterations after it (about 0.75x each at ridge_ratio 0.02). Float64 emulation of the float16
-#: solve (K = 128, 64-row chunks, error of the key-space part ``k . y``, decays from weak to
-#: exp(-5) per token, full-rank and rank-16 keys, num_iter = 30): largest error 8.9e-5 with lo in
-#: the last 16 iterations against 7.9e-5 with lo in all (last 8: 3.1e-4, none: 8.1e-4). The same
-#: tail in the forward solve raised the decay-gradient error of the low-rank-state test (interpreter,
-#: fp16 operands) from 1.19e-2 to 1.95e-2 (x feeds cancelling terms of dg); in the adjoint solve
-#: alone, to 1.20e-2.
-ADJOINT_LO_TAIL = tl.constexpr(16)
-
 
 @triton.jit
 def _load_chunk(k, gcum, h, hn_inv, bos, i_t, rows, i_s, i_h, i_hk,
@@ -112,31 +99,28 @@ def _scores(b_al, b_ah, b_bl, b_bh, ACC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _key_scores(b_yl, b_yh, b_kl, b_kh, LO: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr,
-                PREC: tl.constexpr):
+def _key_scores(b_yl, b_yh, b_kl, b_kh, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """``(Y @ K^T, Y_hi)``: scores of the iterate rows ``Y`` (column halves, ``ACC``) against the
-    keys, and ``Y``'s halves rounded to ``DT``. For a 16-bit ``DT`` and ``LO``, ``Y`` enters the
-    scores as hi + lo (:func:`split_hi_lo`, two dots): ``k . y`` is a small key-space part of a
-    large ``y``."""
+    keys, and ``Y``'s halves rounded to ``DT``. For a 16-bit ``DT``, ``Y`` enters the scores as
+    hi + lo (:func:`split_hi_lo`, two dots): ``k . y`` is a small key-space part of a large ``y``."""
     b_ol, b_ll = split_hi_lo(b_yl, DT)
     b_oh, b_lh = split_hi_lo(b_yh, DT)
     b_s = _scores(b_ol, b_oh, b_kl, b_kh, ACC, PREC)
-    if DT.primitive_bitwidth == 16 and LO:
+    if DT.primitive_bitwidth == 16:
         b_s = tl.dot(b_ll, tl.trans(b_kl), b_s, input_precision=PREC, out_dtype=ACC)
         b_s = tl.dot(b_lh, tl.trans(b_kh), b_s, input_precision=PREC, out_dtype=ACC)
     return b_s, b_ol, b_oh
 
 
 @triton.jit
-def _half(b_yl, b_yh, b_ht_l, b_ht_h, b_sd, b_sdl, b_kc, b_eg, LO: tl.constexpr, ACC: tl.constexpr,
-          DT: tl.constexpr, PREC: tl.constexpr):
+def _half(b_yl, b_yh, b_ht_l, b_ht_h, b_sd, b_sdl, b_kc, b_eg, ACC: tl.constexpr, DT: tl.constexpr,
+          PREC: tl.constexpr):
     """One column half of rows(H_t y_t): b_eg * (Y @ Hs^T[:, half]) + S @ K[:, half], with
     ``Hs = H_c / ||H_c||``, ``b_eg = exp(G) ||H_c||`` and ``S = (Y @ K^T) * M`` in the dot dtype
-    as ``b_sd`` + ``b_sdl`` (hi + lo, :func:`split_hi_lo`; lo is used only for a 16-bit ``DT`` and
-    ``LO``)."""
+    as ``b_sd`` + ``b_sdl`` (hi + lo, :func:`split_hi_lo`; lo is used only for a 16-bit ``DT``)."""
     b_p = tl.dot(b_yl, b_ht_l, input_precision=PREC, out_dtype=ACC)
     b_p = tl.dot(b_yh, b_ht_h, b_p, input_precision=PREC, out_dtype=ACC) * b_eg[:, None]
-    if DT.primitive_bitwidth == 16 and LO:
+    if DT.primitive_bitwidth == 16:
         b_p = tl.dot(b_sdl, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
     return tl.dot(b_sd, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
 
@@ -160,38 +144,8 @@ def _hi16(b_p, DT: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _chebyshev_step(b_yl, b_yh, b_dl, b_dh, b_dp, b_rl, b_rh, b_rp, w, b_inv, b_eg, b_md, b_kl, b_kh,
-                    b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh, ridge, step, c4, LO: tl.constexpr,
-                    ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """One iteration of :func:`_chebyshev`; returns ``(y_l, y_h, d_l, d_h, d_packed, w)``. ``LO``
-    (compile time): the lo operand parts enter this iteration's dots (16-bit ``DT`` only)."""
-    PACK: tl.constexpr = DT.primitive_bitwidth == 16
-    w = 1.0 / (1.0 - c4 * w)
-    b_s, b_ol, b_oh = _key_scores(b_yl, b_yh, b_kl, b_kh, LO, ACC, DT, PREC)
-    b_sd, b_sdl = split_hi_lo(b_s * b_md.to(ACC), DT)
-    b_p = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_sdl, b_kl, b_eg, LO, ACC, DT, PREC)
-    if PACK:
-        b_dl = _lo16(b_dp, DT, ACC)
-        b_rl = _lo16(b_rp, DT, ACC)
-    b_dl = (w - 1.0) * b_dl - (step * w) * (b_p * b_inv[:, None] + ridge * b_yl - b_rl)
-    b_yl += b_dl
-    if PACK:
-        b_dp = (b_dp & -65536) | _bits16(b_dl, DT)
-    b_p = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_sdl, b_kh, b_eg, LO, ACC, DT, PREC)
-    if PACK:
-        b_dh = _hi16(b_dp, DT, ACC)
-        b_rh = _hi16(b_rp, DT, ACC)
-    b_dh = (w - 1.0) * b_dh - (step * w) * (b_p * b_inv[:, None] + ridge * b_yh - b_rh)
-    b_yh += b_dh
-    if PACK:
-        b_dp = (b_dp & 0xFFFF) | (_bits16(b_dh, DT) << 16)
-    return b_yl, b_yh, b_dl, b_dh, b_dp, w
-
-
-@triton.jit
 def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
-               ridge, step, c4, num_iter, LO_TAIL: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr,
-               PREC: tl.constexpr):
+               ridge, step, c4, num_iter, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """``num_iter`` Chebyshev steps for ``(H_t / fro_t + a I) y_t = rhs_t`` on every row; returns
     the column halves of ``y``. ``b_eg`` = exp(G) ||H_c|| (the blocks hold H_c / ||H_c||).
 
@@ -200,9 +154,7 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
     Each column half of ``A y`` is consumed by its update before the other is formed. With a
     16-bit dot dtype, ``d`` (which shrinks as the iteration converges, so its rounding matters
     less than that of ``y_{i-1}``) and ``rhs`` are carried in that dtype, both column halves
-    packed in one int32 tensor (Triton otherwise keeps one 16-bit element per 32-bit register),
-    and the lo operand parts enter only the last ``LO_TAIL`` iterations (all for 0): two loops,
-    so that no dot sits under a runtime branch.
+    packed in one int32 tensor (Triton otherwise keeps one 16-bit element per 32-bit register).
     The right-hand side is first scaled per row to norm ``min(1, 1024 a)`` (float16 range of the
     iterates, see the module docstring); ``y`` is scaled back on return."""
     PACK: tl.constexpr = DT.primitive_bitwidth == 16
@@ -218,21 +170,27 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
     if PACK:
         b_rp = _bits16(b_rl, DT) | (_bits16(b_rh, DT) << 16)
         b_dp = _bits16(b_dl, DT) | (_bits16(b_dh, DT) << 16)
-    else:  # unused placeholders (the loops carry them unchanged)
-        b_rp = 0
-        b_dp = 0
     w = tl.full([], 2.0, ACC)
-    n_hi = 0
-    if PACK and LO_TAIL > 0:
-        n_hi = tl.maximum(num_iter - LO_TAIL, 0)
-        for _ in range(n_hi):
-            b_yl, b_yh, b_dl, b_dh, b_dp, w = _chebyshev_step(
-                b_yl, b_yh, b_dl, b_dh, b_dp, b_rl, b_rh, b_rp, w, b_inv, b_eg, b_md, b_kl, b_kh,
-                b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh, ridge, step, c4, False, ACC, DT, PREC)
-    for _ in range(n_hi, num_iter):
-        b_yl, b_yh, b_dl, b_dh, b_dp, w = _chebyshev_step(
-            b_yl, b_yh, b_dl, b_dh, b_dp, b_rl, b_rh, b_rp, w, b_inv, b_eg, b_md, b_kl, b_kh,
-            b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh, ridge, step, c4, True, ACC, DT, PREC)
+    for _ in range(num_iter):
+        w = 1.0 / (1.0 - c4 * w)
+        b_s, b_ol, b_oh = _key_scores(b_yl, b_yh, b_kl, b_kh, ACC, DT, PREC)
+        b_sd, b_sdl = split_hi_lo(b_s * b_md.to(ACC), DT)
+        b_p = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_sdl, b_kl, b_eg, ACC, DT, PREC)
+        if PACK:
+            b_dl = _lo16(b_dp, DT, ACC)
+            b_rl = _lo16(b_rp, DT, ACC)
+        b_dl = (w - 1.0) * b_dl - (step * w) * (b_p * b_inv[:, None] + ridge * b_yl - b_rl)
+        b_yl += b_dl
+        if PACK:
+            b_dp = (b_dp & -65536) | _bits16(b_dl, DT)
+        b_p = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_sdl, b_kh, b_eg, ACC, DT, PREC)
+        if PACK:
+            b_dh = _hi16(b_dp, DT, ACC)
+            b_rh = _hi16(b_rp, DT, ACC)
+        b_dh = (w - 1.0) * b_dh - (step * w) * (b_p * b_inv[:, None] + ridge * b_yh - b_rh)
+        b_yh += b_dh
+        if PACK:
+            b_dp = (b_dp & 0xFFFF) | (_bits16(b_dh, DT) << 16)
     return b_yl * b_rs[:, None], b_yh * b_rs[:, None]
 
 
@@ -311,7 +269,7 @@ def gka_solve_fwd_kernel(
     p_q = q + (tok * H + i_h) * K
     b_yl, b_yh = _chebyshev(_load_rows(p_q, o_l, m_t, K, ACC), _load_rows(p_q, o_h, m_t, K, ACC),
                             b_inv, b_eg * hn, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
-                            ridge, step, c4, num_iter, 0, ACC, DT, PREC)
+                            ridge, step, c4, num_iter, ACC, DT, PREC)
     b_yl = b_yl * b_inv[:, None]
     b_yh = b_yh * b_inv[:, None]
     p_x = x + (tok * H + i_h) * K
@@ -364,7 +322,7 @@ def gka_solve_bwd_kernel(
     b_rl = _load_rows(dqm + p_row, o_l, m_t, K, ACC) * b_a[:, None]
     b_rh = _load_rows(dqm + p_row, o_h, m_t, K, ACC) * b_a[:, None]
     b_sl, b_sh = _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl,
-                            b_ht_hh, ridge, step, c4, num_iter, ADJOINT_LO_TAIL, ACC, DT, PREC)
+                            b_ht_hh, ridge, step, c4, num_iter, ACC, DT, PREC)
     b_sl = b_sl * b_inv[:, None]
     b_sh = b_sh * b_inv[:, None]
     _store_rows(dqs + p_row, o_l, m_t, b_sl, K)
