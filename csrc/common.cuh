@@ -169,36 +169,6 @@ inline int device_attribute() {
 // Streaming multiprocessors of the current device, for persistent grids.
 inline int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
-// CTAs of `bytes` shared memory that fit on one SM of the current device (at least 1).
-inline int ctas_by_smem(size_t bytes) {
-  const size_t per_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>();
-  const size_t reserved = device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>();
-  return std::max(1, static_cast<int>(per_sm / (bytes + reserved)));
-}
-
-// A per-SM turn (0 free, 1 taken) that the CTAs of a persistent kernel resident on one SM take in
-// turn around a phase, so that their phases alternate instead of running in lockstep. It orders
-// nothing in memory: it only schedules. kMaxSmIds bounds %smid.
-constexpr unsigned kMaxSmIds = 1024;
-#if defined(GKA_HOST_EMULATION)
-inline unsigned sm_id() { return 0; }  // blocks run one after another: a turn is always free
-inline void take_sm_turn(unsigned* turn) {
-  if (*turn) throw std::runtime_error("emu: SM turn still taken");
-  *turn = 1;
-}
-inline void give_sm_turn(unsigned* turn) { *turn = 0; }
-#else
-__device__ __forceinline__ unsigned sm_id() {
-  unsigned id;
-  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
-  return id % kMaxSmIds;
-}
-__device__ __forceinline__ void take_sm_turn(unsigned* turn) {
-  while (atomicCAS(turn, 0u, 1u) != 0u) __nanosleep(64);
-}
-__device__ __forceinline__ void give_sm_turn(unsigned* turn) { atomicExch(turn, 0u); }
-#endif
-
 // Dynamic shared memory of a kernel, as an array `name` of T.
 #if defined(GKA_HOST_EMULATION)
 #define GKA_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(emu::dyn_smem)

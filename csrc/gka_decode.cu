@@ -10,12 +10,8 @@
 //         x' = a_i x - (b_i / fro) (H x - q) - e_i x_prev,   a_i = r w_i, b_i = 2 r w_i, e_i = w_i - 1
 // and the host computes (a_i, b_i, e_i) once per launch (double precision), so an iteration's
 // dependent chain after the row sums is three FMAs (no division).
-// Persistent grid of 256-thread CTAs, two per SM, looping over (sequence, head) items; K and V are
-// padded to one tile D = 64 or 128. An item is a memory phase (H, U and the inputs arrive) and a
-// compute phase (the solves); CTAs launched as one wave run them in lockstep, leaving DRAM idle
-// during the solves. So the two CTAs of an SM take a per-SM turn (take_sm_turn) to issue their
-// loads and hand it on once their rows of H have arrived: one CTA's solves overlap the other's
-// loads. The cost is the matvec H x of every iteration, so H stays in registers for the
+// One CTA of 256 threads per (sequence, head), two CTAs per SM; K and V are padded to one tile
+// D = 64 or 128. The cost is the matvec H x of every iteration, so H stays in registers for the
 // whole step: lane bits 0-2 pick a column group (D / 32 float4 at stride 32 columns, conflict-free
 // LDS.128 of x), lane bits 3-4 and the warp pick D / 32 consecutive rows; a thread holds D^2 / 256
 // floats. An iteration is D / 32 LDS.128 of x, the FMAs, a 3-stage butterfly over the 8 column
@@ -42,10 +38,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kCtasPerSm = 2;  // __launch_bounds__ below
-
-// Load turns of the SMs (see the header comment and take_sm_turn in common.cuh).
-__device__ unsigned g_load_turn[kMaxSmIds];
 
 template <int KT, int VT>
 struct Smem {  // float offsets into the dynamic shared memory
@@ -89,7 +81,7 @@ void chebyshev_coefficients(GkaParams& p) {
 
 // One square tile D covers both head dims (K, V <= D): KT = VT = D.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, kCtasPerSm) gka_decode_kernel(const GkaParams p) {
+__global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams p) {
   constexpr int KT = D, VT = D;
   using SM = Smem<KT, VT>;
   constexpr int HR = KT / 32;  // H rows per thread
@@ -111,184 +103,178 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) gka_decode_kernel(const 
   float* alph = smem + SM::ALPHA;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int b = blockIdx.y, h = blockIdx.x;
   const int Tn = p.Tn, K = p.K, V = p.V;
-  for (int item = blockIdx.x; item < p.B * p.H; item += gridDim.x) {
-    const int b = item / p.H, h = item % p.H;
-    __syncthreads();  // the previous item's reads of shared memory are done
+  T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
 
-    const int64_t src = load_index(p.src_idx, p.src64, b);
-    if (src < 0) {  // padding sequence: states untouched, output 0
-      T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
-      for (int i = tid; i < Tn * V; i += kThreads) out[(i / V) * p.so.t + i % V] = from_float<T>(0.f);
-      continue;
-    }
-    if (tid == 0) take_sm_turn(&g_load_turn[sm_id()]);
-    __syncthreads();
-    const int64_t dst = load_index(p.dst_idx, p.dst64, b);
-    const int64_t kk_slot = (int64_t)p.H * K * K, kv_slot = (int64_t)p.H * K * V;
-    const int64_t kk_head = (int64_t)h * K * K, kv_head = (int64_t)h * K * V;
+  const int64_t src = load_index(p.src_idx, p.src64, b);
+  if (src < 0) {  // padding sequence: states untouched, output 0
+    for (int i = tid; i < Tn * V; i += kThreads) out[(i / V) * p.so.t + i % V] = from_float<T>(0.f);
+    return;
+  }
+  const int64_t dst = load_index(p.dst_idx, p.dst64, b);
+  const int64_t kk_slot = (int64_t)p.H * K * K, kv_slot = (int64_t)p.H * K * V;
+  const int64_t kk_head = (int64_t)h * K * K, kv_head = (int64_t)h * K * V;
 
-    // 1. H = h_kk[src, h] into registers: issued first, as the solve waits on it.
-    const int cg = lane % 8, rg = lane / 8;
-    const int hrow0 = (warp * 4 + rg) * HR;
-    float4 Hm[HR][HC];
-    {
-      const float* h_in = p.h_kk + src * kk_slot + kk_head;
+  // 1. H = h_kk[src, h] into registers: issued first, as the solve waits on it.
+  const int cg = lane % 8, rg = lane / 8;
+  const int hrow0 = (warp * 4 + rg) * HR;
+  float4 Hm[HR][HC];
+  {
+    const float* h_in = p.h_kk + src * kk_slot + kk_head;
 #pragma unroll
-      for (int i = 0; i < HR; ++i)
-#pragma unroll
-        for (int j = 0; j < HC; ++j) {
-          const int r = hrow0 + i, c = 32 * j + 4 * cg;
-          Hm[i][j] = (r < K && c < K) ? *reinterpret_cast<const float4*>(h_in + (int64_t)r * K + c)
-                                      : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-    }
-
-    // 2. Stage q, k, v, e^g, alpha (zero-padded to KT / VT).
-    for (int i = tid; i < Tn * KT; i += kThreads) {
-      const int t = i / KT, c = i % KT;
-      const T* qp = static_cast<const T*>(p.q) + b * p.sq.b + t * p.sq.t + (h / p.q_group) * p.sq.h;
-      const T* kp = static_cast<const T*>(p.k) + b * p.sk.b + t * p.sk.t + (h / p.k_group) * p.sk.h;
-      qs[i] = c < K ? to_float(qp[c]) : 0.f;
-      ks[i] = c < K ? to_float(kp[c]) : 0.f;
-    }
-    for (int i = tid; i < Tn * VT; i += kThreads) {
-      const int t = i / VT, c = i % VT;
-      const T* vp = static_cast<const T*>(p.v) + b * p.sv.b + t * p.sv.t + (h / p.v_group) * p.sv.h;
-      vs[i] = c < V ? to_float(vp[c]) : 0.f;
-    }
-    if (tid < Tn) {
-      decay[tid] = __expf(load_scalar(p.g, p.g_dtype, b * p.sg.b + tid * p.sg.t + h * p.sg.h));
-      alph[tid] = p.alpha ? load_scalar(p.alpha, p.alpha_dtype, b * p.salpha.b + tid * p.salpha.t + h * p.salpha.h)
-                          : 1.f;
-    }
-    // 3. Prefetch U = h_kv[src, h] into shared memory (rows of V floats, padded to VT), issued
-    //    after H and the inputs so that those arrive first; U is not read before the solves end.
-    {
-      const float* u_in = p.h_kv + src * kv_slot + kv_head;
-      const int v4 = V / 4;
-      for (int c = tid; c < K * v4; c += kThreads) cp_async16(Us + (c / v4) * VT + 4 * (c % v4), u_in + 4 * c);
-      cp_async_commit();
-    }
-
-    __syncthreads();
-
-    // After the butterfly over the 8 column lanes, this lane holds the sum of row own_row; the
-    // (8 / HR) lanes holding the same row carry identical iterates, the first of them stores x.
-    const int own_row = hrow0 + butterfly_first<HR, 8, 1>(lane);
-    const bool writer = (cg % (8 / HR)) == 0;
-
-    for (int t = 0; t < Tn; ++t) {
-      // H update and ||H||_F^2.
-      const float dec = decay[t];
-      const float* kt = ks + t * KT;
-      float ss = 0.f;
+    for (int i = 0; i < HR; ++i)
 #pragma unroll
       for (int j = 0; j < HC; ++j) {
-        const float4 kc = reinterpret_cast<const float4*>(kt)[8 * j + cg];
-#pragma unroll
-        for (int i = 0; i < HR; ++i) {
-          const float kr = kt[hrow0 + i];
-          float4& m = Hm[i][j];
-          m = fma4(kr, kc, scale4(dec, m));
-          ss = dot4(m, m, ss);
-        }
+        const int r = hrow0 + i, c = 32 * j + 4 * cg;
+        Hm[i][j] = (r < K && c < K) ? *reinterpret_cast<const float4*>(h_in + (int64_t)r * K + c)
+                                    : make_float4(0.f, 0.f, 0.f, 0.f);
       }
-      ss = warp_allreduce(ss);
-      if (lane == 0) red[(t & 1) * kWarps + warp] = ss;
-      __syncthreads();
-      if (t == 0 && tid == 0) give_sm_turn(&g_load_turn[sm_id()]);  // every thread has its rows of H: next CTA's turn
-      float fro2 = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) fro2 += red[(t & 1) * kWarps + w];
-      const float inv_fro = fro2 > 0.f ? rsqrtf(fro2) : 1.f;
-      const float gamma = 2.f * inv_fro / (1.f + 2.f * p.ridge_ratio);  // x_0 = gamma q
+  }
 
-      if (t == Tn - 1 && dst >= 0) store_h(p.h_kk + dst * kk_slot + kk_head, Hm, hrow0, cg, K);
+  // 2. Stage q, k, v, e^g, alpha (zero-padded to KT / VT).
+  for (int i = tid; i < Tn * KT; i += kThreads) {
+    const int t = i / KT, c = i % KT;
+    const T* qp = static_cast<const T*>(p.q) + b * p.sq.b + t * p.sq.t + (h / p.q_group) * p.sq.h;
+    const T* kp = static_cast<const T*>(p.k) + b * p.sk.b + t * p.sk.t + (h / p.k_group) * p.sk.h;
+    qs[i] = c < K ? to_float(qp[c]) : 0.f;
+    ks[i] = c < K ? to_float(kp[c]) : 0.f;
+  }
+  for (int i = tid; i < Tn * VT; i += kThreads) {
+    const int t = i / VT, c = i % VT;
+    const T* vp = static_cast<const T*>(p.v) + b * p.sv.b + t * p.sv.t + (h / p.v_group) * p.sv.h;
+    vs[i] = c < V ? to_float(vp[c]) : 0.f;
+  }
+  if (tid < Tn) {
+    decay[tid] = __expf(load_scalar(p.g, p.g_dtype, b * p.sg.b + tid * p.sg.t + h * p.sg.h));
+    alph[tid] = p.alpha ? load_scalar(p.alpha, p.alpha_dtype, b * p.salpha.b + tid * p.salpha.t + h * p.salpha.h)
+                        : 1.f;
+  }
+  // 3. Prefetch U = h_kv[src, h] into shared memory (rows of V floats, padded to VT), issued
+  //    after H and the inputs so that those arrive first; U is not read before the solves end.
+  {
+    const float* u_in = p.h_kv + src * kv_slot + kv_head;
+    const int v4 = V / 4;
+    for (int c = tid; c < K * v4; c += kThreads) cp_async16(Us + (c / v4) * VT + 4 * (c % v4), u_in + 4 * c);
+    cp_async_commit();
+  }
 
-      // Chebyshev iteration; the first matvec H x_0 = gamma H q reads q directly.
-      const float qr = qs[t * KT + own_row];
-      float x = gamma * qr, xprev = 0.f;
-      const float* xin = qs + t * KT;
-      float ymul = gamma;
-      for (int it = 0; it < p.num_iter; ++it) {
-        const float ca = p.cheb[it][0], cb = p.cheb[it][1] * inv_fro, ce = p.cheb[it][2];
-        float acc[HR];
+  __syncthreads();
+
+  // After the butterfly over the 8 column lanes, this lane holds the sum of row own_row; the
+  // (8 / HR) lanes holding the same row carry identical iterates, the first of them stores x.
+  const int own_row = hrow0 + butterfly_first<HR, 8, 1>(lane);
+  const bool writer = (cg % (8 / HR)) == 0;
+
+  for (int t = 0; t < Tn; ++t) {
+    // H update and ||H||_F^2.
+    const float dec = decay[t];
+    const float* kt = ks + t * KT;
+    float ss = 0.f;
 #pragma unroll
-        for (int i = 0; i < HR; ++i) acc[i] = 0.f;
+    for (int j = 0; j < HC; ++j) {
+      const float4 kc = reinterpret_cast<const float4*>(kt)[8 * j + cg];
 #pragma unroll
-        for (int j = 0; j < HC; ++j) {
-          const float4 xv = reinterpret_cast<const float4*>(xin)[8 * j + cg];
-#pragma unroll
-          for (int i = 0; i < HR; ++i) acc[i] = dot4(Hm[i][j], xv, acc[i]);
-        }
-        butterfly_reduce<HR, 8, 1>(acc);
-        const float r = fmaf(acc[0], ymul, -qr);  // H x - q
-        const float xn = fmaf(ca, x, -fmaf(cb, r, ce * xprev));
-        xprev = x;
-        x = xn;
-        if (it + 1 < p.num_iter) {
-          float* xo = xbuf + (it & 1) * KT;
-          if (writer) xo[own_row] = x;
-          __syncthreads();
-          xin = xo;
-          ymul = 1.f;
-        }
+      for (int i = 0; i < HR; ++i) {
+        const float kr = kt[hrow0 + i];
+        float4& m = Hm[i][j];
+        m = fma4(kr, kc, scale4(dec, m));
+        ss = dot4(m, m, ss);
       }
-      if (writer) qms[t * KT + own_row] = qr + alph[t] * (x - qr);
     }
-
-    // 4. U update and readout for every token.
-    cp_async_wait_all();
+    ss = warp_allreduce(ss);
+    if (lane == 0) red[(t & 1) * kWarps + warp] = ss;
     __syncthreads();
-    const int ucg = lane % ULPR, url = lane / ULPR;
-    const int urow0 = warp * URPI + url;
-    const bool ucol_ok = 4 * ucg < V;
-    float4 Ur[URPT];
+    float fro2 = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) fro2 += red[(t & 1) * kWarps + w];
+    const float inv_fro = fro2 > 0.f ? rsqrtf(fro2) : 1.f;
+    const float gamma = 2.f * inv_fro / (1.f + 2.f * p.ridge_ratio);  // x_0 = gamma q
+
+    if (t == Tn - 1 && dst >= 0) store_h(p.h_kk + dst * kk_slot + kk_head, Hm, hrow0, cg, K);
+
+    // Chebyshev iteration; the first matvec H x_0 = gamma H q reads q directly.
+    const float qr = qs[t * KT + own_row];
+    float x = gamma * qr, xprev = 0.f;
+    const float* xin = qs + t * KT;
+    float ymul = gamma;
+    for (int it = 0; it < p.num_iter; ++it) {
+      const float ca = p.cheb[it][0], cb = p.cheb[it][1] * inv_fro, ce = p.cheb[it][2];
+      float acc[HR];
+#pragma unroll
+      for (int i = 0; i < HR; ++i) acc[i] = 0.f;
+#pragma unroll
+      for (int j = 0; j < HC; ++j) {
+        const float4 xv = reinterpret_cast<const float4*>(xin)[8 * j + cg];
+#pragma unroll
+        for (int i = 0; i < HR; ++i) acc[i] = dot4(Hm[i][j], xv, acc[i]);
+      }
+      butterfly_reduce<HR, 8, 1>(acc);
+      const float r = fmaf(acc[0], ymul, -qr);  // H x - q
+      const float xn = fmaf(ca, x, -fmaf(cb, r, ce * xprev));
+      xprev = x;
+      x = xn;
+      if (it + 1 < p.num_iter) {
+        float* xo = xbuf + (it & 1) * KT;
+        if (writer) xo[own_row] = x;
+        __syncthreads();
+        xin = xo;
+        ymul = 1.f;
+      }
+    }
+    if (writer) qms[t * KT + own_row] = qr + alph[t] * (x - qr);
+  }
+
+  // 4. U update and readout for every token.
+  cp_async_wait_all();
+  __syncthreads();
+  const int ucg = lane % ULPR, url = lane / ULPR;
+  const int urow0 = warp * URPI + url;
+  const bool ucol_ok = 4 * ucg < V;
+  float4 Ur[URPT];
+#pragma unroll
+  for (int i = 0; i < URPT; ++i) {
+    const int r = urow0 + URG * i;
+    Ur[i] = (r < K && ucol_ok) ? reinterpret_cast<const float4*>(Us + r * VT)[ucg] : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  __syncthreads();  // the staging area now takes the partial outputs
+  float* part = Us;
+  for (int t = 0; t < Tn; ++t) {
+    const float dec = decay[t];
+    const float4 vv = reinterpret_cast<const float4*>(vs + t * VT)[ucg];
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < URPT; ++i) {
       const int r = urow0 + URG * i;
-      Ur[i] = (r < K && ucol_ok) ? reinterpret_cast<const float4*>(Us + r * VT)[ucg] : make_float4(0.f, 0.f, 0.f, 0.f);
+      Ur[i] = fma4(ks[t * KT + r], vv, scale4(dec, Ur[i]));
+      const float qm = qms[t * KT + r];
+      acc[0] = fmaf(qm, Ur[i].x, acc[0]);
+      acc[1] = fmaf(qm, Ur[i].y, acc[1]);
+      acc[2] = fmaf(qm, Ur[i].z, acc[2]);
+      acc[3] = fmaf(qm, Ur[i].w, acc[3]);
     }
-    __syncthreads();  // the staging area now takes the partial outputs
-    float* part = Us;
-    for (int t = 0; t < Tn; ++t) {
-      const float dec = decay[t];
-      const float4 vv = reinterpret_cast<const float4*>(vs + t * VT)[ucg];
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int i = 0; i < URPT; ++i) {
-        const int r = urow0 + URG * i;
-        Ur[i] = fma4(ks[t * KT + r], vv, scale4(dec, Ur[i]));
-        const float qm = qms[t * KT + r];
-        acc[0] = fmaf(qm, Ur[i].x, acc[0]);
-        acc[1] = fmaf(qm, Ur[i].y, acc[1]);
-        acc[2] = fmaf(qm, Ur[i].z, acc[2]);
-        acc[3] = fmaf(qm, Ur[i].w, acc[3]);
-      }
+    for (int o = ULPR; o < 32; o <<= 1)
 #pragma unroll
-      for (int o = ULPR; o < 32; o <<= 1)
+      for (int e = 0; e < 4; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
+    if (url == 0)
+      reinterpret_cast<float4*>(part + (t * kWarps + warp) * VT)[ucg] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  }
+  if (dst >= 0) {
+    float* u_out = p.h_kv + dst * kv_slot + kv_head;
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
-      if (url == 0)
-        reinterpret_cast<float4*>(part + (t * kWarps + warp) * VT)[ucg] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+    for (int i = 0; i < URPT; ++i) {
+      const int r = urow0 + URG * i;
+      if (r < K && ucol_ok) *reinterpret_cast<float4*>(u_out + (int64_t)r * V + 4 * ucg) = Ur[i];
     }
-    if (dst >= 0) {
-      float* u_out = p.h_kv + dst * kv_slot + kv_head;
+  }
+  __syncthreads();
+  for (int i = tid; i < Tn * V; i += kThreads) {
+    const int t = i / V, c = i % V;
+    float o = 0.f;
 #pragma unroll
-      for (int i = 0; i < URPT; ++i) {
-        const int r = urow0 + URG * i;
-        if (r < K && ucol_ok) *reinterpret_cast<float4*>(u_out + (int64_t)r * V + 4 * ucg) = Ur[i];
-      }
-    }
-    __syncthreads();
-    for (int i = tid; i < Tn * V; i += kThreads) {
-      const int t = i / V, c = i % V;
-      float o = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) o += part[(t * kWarps + w) * VT + c];
-      static_cast<T*>(p.out)[b * p.so.b + h * p.so.h + t * p.so.t + c] = from_float<T>(p.scale * o);
-    }
+    for (int w = 0; w < kWarps; ++w) o += part[(t * kWarps + w) * VT + c];
+    out[t * p.so.t + c] = from_float<T>(p.scale * o);
   }
 }
 
@@ -296,12 +282,7 @@ template <typename T, int D>
 void launch(const GkaParams& p, cudaStream_t stream) {
   constexpr size_t bytes = sizeof(float) * Smem<D, D>::SIZE;
   allow_dynamic_smem<gka_decode_kernel<T, D>>(bytes, "gka_decode: cudaFuncSetAttribute");
-  // Persistent grid: every CTA resident at once (kCtasPerSm by the register budget, fewer where
-  // shared memory is smaller), each looping over (sequence, head) items.
-  const int per_sm = std::min(kCtasPerSm, ctas_by_smem(bytes));
-  const int64_t items = static_cast<int64_t>(p.B) * p.H;
-  const int grid = static_cast<int>(std::min<int64_t>(items, static_cast<int64_t>(per_sm) * sm_count()));
-  launch_kernel(gka_decode_kernel<T, D>, dim3(grid), kThreads, bytes, stream, p);
+  launch_kernel(gka_decode_kernel<T, D>, dim3(p.H, p.B), kThreads, bytes, stream, p);
 }
 
 }  // namespace
