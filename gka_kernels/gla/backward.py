@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
-from gka_kernels.common.split_dot import dot_hi_lo
+from gka_kernels.common.split_dot import dot_hi_lo, split_hi_lo
 from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.triton_utils import autotune
 from gka_kernels.gla.locate import locate_chunk
@@ -160,27 +160,20 @@ def chunk_bwd_dqkg_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     causal = (r[:, None] >= r[None, :]) & m_t[:, None]
 
-    # dq_acc / dk_acc accumulate the gradients of the NG heads (or of one head when not shared);
-    # sq / sk hold rowsum(q * dq_acc) / rowsum(k * dk_acc) so far, so that each head's
-    # dG = q . dq_h - k . dk_h is a difference of running sums (no per-head gradient tiles).
+    # dk_acc accumulates dk over the NG heads (or holds one head's when not shared); sk holds
+    # rowsum(k * dk_acc) so far, so that each head's k . dk_h is a difference of running sums (no
+    # per-head dk tile). dq is formed per head (b_dq), then stored or added to dq_acc.
+    # Registers (sm_90, K = 128): only b_da, b_dq and dk_acc are live across the V loop. q and k
+    # are read after it, where they are used (k twice), instead of being held; do @ h^T takes do
+    # as it is (exact in DT) and gets its row scale exp(G) * scale on the fp32 result; b_da is
+    # split into hi + lo once for both of its products.
     dq_acc = tl.zeros([BT, BK], dtype=ACC)
     dk_acc = tl.zeros([BT, BK], dtype=ACC)
-    sq = tl.zeros([BT], dtype=ACC)
     sk = tl.zeros([BT], dtype=ACC)
-    q_off = r[:, None] * (HQ * K) + o_k[None, :]
-    k_off = r[:, None] * (HK * K) + o_k[None, :]
-    if Q_ACC:
-        bq = tl.load(q + (row0 * HQ + (i_hg * NG) // (H // HQ)) * K + q_off, mask=m_tk,
-                     other=0).to(ACC)
-    if K_ACC:
-        bk = tl.load(k + (row0 * HK + (i_hg * NG) // (H // HK)) * K + k_off, mask=m_tk,
-                     other=0).to(ACC)
     for i_g in range(NG):
         i_h = i_hg * NG + i_g
-        if not Q_ACC:
-            bq = tl.load(q + (row0 * HQ + i_h // (H // HQ)) * K + q_off, mask=m_tk, other=0).to(ACC)
-        if not K_ACC:
-            bk = tl.load(k + (row0 * HK + i_h // (H // HK)) * K + k_off, mask=m_tk, other=0).to(ACC)
+        q_base = q + (row0 * HQ + i_h // (H // HQ)) * K
+        k_base = k + (row0 * HK + i_h // (H // HK)) * K
         h_base = hs + (i_tg * H + i_h) * K * V
         dh_base = dhs + (i_tg * H + i_h) * K * V
         v_base = v + (row0 * HV + i_h // (H // HV)) * V
@@ -188,12 +181,12 @@ def chunk_bwd_dqkg_kernel(
         g_base = gc + row0 * H + i_h
         G = tl.load(g_base + r * H, mask=m_t, other=0).to(ACC)
         G_last = tl.load(g_base + last * H).to(ACC)
-        w_q = tl.exp(G) * scale
         w_k = tl.where(m_t, tl.exp(G_last - G), 0)
         if HAS_VS:  # v_eff = vs * v: scale the rows of v @ dh^T and the columns of do @ v^T
             bs = tl.load(vs + row0 * H + i_h + r * H, mask=m_t, other=0).to(ACC)
             w_k *= bs
         b_da = tl.zeros([BT, BT], dtype=ACC)
+        b_dq = tl.zeros([BT, BK], dtype=ACC)  # do @ h^T; its row scale exp(G) * scale comes after
         b_hdh = tl.zeros([BK], dtype=ACC)
         for i_v in range(tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
@@ -206,27 +199,40 @@ def chunk_bwd_dqkg_kernel(
             bht = tl.load(h_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
             bdht = tl.load(dh_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
             b_da += dot_hi_lo(bdo, tl.trans(bv), False, False, DT, ACC, PREC)
-            dq_acc += dot_hi_lo(bdo * w_q[:, None], bht, SPLIT, SPLIT, DT, ACC, PREC)
+            b_dq += dot_hi_lo(bdo, bht, False, SPLIT, DT, ACC, PREC)
             dk_acc += dot_hi_lo(bv * w_k[:, None], bdht, SPLIT, SPLIT, DT, ACC, PREC)
             b_hdh += tl.sum(bht * bdht, axis=0)
+        bk = tl.load(k_base + r[:, None] * (HK * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
         sk_inter = tl.sum(bk * dk_acc, axis=1)
         dg_last = tl.sum(b_hdh, axis=0) * tl.exp(G_last) + tl.sum(sk_inter - sk, axis=0)
         b_da *= tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf"))) * scale
         if HAS_VS:
             b_da *= bs[None, :]
-        dq_acc += dot_hi_lo(b_da, bk, SPLIT, False, DT, ACC, PREC)
-        dk_acc += dot_hi_lo(tl.trans(b_da), bq, SPLIT, SPLIT, DT, ACC, PREC)
-        sq_new = tl.sum(bq * dq_acc, axis=1)
-        sk_new = tl.sum(bk * dk_acc, axis=1)
-        b_dg = (sq_new - sq) - (sk_new - sk) + tl.where(r == last, dg_last, 0)
-        tl.store(dg + (i_k.to(tl.int64) * TT + row0) * H + i_h + r * H,
-                 b_dg.to(dg.dtype.element_ty), mask=m_t)
+        # b_da enters both products below as hi + lo parts, split once (the fp32 tile dies here)
+        da_hi, da_lo = split_hi_lo(b_da, DT)
+        bk_hi = bk.to(DT)
+        b_dq = b_dq * (tl.exp(G) * scale)[:, None]
+        b_dq = tl.dot(da_hi, bk_hi, b_dq, out_dtype=ACC, input_precision=PREC)
+        if SPLIT:
+            b_dq = tl.dot(da_lo, bk_hi, b_dq, out_dtype=ACC, input_precision=PREC)
+        bq = tl.load(q_base + r[:, None] * (HQ * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
+        b_dg = tl.sum(bq * b_dq, axis=1) + tl.where(r == last, dg_last, 0)
         if Q_ACC:
-            sq = sq_new
+            dq_acc += b_dq
         else:
             tl.store(dq + (row0 * H + i_h) * K + r[:, None] * (H * K) + o_k[None, :],
-                     dq_acc.to(dq.dtype.element_ty), mask=m_tk)
-            dq_acc = tl.zeros([BT, BK], dtype=ACC)
+                     b_dq.to(dq.dtype.element_ty), mask=m_tk)
+        bq_hi, bq_lo = split_hi_lo(bq, DT)
+        dk_acc = tl.dot(tl.trans(da_hi), bq_hi, dk_acc, out_dtype=ACC, input_precision=PREC)
+        if SPLIT:
+            dk_acc = tl.dot(tl.trans(da_lo), bq_hi, dk_acc, out_dtype=ACC, input_precision=PREC)
+            dk_acc = tl.dot(tl.trans(da_hi), bq_lo, dk_acc, out_dtype=ACC, input_precision=PREC)
+        # k . dk_h as a difference of running sums (k re-read: not held across the products)
+        bk = tl.load(k_base + r[:, None] * (HK * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
+        sk_new = tl.sum(bk * dk_acc, axis=1)
+        b_dg -= sk_new - sk
+        tl.store(dg + (i_k.to(tl.int64) * TT + row0) * H + i_h + r * H,
+                 b_dg.to(dg.dtype.element_ty), mask=m_t)
         if K_ACC:
             sk = sk_new
         else:
@@ -234,10 +240,12 @@ def chunk_bwd_dqkg_kernel(
                      dk_acc.to(dk.dtype.element_ty), mask=m_tk)
             dk_acc = tl.zeros([BT, BK], dtype=ACC)
     if Q_ACC:
-        tl.store(dq + (row0 * HQ + (i_hg * NG) // (H // HQ)) * K + q_off,
+        tl.store(dq + (row0 * HQ + (i_hg * NG) // (H // HQ)) * K + r[:, None] * (HQ * K)
+                 + o_k[None, :],
                  dq_acc.to(dq.dtype.element_ty), mask=m_tk)
     if K_ACC:
-        tl.store(dk + (row0 * HK + (i_hg * NG) // (H // HK)) * K + k_off,
+        tl.store(dk + (row0 * HK + (i_hg * NG) // (H // HK)) * K + r[:, None] * (HK * K)
+                 + o_k[None, :],
                  dk_acc.to(dk.dtype.element_ty), mask=m_tk)
 
 
