@@ -347,17 +347,25 @@ def chunk_bwd_dqkg(
                                       chunk_indices=chunk_indices)
 
 
-register_aot(AotSpec(
-    name="gla_bwd_dv[bf16,k128,v128,vs,d]",
-    kernel=chunk_bwd_dv_kernel,
-    types={"q": "*bf16", "k": "*bf16", "v": "*bf16", "vs": "*fp32", "gc": "*fp32", "dhs": "*bf16",
-           "do": "*bf16", "D": "*fp32", "dv": "*bf16", "dvs": "*fp32", "dD": "*fp32",
-           "cu_seqlens": "*i32", "chunk_indices": "*i32", "scale": "fp32"},
-    constexprs={"H": 32, "HQ": 8, "HK": 8, "HV": 32, "K": 128, "V": 128, "BT": 64, "BK": 64,
-                "BV": 64, "HAS_VS": True, "HAS_D": True, "D_PER_V": True, "IS_VARLEN": False,
-                "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee", "SPLIT": False},
-    num_warps=8, num_stages=2,
-))
+# dv: the bf16 Mamba-2 layout (v scale, D) and the GKA readout (float32 q and k split into bf16
+# hi + lo, bf16 v, do and dv): a base table plus per-variant overrides.
+_DV_TYPES = {"q": "*bf16", "k": "*bf16", "v": "*bf16", "vs": "*fp32", "gc": "*fp32", "dhs": "*bf16",
+             "do": "*bf16", "D": "*fp32", "dv": "*bf16", "dvs": "*fp32", "dD": "*fp32",
+             "cu_seqlens": "*i32", "chunk_indices": "*i32", "scale": "fp32"}
+for _tag, _types, _consts, _warps in (
+    ("bf16,k128,v128,vs,d", {},
+     {"HQ": 8, "HK": 8, "HV": 32, "HAS_VS": True, "HAS_D": True, "D_PER_V": True, "SPLIT": False}, 8),
+    ("gka: fp32 q k, bf16 v do dv, bf16 hi+lo,k128,v128", {"q": "*fp32", "k": "*fp32", "dhs": "*fp32"},
+     {"HQ": 32, "HK": 8, "HV": 8, "HAS_VS": False, "HAS_D": False, "D_PER_V": False, "SPLIT": True}, 4),
+):
+    register_aot(AotSpec(
+        name=f"gla_bwd_dv[{_tag}]",
+        kernel=chunk_bwd_dv_kernel,
+        types={**_DV_TYPES, **_types},
+        constexprs={"H": 32, "K": 128, "V": 128, "BT": 64, "BK": 64, "BV": 64, "IS_VARLEN": False,
+                    "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee", **_consts},
+        num_warps=_warps, num_stages=2,
+    ))
 for _name, _hq, _hk, _hv in (("mamba2", 8, 8, 32), ("gqa", 32, 8, 8)):
     register_aot(AotSpec(
         name=f"gla_bwd_dqkg[bf16,k128,v128,{_name}]",
@@ -373,17 +381,6 @@ for _name, _hq, _hk, _hv in (("mamba2", 8, 8, 32), ("gqa", 32, 8, 8)):
                     "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee", "SPLIT": False},
         num_warps=8, num_stages=2,
     ))
-register_aot(AotSpec(
-    name="gla_bwd_dv[gka: fp32 q k, bf16 v do dv, bf16 hi+lo,k128,v128]",
-    kernel=chunk_bwd_dv_kernel,
-    types={"q": "*fp32", "k": "*fp32", "v": "*bf16", "vs": "*fp32", "gc": "*fp32", "dhs": "*fp32",
-           "do": "*bf16", "D": "*fp32", "dv": "*bf16", "dvs": "*fp32", "dD": "*fp32",
-           "cu_seqlens": "*i32", "chunk_indices": "*i32", "scale": "fp32"},
-    constexprs={"H": 32, "HQ": 32, "HK": 8, "HV": 8, "K": 128, "V": 128, "BT": 64, "BK": 64,
-                "BV": 64, "HAS_VS": False, "HAS_D": False, "D_PER_V": False, "IS_VARLEN": False,
-                "ACC": tl.float32, "DT": tl.bfloat16, "PREC": "ieee", "SPLIT": True},
-    num_warps=4, num_stages=2,
-))
 register_aot(AotSpec(
     name="gla_bwd_dqkg[gka: fp32 q k, bf16 v do, bf16 hi+lo,k128,v128]",
     kernel=chunk_bwd_dqkg_kernel,
