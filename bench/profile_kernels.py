@@ -5,8 +5,11 @@
 Each case of the kernel suite (``bench.cases``) is warmed up (compilation, autotuning), then run
 ``--steps`` times under the profiler; the device time of every kernel is summed by kernel name and
 divided by the number of steps. The table says where one implementation spends its time against
-another: which kernels are slower, and how many launches each needs. Writes
-``<out>/profile-<card>-<time>.json`` and prints one block per case.
+another: which kernels are slower, and how many launches each needs. Each case also gets its host
+time per step (the Python, autograd and launch work, measured while a sleep kernel holds the GPU, so
+no kernel finishes during the measurement) next to the kernel time: a case whose host time exceeds
+its kernel time is launch-bound, and ``--cprofile N`` then lists the N functions with the most own
+host time. Writes ``<out>/profile-<card>-<time>.json`` and prints one block per case.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default="")
+    p.add_argument("--cprofile", type=int, default=0, help="list the N functions with the most host time")
     return p.parse_args(argv)
 
 
@@ -60,6 +64,52 @@ def kernel_times(fn, steps: int, leaves=()) -> tuple[list[dict], float]:
     rows = [{"name": n, "calls_per_step": calls[n] / steps, "us_per_step": t / steps}
             for n, t in sorted(total.items(), key=lambda kv: -kv[1])]
     return rows, sum(r["us_per_step"] for r in rows)
+
+
+def host_time(fn, steps: int, leaves=(), cprofile_rows: int = 0) -> dict:
+    """Host microseconds per step of ``fn``, enqueued while ``torch.cuda._sleep`` holds the GPU.
+
+    Returns ``{"host_us_per_step", "gpu_was_blocked", "top"}``. ``gpu_was_blocked`` is False when
+    the sleep ended before the last step was enqueued (a host synchronization inside ``fn``, or a
+    host time longer than the sleep): the number is then not a pure host time. ``top`` lists the
+    ``cprofile_rows`` functions with the most own time (cProfile, a separate pass)."""
+    import cProfile
+    import pstats
+    import time as _time
+
+    import torch
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        fn()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about one second at the H100/H200 clock
+    blocked = torch.cuda.Event()
+    blocked.record()
+    t0 = _time.perf_counter()
+    for _ in range(steps):
+        step()
+    host = (_time.perf_counter() - t0) / steps * 1e6
+    still_blocked = not blocked.query()
+    torch.cuda.synchronize()
+    top = []
+    if cprofile_rows:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            step()
+        prof.disable()
+        torch.cuda.synchronize()
+        stats = pstats.Stats(prof)
+        rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:cprofile_rows]
+        top = [{"function": f"{path}:{line}({name})", "calls_per_step": nc / steps,
+                "own_us_per_step": tt / steps * 1e6, "cum_us_per_step": ct / steps * 1e6}
+               for (path, line, name), (_cc, nc, tt, ct, _callers) in rows]
+    return {"host_us_per_step": host, "gpu_was_blocked": still_blocked, "top": top}
 
 
 def autotuned_configs() -> dict[str, list[str]]:
@@ -99,11 +149,17 @@ def main(argv: list[str] | None = None) -> int:
             continue
         fn, leaves = case.build()
         rows, total = kernel_times(fn, args.steps, leaves)
-        result["cases"].append({"case": case.name, "total_us_per_step": total, "kernels": rows})
+        host = host_time(fn, args.steps, leaves, args.cprofile)
+        result["cases"].append({"case": case.name, "total_us_per_step": total, "kernels": rows, **host})
         path.write_text(json.dumps(result, indent=1))
-        print(f"== {case.name}: {total:.1f} us of kernels per step", flush=True)
+        blocked = "" if host["gpu_was_blocked"] else " (GPU not blocked throughout: not a pure host time)"
+        print(f"== {case.name}: {total:.1f} us of kernels, {host['host_us_per_step']:.1f} us of host time"
+              f" per step{blocked}", flush=True)
         for r in rows:
             print(f"   {r['us_per_step']:9.1f} us  x{r['calls_per_step']:<4g} {r['name'][:110]}")
+        for r in host["top"]:
+            print(f"   host {r['own_us_per_step']:8.1f} us own {r['cum_us_per_step']:8.1f} us cum"
+                  f" x{r['calls_per_step']:<5g} {r['function'][-110:]}")
         del fn
         torch.cuda.empty_cache()
     result["autotuned"] = autotuned_configs()
