@@ -169,6 +169,24 @@ inline int device_attribute() {
 // Streaming multiprocessors of the current device, for persistent grids.
 inline int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
+// CTAs of `bytes` shared memory that fit on one SM of the current device (at least 1).
+inline int ctas_by_smem(size_t bytes) {
+  const size_t per_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>();
+  const size_t reserved = device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>();
+  return std::max(1, static_cast<int>(per_sm / (bytes + reserved)));
+}
+
+// Waits about `cycles` SM clock cycles, sleeping between clock reads so that the waiting warps
+// leave the issue slots to the other CTAs on the SM (no-op in the host emulation).
+#if defined(GKA_HOST_EMULATION)
+inline void spin_cycles(long long) {}
+#else
+__device__ __forceinline__ void spin_cycles(long long cycles) {
+  const long long t0 = clock64();
+  while (clock64() - t0 < cycles) __nanosleep(256);
+}
+#endif
+
 // Dynamic shared memory of a kernel, as an array `name` of T.
 #if defined(GKA_HOST_EMULATION)
 #define GKA_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(emu::dyn_smem)

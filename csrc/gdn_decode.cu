@@ -296,13 +296,6 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
   }
 }
 
-// CTAs of `bytes` shared memory that fit on one SM of the current device (at least 1).
-inline int ctas_by_smem(size_t bytes) {
-  const size_t per_sm = device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>();
-  const size_t reserved = device_attribute<cudaDevAttrReservedSharedMemoryPerBlock>();
-  return std::max(1, static_cast<int>(per_sm / (bytes + reserved)));
-}
-
 template <typename T, int KT>
 void launch(const GdnParams& p, cudaStream_t stream) {
   constexpr size_t smem = state_smem_bytes(KT);

@@ -22,6 +22,16 @@
 // and read out for all tokens with lanes along V (float4), warps along K, the K reduction
 // finished across warps in shared memory.
 //
+// Staggered first wave: with many more CTAs than fit at once (decode-64: 2048 CTAs, 264 resident
+// on an H200), every CTA of a wave would load, solve and store in step with the others, so DRAM
+// idles through the solves (at num_iter = 30 the step took ~0.04 ms more than at 10, i.e. the
+// twenty extra solves of ~7.8 waves, none of it hidden). Half of the first wave (odd linear block
+// index) therefore starts about one solve later: each resident slot then runs its CTAs back to back
+// from its own start, so the two halves keep loading while the other solves. The wait is
+// num_iter * kSolveCyclesPerIter cycles (0.22 us per iteration measured at decode-1, run 27, at
+// 1.98 GHz), applied only when the grid is at least two waves long (decode-1 never waits); the
+// environment variable GKA_KERNELS_GKA_DECODE_STAGGER=0 turns it off.
+//
 // Dynamic shared memory 4 * (D^2 + 34 D + 32) B = 83,072 B at D = 128.
 // ptxas -v (sm_90, nvcc 13.0, this machine), kernel<input dtype, tile dims>:
 //   <bf16,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
@@ -33,11 +43,15 @@
 #include "common.cuh"
 #include "decode_params.h"
 
+#include <cstdlib>
+#include <string>
+
 namespace gka {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
+constexpr long long kSolveCyclesPerIter = 440;  // one Chebyshev iteration of one CTA (see above)
 
 template <int KT, int VT>
 struct Smem {  // float offsets into the dynamic shared memory
@@ -104,6 +118,8 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int b = blockIdx.y, h = blockIdx.x;
+  const int block = b * gridDim.x + h;  // launch order: heads fastest
+  if (p.stagger_cycles > 0 && block < p.first_wave && (block & 1)) spin_cycles(p.stagger_cycles);
   const int Tn = p.Tn, K = p.K, V = p.V;
   T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
 
@@ -278,10 +294,25 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
   }
 }
 
+// Whether the first wave is staggered: on unless GKA_KERNELS_GKA_DECODE_STAGGER=0 (read once).
+bool stagger_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("GKA_KERNELS_GKA_DECODE_STAGGER");
+    return !(v && std::string(v) == "0");
+  }();
+  return on;
+}
+
 template <typename T, int D>
-void launch(const GkaParams& p, cudaStream_t stream) {
+void launch(GkaParams& p, cudaStream_t stream) {
   constexpr size_t bytes = sizeof(float) * Smem<D, D>::SIZE;
   allow_dynamic_smem<gka_decode_kernel<T, D>>(bytes, "gka_decode: cudaFuncSetAttribute");
+  // Resident CTAs: two per SM by the register budget (__launch_bounds__), fewer if shared memory
+  // says so (sm_80: one).
+  const int64_t resident = static_cast<int64_t>(std::min(2, ctas_by_smem(bytes))) * sm_count();
+  const int64_t ctas = static_cast<int64_t>(p.B) * p.H;
+  p.first_wave = static_cast<int>(std::min(ctas, resident));
+  p.stagger_cycles = stagger_enabled() && ctas >= 2 * resident ? p.num_iter * kSolveCyclesPerIter : 0;
   launch_kernel(gka_decode_kernel<T, D>, dim3(p.H, p.B), kThreads, bytes, stream, p);
 }
 
