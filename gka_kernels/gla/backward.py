@@ -198,7 +198,8 @@ def chunk_bwd_dqkg_kernel(
             m_vk = m_v[:, None] & m_k[None, :]
             bht = tl.load(h_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
             bdht = tl.load(dh_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
-            b_da += dot_hi_lo(bdo, tl.trans(bv), False, False, DT, ACC, PREC)
+            # v is exact in DT in every mode: cast before the transpose (half the bytes to move)
+            b_da += dot_hi_lo(bdo, tl.trans(bv.to(DT)), False, False, DT, ACC, PREC)
             b_dq += dot_hi_lo(bdo, bht, False, SPLIT, DT, ACC, PREC)
             dk_acc += dot_hi_lo(bv * w_k[:, None], bdht, SPLIT, SPLIT, DT, ACC, PREC)
             b_hdh += tl.sum(bht * bdht, axis=0)
