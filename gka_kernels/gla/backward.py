@@ -166,10 +166,11 @@ def chunk_bwd_dqkg_kernel(
     # Registers (sm_90, K = 128): only b_da, b_dq and dk_acc are live across the V loop. q and k
     # are read after it, where they are used (k twice), instead of being held; do @ h^T takes do
     # as it is (exact in DT) and gets its row scale exp(G) * scale on the fp32 result; b_da is
-    # split into hi + lo once for both of its products. Without SPLIT there are registers to spare:
-    # a q (k) tile shared by the NG heads is then read once, before the head loop (HOLD_Q, HOLD_K).
-    HOLD_Q: tl.constexpr = Q_ACC and not SPLIT
+    # split into hi + lo once for both of its products. Without SPLIT there are registers to spare
+    # for one more [BT, BK] tile: a k tile shared by the NG heads (read twice per head otherwise) is
+    # then read once, before the head loop (HOLD_K); else a shared q tile (HOLD_Q).
     HOLD_K: tl.constexpr = K_ACC and not SPLIT
+    HOLD_Q: tl.constexpr = Q_ACC and not SPLIT and not HOLD_K
     dq_acc = tl.zeros([BT, BK], dtype=ACC)
     dk_acc = tl.zeros([BT, BK], dtype=ACC)
     sk = tl.zeros([BT], dtype=ACC)
