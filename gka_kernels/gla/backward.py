@@ -166,10 +166,20 @@ def chunk_bwd_dqkg_kernel(
     # Registers (sm_90, K = 128): only b_da, b_dq and dk_acc are live across the V loop. q and k
     # are read after it, where they are used (k twice), instead of being held; do @ h^T takes do
     # as it is (exact in DT) and gets its row scale exp(G) * scale on the fp32 result; b_da is
-    # split into hi + lo once for both of its products.
+    # split into hi + lo once for both of its products. Without SPLIT there are registers to spare
+    # for one more [BT, BK] tile: a k tile shared by the NG heads (read twice per head otherwise) is
+    # then read once, before the head loop (HOLD_K); else a shared q tile (HOLD_Q).
+    HOLD_K: tl.constexpr = K_ACC and not SPLIT
+    HOLD_Q: tl.constexpr = Q_ACC and not SPLIT and not HOLD_K
     dq_acc = tl.zeros([BT, BK], dtype=ACC)
     dk_acc = tl.zeros([BT, BK], dtype=ACC)
     sk = tl.zeros([BT], dtype=ACC)
+    if HOLD_Q:
+        bq_held = tl.load(q + (row0 * HQ + (i_hg * NG) // (H // HQ)) * K + r[:, None] * (HQ * K)
+                          + o_k[None, :], mask=m_tk, other=0).to(ACC)
+    if HOLD_K:
+        bk_held = tl.load(k + (row0 * HK + (i_hg * NG) // (H // HK)) * K + r[:, None] * (HK * K)
+                          + o_k[None, :], mask=m_tk, other=0).to(ACC)
     for i_g in range(NG):
         i_h = i_hg * NG + i_g
         q_base = q + (row0 * HQ + i_h // (H // HQ)) * K
@@ -198,11 +208,15 @@ def chunk_bwd_dqkg_kernel(
             m_vk = m_v[:, None] & m_k[None, :]
             bht = tl.load(h_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
             bdht = tl.load(dh_base + o_k[None, :] * V + o_v[:, None], mask=m_vk, other=0).to(ACC)
-            b_da += dot_hi_lo(bdo, tl.trans(bv), False, False, DT, ACC, PREC)
+            # v is exact in DT in every mode: cast before the transpose (half the bytes to move)
+            b_da += dot_hi_lo(bdo, tl.trans(bv.to(DT)), False, False, DT, ACC, PREC)
             b_dq += dot_hi_lo(bdo, bht, False, SPLIT, DT, ACC, PREC)
             dk_acc += dot_hi_lo(bv * w_k[:, None], bdht, SPLIT, SPLIT, DT, ACC, PREC)
             b_hdh += tl.sum(bht * bdht, axis=0)
-        bk = tl.load(k_base + r[:, None] * (HK * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
+        if HOLD_K:
+            bk = bk_held
+        else:
+            bk = tl.load(k_base + r[:, None] * (HK * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
         sk_inter = tl.sum(bk * dk_acc, axis=1)
         dg_last = tl.sum(b_hdh, axis=0) * tl.exp(G_last) + tl.sum(sk_inter - sk, axis=0)
         b_da *= tl.exp(tl.where(causal, G[:, None] - G[None, :], float("-inf"))) * scale
@@ -215,7 +229,10 @@ def chunk_bwd_dqkg_kernel(
         b_dq = tl.dot(da_hi, bk_hi, b_dq, out_dtype=ACC, input_precision=PREC)
         if SPLIT:
             b_dq = tl.dot(da_lo, bk_hi, b_dq, out_dtype=ACC, input_precision=PREC)
-        bq = tl.load(q_base + r[:, None] * (HQ * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
+        if HOLD_Q:
+            bq = bq_held
+        else:
+            bq = tl.load(q_base + r[:, None] * (HQ * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
         b_dg = tl.sum(bq * b_dq, axis=1) + tl.where(r == last, dg_last, 0)
         if Q_ACC:
             dq_acc += b_dq
@@ -227,8 +244,10 @@ def chunk_bwd_dqkg_kernel(
         if SPLIT:
             dk_acc = tl.dot(tl.trans(da_lo), bq_hi, dk_acc, out_dtype=ACC, input_precision=PREC)
             dk_acc = tl.dot(tl.trans(da_hi), bq_lo, dk_acc, out_dtype=ACC, input_precision=PREC)
-        # k . dk_h as a difference of running sums (k re-read: not held across the products)
-        bk = tl.load(k_base + r[:, None] * (HK * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
+        # k . dk_h as a difference of running sums (k re-read unless held: with SPLIT it is not
+        # kept across the products)
+        if not HOLD_K:
+            bk = tl.load(k_base + r[:, None] * (HK * K) + o_k[None, :], mask=m_tk, other=0).to(ACC)
         sk_new = tl.sum(bk * dk_acc, axis=1)
         b_dg -= sk_new - sk
         tl.store(dg + (i_k.to(tl.int64) * TT + row0) * H + i_h + r * H,
