@@ -1,8 +1,9 @@
-"""Every autotuned config of the GKA and GDN kernels, on the GPU, against the references.
+"""Every autotuned config of the package's kernels, on the GPU, against the references.
 
 The other GPU tests run one config per kernel (``conftest.py`` sets ``GKA_KERNELS_AUTOTUNE=0``),
 while the benchmarks run whichever config the autotuner picks. Here a subprocess with autotuning on
-runs each op (forward and backward) once per config index ``i``, with every autotuned kernel of the
+runs each op (GKA, GDN, and the plain bf16 modes of the shared GLA kernels through
+``chunk_simple_gla`` and Mamba-2) forward and backward once per config index ``i``, with every autotuned kernel of the
 package restricted to its config ``i`` (modulo its number of configs), and checks every run against
 the float32 reference at the SPEC 9 GPU bounds. A config that computes wrong results, or faults,
 fails the test, whether or not the autotuner would pick it.
@@ -86,7 +87,37 @@ def _gdn_case():
     return check
 
 
-CASES = {"gka": _gka_case, "gdn": _gdn_case}
+def _gla_case():
+    import torch
+
+    from tests.helpers import GPU_FWD, GPU_GATE_GRAD, GPU_GRAD
+    from tests.test_gla import compare_to_ref, make_inputs
+
+    # GQA (keys shared by 4 query heads) and a Mamba-2-like grouping (q and k shared, v per head)
+    shapes = [(1, 520, 32, 8, 8, 128, 128), (1, 520, 2, 2, 8, 128, 128)]
+    inputs = [make_inputs(*sh, dtype=torch.bfloat16, device="cuda", decay=(0.0, 0.2)) for sh in shapes]
+
+    def check():
+        for q, k, v, g, h0 in inputs:
+            compare_to_ref(q, k, v, g, h0, GPU_FWD, GPU_GRAD, GPU_GATE_GRAD)
+    return check
+
+
+def _mamba2_case():
+    import torch
+
+    from tests.helpers import GPU_FWD, GPU_GATE_GRAD, GPU_GRAD
+    from tests.test_mamba2 import compare, make_inputs
+
+    inp = make_inputs(1, 600, 32, 8, 128, 128, dtype=torch.bfloat16, device="cuda", z=False)
+
+    def check():
+        compare(inp, GPU_FWD, GPU_GRAD, GPU_GATE_GRAD, ref_dtype=torch.float32, chunk_size=256,
+                dt_softplus=True)
+    return check
+
+
+CASES = {"gka": _gka_case, "gdn": _gdn_case, "gla": _gla_case, "mamba2": _mamba2_case}
 
 
 def _failing_tuner(exc: BaseException):
