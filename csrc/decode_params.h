@@ -58,9 +58,10 @@ struct GkaParams {
   int g_dtype, alpha_dtype, num_iter;
   bool src64, dst64;
   float scale, ridge_ratio;
-  // Staggered first wave, set by gka_decode_launch: CTAs with an odd linear index below first_wave
-  // wait stagger_cycles before starting (0: no wait). See gka_decode.cu.
-  int first_wave;
+  // Staggered first wave, set by gka_decode_launch: a CTA with linear index i < first_wave waits
+  // (i % stagger_groups) * stagger_cycles before starting (stagger_groups <= 1: no wait). See
+  // gka_decode.cu.
+  int first_wave, stagger_groups;
   long long stagger_cycles;
   // Per-iteration Chebyshev coefficients (a_i, b_i, e_i), filled by gka_decode_launch: they depend
   // only on ridge_ratio (see gka_decode.cu).

@@ -25,12 +25,13 @@
 // Staggered first wave: with many more CTAs than fit at once (decode-64: 2048 CTAs, 264 resident
 // on an H200), every CTA of a wave would load, solve and store in step with the others, so DRAM
 // idles through the solves (at num_iter = 30 the step took ~0.04 ms more than at 10, i.e. the
-// twenty extra solves of ~7.8 waves, none of it hidden). Half of the first wave (odd linear block
-// index) therefore starts about one solve later: each resident slot then runs its CTAs back to back
-// from its own start, so the two halves keep loading while the other solves. The wait is
-// num_iter * kSolveCyclesPerIter cycles (0.22 us per iteration measured at decode-1, run 27, at
-// 1.98 GHz), applied only when the grid is at least two waves long (decode-1 never waits); the
-// environment variable GKA_KERNELS_GKA_DECODE_STAGGER=0 turns it off.
+// twenty extra solves of ~7.8 waves, none of it hidden). The first wave is therefore split into
+// G groups by linear block index, group j starting j solves later: each resident slot then runs its
+// CTAs back to back from its own start, so some groups load while others solve. A solve is taken
+// as num_iter * kSolveCyclesPerIter cycles (0.22 us per iteration measured at decode-1, run 27, at
+// 1.98 GHz); G = kStaggerGroups. Applied only when the grid is at least two waves long (decode-1
+// never waits). The environment variable GKA_KERNELS_GKA_DECODE_STAGGER overrides it: "0" turns it
+// off, "G:C" uses G groups and C cycles per iteration (for measuring other choices).
 //
 // Dynamic shared memory 4 * (D^2 + 34 D + 32) B = 83,072 B at D = 128.
 // ptxas -v (sm_90, nvcc 13.0, this machine), kernel<input dtype, tile dims>:
@@ -43,6 +44,7 @@
 #include "common.cuh"
 #include "decode_params.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -52,6 +54,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr long long kSolveCyclesPerIter = 440;  // one Chebyshev iteration of one CTA (see above)
+constexpr int kStaggerGroups = 2;
 
 template <int KT, int VT>
 struct Smem {  // float offsets into the dynamic shared memory
@@ -119,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int b = blockIdx.y, h = blockIdx.x;
   const int block = b * gridDim.x + h;  // launch order: heads fastest
-  if (p.stagger_cycles > 0 && block < p.first_wave && (block & 1)) spin_cycles(p.stagger_cycles);
+  if (p.stagger_groups > 1 && block < p.first_wave) spin_cycles((block % p.stagger_groups) * p.stagger_cycles);
   const int Tn = p.Tn, K = p.K, V = p.V;
   T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
 
@@ -294,13 +297,24 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
   }
 }
 
-// Whether the first wave is staggered: on unless GKA_KERNELS_GKA_DECODE_STAGGER=0 (read once).
-bool stagger_enabled() {
-  static const bool on = [] {
+// (groups, cycles per Chebyshev iteration) of the staggered first wave: the defaults, or
+// GKA_KERNELS_GKA_DECODE_STAGGER ("0": off; "G:C"), read once.
+struct Stagger {
+  int groups;
+  long long cycles_per_iter;
+};
+Stagger stagger_setting() {
+  static const Stagger s = [] {
+    Stagger d{kStaggerGroups, kSolveCyclesPerIter};
     const char* v = std::getenv("GKA_KERNELS_GKA_DECODE_STAGGER");
-    return !(v && std::string(v) == "0");
+    if (!v) return d;
+    int g = 0;
+    long long c = 0;
+    if (std::string(v) == "0") return Stagger{1, 0};
+    if (std::sscanf(v, "%d:%lld", &g, &c) == 2 && g >= 1 && c >= 0) return Stagger{g, c};
+    throw std::invalid_argument("GKA_KERNELS_GKA_DECODE_STAGGER must be 0 or G:C, got " + std::string(v));
   }();
-  return on;
+  return s;
 }
 
 template <typename T, int D>
@@ -311,8 +325,10 @@ void launch(GkaParams& p, cudaStream_t stream) {
   // says so (sm_80: one).
   const int64_t resident = static_cast<int64_t>(std::min(2, ctas_by_smem(bytes))) * sm_count();
   const int64_t ctas = static_cast<int64_t>(p.B) * p.H;
+  const Stagger st = stagger_setting();
   p.first_wave = static_cast<int>(std::min(ctas, resident));
-  p.stagger_cycles = stagger_enabled() && ctas >= 2 * resident ? p.num_iter * kSolveCyclesPerIter : 0;
+  p.stagger_groups = ctas >= 2 * resident ? st.groups : 1;
+  p.stagger_cycles = p.num_iter * st.cycles_per_iter;
   launch_kernel(gka_decode_kernel<T, D>, dim3(p.H, p.B), kThreads, bytes, stream, p);
 }
 
