@@ -26,21 +26,25 @@
 // on an H200), every CTA of a wave would load, solve and store in step with the others, so DRAM
 // idles through the solves (at num_iter = 30 the step took ~0.04 ms more than at 10, i.e. the
 // twenty extra solves of ~7.8 waves, none of it hidden). The first wave is therefore split into
-// G groups by linear block index, group j starting j solves later: each resident slot then runs its
-// CTAs back to back from its own start, so some groups load while others solve. A solve is taken
-// as num_iter * kSolveCyclesPerIter cycles (0.22 us per iteration measured at decode-1, run 27, at
-// 1.98 GHz); G = kStaggerGroups. Applied only when the grid is at least two waves long (decode-1
-// never waits). The environment variable GKA_KERNELS_GKA_DECODE_STAGGER overrides it: "0" turns it
-// off, "G:C" uses G groups and C cycles per iteration (for measuring other choices).
+// G = kStaggerGroups groups by linear block index, group j starting j * num_iter * C cycles later
+// (C = kSolveCyclesPerIter): each resident slot then runs its CTAs back to back from its own start,
+// so some groups load while others solve. Applied only when the grid is at least two waves long (decode-1 never waits). The environment variable
+// GKA_KERNELS_GKA_DECODE_STAGGER overrides it: "0" turns it off, "G:C" uses G groups and C cycles
+// per iteration. Measured on an H200 (run 34, decode-64, ms at num_iter = 30 / 10 / 1):
+//     off 0.1854 / 0.1457 / 0.1401    2:440 0.1779 / 0.1432 / 0.1402    3:440 0.1755 / 0.1414
+//     4:330 0.1753 / 0.1403 / 0.1403  4:440 0.1820 / 0.1404           8:220 0.1784 / 0.1403
+//     2:1320 0.1928 (too long a wait costs more than it hides).
+// (2:880 0.1804, 3:660 0.1804, 8:330 0.1824.) For scale: one Chebyshev iteration of a CTA takes
+// ~440 cycles (0.22 us at decode-1, run 27, at 1.98 GHz).
 //
 // Dynamic shared memory 4 * (D^2 + 34 D + 32) B = 83,072 B at D = 128.
 // ptxas -v (sm_90, nvcc 13.0, this machine), kernel<input dtype, tile dims>:
 //   <bf16,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <bf16,64>          60 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
 //   <fp16,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp16,64>          60 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
 //   <fp32,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp32,64>          58 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <fp32,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -53,8 +57,8 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr long long kSolveCyclesPerIter = 440;  // one Chebyshev iteration of one CTA (see above)
-constexpr int kStaggerGroups = 2;
+constexpr int kStaggerGroups = 4;              // see above
+constexpr long long kSolveCyclesPerIter = 330;  // wait per group and Chebyshev iteration
 
 template <int KT, int VT>
 struct Smem {  // float offsets into the dynamic shared memory
