@@ -28,9 +28,9 @@
 // twenty extra solves of ~7.8 waves, none of it hidden). The first wave is therefore split into
 // G = kStaggerGroups groups by linear block index, group j starting j * num_iter * C cycles later
 // (C = kSolveCyclesPerIter): each resident slot then runs its CTAs back to back from its own start,
-// so some groups load while others solve. Applied only when the grid is at least two waves long (decode-1 never waits). The environment variable
-// GKA_KERNELS_GKA_DECODE_STAGGER overrides it: "0" turns it off, "G:C" uses G groups and C cycles
-// per iteration. Measured on an H200 (run 34, decode-64, ms at num_iter = 30 / 10 / 1):
+// so some groups load while others solve. Applied only when the grid is at least two waves long
+// (decode-1 never waits). The environment variable GKA_KERNELS_GKA_DECODE_STAGGER overrides it:
+// "0" turns it off, "G:C" uses G groups and C cycles per iteration. Measured on an H200 (run 34, decode-64, ms at num_iter = 30 / 10 / 1):
 //     off 0.1854 / 0.1457 / 0.1401    2:440 0.1779 / 0.1432 / 0.1402    3:440 0.1755 / 0.1414
 //     4:330 0.1753 / 0.1403 / 0.1403  4:440 0.1820 / 0.1404           8:220 0.1784 / 0.1403
 //     2:1320 0.1928 (too long a wait costs more than it hides).
