@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -486,6 +487,34 @@ def test_mamba2_kernel_in_host_emulation(emulated_ext, dtype, dst_mode):
 def test_gka_kernel_in_host_emulation(emulated_ext, dtype, dst_mode, layout, num_iter):
     check_gka(_emulated(emulated_ext, "gka"), "cpu", dtype=dtype, Tn=2, layout=layout, dst_mode=dst_mode,
               num_iter=num_iter, with_alpha=dst_mode == "separate", zero_h=dst_mode == "inplace")
+
+
+@pytest.mark.parametrize("setting,ok", [("0", True), ("3:100", True), ("2", False), ("4:x", False), ("0:5", False)])
+def test_gka_stagger_setting_in_host_emulation(emulated_ext, setting, ok):
+    """``GKA_KERNELS_GKA_DECODE_STAGGER`` is read once per process, so each setting runs in its own
+    process: "0" (off) and "G:C" run the step (6 sequences x 4 heads, more than two emulated waves,
+    so the staggered path is taken) with the reference's results; anything else is a ValueError
+    naming the variable, raised before any launch."""
+    code = (
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('_C', {emulated_ext.__file__!r})\n"
+        "ext = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(ext)\n"
+        "import torch\n"
+        "from tests.test_cuda_decode import _emulated, check_gka\n"
+        "check_gka(_emulated(ext, 'gka'), 'cpu', dtype=torch.float32, Tn=2, layout=(4, 2, 2, 32, 36),\n"
+        "          dst_mode='separate', num_iter=5)\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "GKA_KERNELS_GKA_DECODE_STAGGER": setting}
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    if ok:
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        assert result.returncode != 0
+        assert "ValueError" in result.stderr and "GKA_KERNELS_GKA_DECODE_STAGGER" in result.stderr, \
+            result.stderr[-3000:]
 
 
 def test_gdn_kernel_wide_tile_many_tokens_in_host_emulation(emulated_ext):
