@@ -36,12 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def kernel_times(fn, steps: int, leaves=()) -> tuple[list[dict], float]:
-    """``([{name, calls_per_step, us_per_step}], total device us per step)``, slowest first. The
-    gradients of ``leaves`` are reset before every step (as the timed benchmark does), so no
-    gradient-accumulation kernels are counted."""
+def warmed_up_step(fn, leaves=()):
+    """A step of ``fn`` that first resets the gradients of ``leaves`` (as the timed benchmark
+    does), run three times (compilation, autotuning) and synchronized before it is returned."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     def step():
         for t in leaves:
@@ -51,6 +49,17 @@ def kernel_times(fn, steps: int, leaves=()) -> tuple[list[dict], float]:
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    return step
+
+
+def kernel_times(fn, steps: int, leaves=()) -> tuple[list[dict], float]:
+    """``([{name, calls_per_step, us_per_step}], total device us per step)``, slowest first. The
+    gradients of ``leaves`` are reset before every step (as the timed benchmark does), so no
+    gradient-accumulation kernels are counted."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step = warmed_up_step(fn, leaves)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
@@ -79,14 +88,7 @@ def host_time(fn, steps: int, leaves=(), cprofile_rows: int = 0) -> dict:
 
     import torch
 
-    def step():
-        for t in leaves:
-            t.grad = None
-        fn()
-
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+    step = warmed_up_step(fn, leaves)
     torch.cuda._sleep(2_000_000_000)  # about one second at the H100/H200 clock
     blocked = torch.cuda.Event()
     blocked.record()
