@@ -30,7 +30,8 @@
 // (C = kSolveCyclesPerIter): each resident slot then runs its CTAs back to back from its own start,
 // so some groups load while others solve. Applied only when the grid is at least two waves long
 // (decode-1 never waits). The environment variable GKA_KERNELS_GKA_DECODE_STAGGER overrides it:
-// "0" turns it off, "G:C" uses G groups and C cycles per iteration. Measured on an H200 (run 34, decode-64, ms at num_iter = 30 / 10 / 1):
+// "0" turns it off, "G:C" uses G groups and C cycles per iteration.
+// Measured on an H200 (run 34, decode-64, ms at num_iter = 30 / 10 / 1):
 //     off 0.1854 / 0.1457 / 0.1401    2:440 0.1779 / 0.1432 / 0.1402    3:440 0.1755 / 0.1414
 //     4:330 0.1753 / 0.1403 / 0.1403  4:440 0.1820 / 0.1404           8:220 0.1784 / 0.1403
 //     2:1320 0.1928 (too long a wait costs more than it hides).
@@ -126,7 +127,8 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int b = blockIdx.y, h = blockIdx.x;
   const int block = b * gridDim.x + h;  // launch order: heads fastest
-  if (p.stagger_groups > 1 && block < p.first_wave) spin_cycles((block % p.stagger_groups) * p.stagger_cycles);
+  if (p.stagger_groups > 1 && block < p.first_wave)
+    spin_cycles((block % p.stagger_groups) * p.stagger_cycles);
   const int Tn = p.Tn, K = p.K, V = p.V;
   T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
 
