@@ -241,6 +241,34 @@ def peer_available(impl: str) -> bool:
     return True
 
 
+def decode_set_bytes(op: str, sh: Shape, params: dict) -> int:
+    """Device memory of one decode case's state (or KV cache): what must not stay in L2."""
+    from bench.floors import kv_cache_bytes, state_bytes
+
+    if op == "attention":
+        return int(kv_cache_bytes(sh, params["context"]))
+    return int(state_bytes(op, sh) // 2)  # state_bytes counts the read and the write
+
+
+def decode_sets(op: str, sh: Shape, params: dict) -> int:
+    """Independent input and state sets a decode case cycles through: one when its state is
+    larger than L2 already (decode-64), else enough for ~4x L2, so that a small step (decode-1:
+    2-4 MiB of state) reads its state from DRAM as it would between the layers of a model
+    (PERF.md: rotate inputs larger than L2)."""
+    from bench.timing import L2_BYTES, rotation_count
+
+    per_set = decode_set_bytes(op, sh, params)
+    return 1 if per_set >= L2_BYTES else rotation_count(per_set)
+
+
+def rotated_decode(builder: Callable, op: str, impl: str, sh: Shape, mode: str, params: dict):
+    """The decode case of ``builder`` over ``decode_sets`` sets, one set per call in turn."""
+    from bench.timing import rotating
+
+    sets = [builder(impl, sh, mode, **params) for _ in range(decode_sets(op, sh, params))]
+    return rotating([fn for fn, _ in sets]), []
+
+
 def make_cases(ops: list[str], shapes: list[Shape]) -> list[Case]:
     cases = []
     for op in ops:
@@ -253,7 +281,10 @@ def make_cases(ops: list[str], shapes: list[Shape]) -> list[Case]:
                 for params in SWEEPS.get((op, kind), [{}]):
                     for impl in IMPLS[(op, kind)]:
                         builder = BUILDERS[(op, kind)]
-                        cases.append(Case(op, impl, sh, mode, dict(params),
-                                          build=(lambda b=builder, i=impl, s=sh, m=mode, p=dict(params):
-                                                 b(i, s, m, **p))))
+                        if kind == "decode":
+                            build = (lambda b=builder, o=op, i=impl, s=sh, m=mode, p=dict(params):
+                                     rotated_decode(b, o, i, s, m, p))
+                        else:
+                            build = (lambda b=builder, i=impl, s=sh, m=mode, p=dict(params): b(i, s, m, **p))
+                        cases.append(Case(op, impl, sh, mode, dict(params), build=build))
     return cases
