@@ -10,12 +10,11 @@ import torch
 L2_BYTES = 64 * 2**20  # larger than the L2 of an H100 (50 MB) or H200 (60 MB)
 
 
-def rotation_count(bytes_per_set: int, most: int = 128) -> int:
-    """How many input sets to cycle through so that the working set exceeds ~4x L2 (at most
-    ``most``)."""
+def rotation_count(bytes_per_set: int) -> int:
+    """How many input sets (at most 128) to cycle through so that the working set exceeds ~4x L2."""
     if bytes_per_set <= 0:
         return 1
-    return max(1, min(most, -(-4 * L2_BYTES // bytes_per_set)))
+    return max(1, min(128, -(-4 * L2_BYTES // bytes_per_set)))
 
 
 def rotating(fns: Sequence[Callable[[], object]]) -> Callable[[], object]:
