@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment()
     ceilings = ceil.measure()
     print(f"card {env.get('card')}: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-          f"bf16 matmul {ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+          f"bf16 matmul {ceilings['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s, "
+          f"empty kernel (graph replay) {ceilings['graph_kernel_s'] * 1e6:.2f} us", flush=True)
     shapes = [SHAPES[s] for s in args.shapes.split(",") if s]
     impls = set(filter(None, args.impls.split(",")))
     out = Path(args.out)

@@ -1,5 +1,6 @@
 """Ceilings measured on the card in the same run: device-to-device copy bandwidth (bytes read +
-written) and dense bf16 matmul rate."""
+written), dense bf16 matmul rate, and the CUDA-graph replay time of a one-element kernel (the
+floor under every decode step timed by graph replay)."""
 
 from __future__ import annotations
 
@@ -24,5 +25,14 @@ def bf16_matmul_flops_per_s(n: int = 8192) -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
+def graph_kernel_seconds() -> float:
+    """GPU time per call of a one-element in-place add, timed like the decode steps (CUDA-graph
+    replay of back-to-back calls): launch and completion cost with no work behind it."""
+    x = torch.zeros(1, device="cuda")
+    ms, _ = time_ms(lambda: x.add_(1.0), graph=True, rep=50)
+    return ms * 1e-3
+
+
 def measure() -> dict[str, float]:
-    return {"copy_bytes_per_s": copy_bandwidth_bytes_per_s(), "bf16_flops_per_s": bf16_matmul_flops_per_s()}
+    return {"copy_bytes_per_s": copy_bandwidth_bytes_per_s(), "bf16_flops_per_s": bf16_matmul_flops_per_s(),
+            "graph_kernel_s": graph_kernel_seconds()}

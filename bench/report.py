@@ -13,7 +13,8 @@ def markdown_table(result: dict) -> str:
         f"Card: {env.get('card')} | torch {env['torch']} | Triton {env['triton']} | CUDA {env['cuda']} | "
         f"peers {env['peers']}",
         f"Ceilings measured in this run: copy {ceil['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
-        f"bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s",
+        f"bf16 matmul {ceil['bf16_flops_per_s'] / 1e12:.0f} TFLOP/s"
+        + (f", empty kernel by graph replay {ceil['graph_kernel_s'] * 1e6:.2f} us" if "graph_kernel_s" in ceil else ""),
         "",
         "| case | impl | ms | floor ms | of floor | TFLOP/s | BW of copy | peer ms / ours ms |",
         "|---|---|---|---|---|---|---|---|",
