@@ -187,6 +187,20 @@ __device__ __forceinline__ void spin_cycles(long long cycles) {
 }
 #endif
 
+// Thread block clusters (sm_90): a split barrier over every thread of the cluster, arrive with
+// release and wait with acquire semantics at cluster scope. Older architectures trap: the launchers
+// use clusters only on devices of compute capability 9 or later.
+#if defined(GKA_HOST_EMULATION)
+inline void cluster_arrive() { emu::cluster_arrive(); }
+inline void cluster_wait() { emu::cluster_wait(); }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+__device__ __forceinline__ void cluster_arrive() { __trap(); }
+__device__ __forceinline__ void cluster_wait() { __trap(); }
+#else
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
+#endif
+
 // Dynamic shared memory of a kernel, as an array `name` of T.
 #if defined(GKA_HOST_EMULATION)
 #define GKA_DYNAMIC_SMEM(T, name) T* name = reinterpret_cast<T*>(emu::dyn_smem)
@@ -203,6 +217,30 @@ inline void launch_kernel(void (*kernel)(Params...), dim3 grid, int threads, siz
   emu::launch([&] { kernel(args...); }, grid, dim3(threads), smem);
 #else
   kernel<<<grid, threads, smem, stream>>>(args...);
+#endif
+}
+
+// The same launch in clusters of `cluster` CTAs along x (grid.x a multiple of it; sm_90).
+template <typename... Params, typename... Args>
+inline void launch_cluster_kernel(void (*kernel)(Params...), dim3 grid, int threads, size_t smem,
+                                  cudaStream_t stream, unsigned cluster, const Args&... args) {
+#if defined(GKA_HOST_EMULATION)
+  (void)stream;
+  emu::launch([&] { kernel(args...); }, grid, dim3(threads), smem, cluster);
+#else
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, args...), "cudaLaunchKernelEx");
 #endif
 }
 

@@ -11,7 +11,10 @@
 // and the host computes (a_i, b_i, e_i) once per launch (double precision), so an iteration's
 // dependent chain after the row sums is three FMAs (no division).
 // One CTA of 256 threads per (sequence, head), two CTAs per SM; K and V are padded to one tile
-// D = 64 or 128. The cost is the matvec H x of every iteration, so H stays in registers for the
+// D = 64 or 128. Small batches (decode-1) split a head over a cluster of two CTAs on two SMs (see
+// split_setting): both solve on the whole H, each owns half of U's and o's value columns and
+// stores half of H's rows. As the pool may be updated in place (dst = src), those stores wait on a
+// cluster barrier that both CTAs arrive at once their registers hold H[src]. The cost is the matvec H x of every iteration, so H stays in registers for the
 // whole step: lane bits 0-2 pick a column group (D / 32 float4 at stride 32 columns, conflict-free
 // LDS.128 of x), lane bits 3-4 and the warp pick D / 32 consecutive rows; a thread holds D^2 / 256
 // floats. An iteration is D / 32 LDS.128 of x, the FMAs, a 3-stage butterfly over the 8 column
@@ -38,14 +41,14 @@
 // (2:880 0.1804, 3:660 0.1804, 8:330 0.1824.) For scale: one Chebyshev iteration of a CTA takes
 // ~440 cycles (0.22 us at decode-1, run 27, at 1.98 GHz).
 //
-// Dynamic shared memory 4 * (D^2 + 34 D + 32) B = 83,072 B at D = 128.
-// ptxas -v (sm_90, nvcc 13.0, this machine), kernel<input dtype, tile dims>:
-//   <bf16,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <bf16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp16,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp32,128>        123 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
-//   <fp32,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+// Dynamic shared memory 4 * (D UV + 26 D + 8 UV + 32) B with UV = D / S value columns per CTA:
+// 83,072 B at D = 128 (48,256 B for a split head).
+// ptxas -v (sm_90, nvcc 13.0, this machine), kernel<input dtype, tile dims, CTAs per head>:
+//   <bf16,128,1>      126 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,128,2>      120 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,64,1>        71 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   <bf16,64,2>        64 regs, 0/0 B spill st/ld, stack 0 B, static smem 0 B
+//   fp16 and fp32 inputs: the same registers as bf16 at every tile.
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -61,30 +64,32 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kStaggerGroups = 4;              // see above
 constexpr long long kSolveCyclesPerIter = 330;  // wait per group and Chebyshev iteration
 
-template <int KT, int VT>
-struct Smem {  // float offsets into the dynamic shared memory
-  static constexpr int U = 0;                          // [KT][VT] h_kv staging, then [Tn][warps][VT] partial o
-  static constexpr int Q = U + KT * VT;                // [8][KT]
+template <int KT, int UV>
+struct Smem {  // float offsets into the dynamic shared memory; UV: the CTA's value columns
+  static constexpr int U = 0;                          // [KT][UV] h_kv staging, then [Tn][warps][UV] partial o
+  static constexpr int Q = U + KT * UV;                // [8][KT]
   static constexpr int Kv = Q + kMaxDecodeTokens * KT;  // [8][KT]
   static constexpr int QM = Kv + kMaxDecodeTokens * KT;  // [8][KT]
-  static constexpr int Vv = QM + kMaxDecodeTokens * KT;  // [8][VT]
-  static constexpr int X = Vv + kMaxDecodeTokens * VT;   // [2][KT] Chebyshev iterate
+  static constexpr int Vv = QM + kMaxDecodeTokens * KT;  // [8][UV]
+  static constexpr int X = Vv + kMaxDecodeTokens * UV;   // [2][KT] Chebyshev iterate
   static constexpr int RED = X + 2 * KT;                 // [2][warps] Frobenius partials
   static constexpr int DEC = RED + 2 * kWarps;           // [8] e^g
   static constexpr int ALPHA = DEC + kMaxDecodeTokens;   // [8]
   static constexpr int SIZE = ALPHA + kMaxDecodeTokens;
-  static_assert(kMaxDecodeTokens * kWarps * VT <= KT * VT, "partial outputs must fit the U staging area");
+  static_assert(kMaxDecodeTokens * kWarps * UV <= KT * UV, "partial outputs must fit the U staging area");
 };
 
-// Stores a thread's rows of H (the register layout of gka_decode_kernel) to h_out [K, K].
+// Stores a thread's rows of H (the register layout of gka_decode_kernel) that fall in
+// [row_lo, row_hi) to h_out [K, K].
 template <int HR, int HC>
-__device__ __forceinline__ void store_h(float* h_out, const float4 (&Hm)[HR][HC], int hrow0, int cg, int K) {
+__device__ __forceinline__ void store_h(float* h_out, const float4 (&Hm)[HR][HC], int hrow0, int cg, int K,
+                                        int row_lo, int row_hi) {
 #pragma unroll
   for (int i = 0; i < HR; ++i)
 #pragma unroll
     for (int j = 0; j < HC; ++j) {
       const int r = hrow0 + i, c = 32 * j + 4 * cg;
-      if (r < K && c < K) *reinterpret_cast<float4*>(h_out + (int64_t)r * K + c) = Hm[i][j];
+      if (r >= row_lo && r < row_hi && r < K && c < K) *reinterpret_cast<float4*>(h_out + (int64_t)r * K + c) = Hm[i][j];
     }
 }
 
@@ -101,14 +106,16 @@ void chebyshev_coefficients(GkaParams& p) {
   }
 }
 
-// One square tile D covers both head dims (K, V <= D): KT = VT = D.
-template <typename T, int D>
+// One square tile D covers both head dims (K, V <= D): KT = VT = D. A head runs on S CTAs (a
+// cluster when S > 1), CTA s owning value columns [s UV, (s + 1) UV) of U and o and rows
+// [s KT / S, (s + 1) KT / S) of the H store; each of them solves on the whole H.
+template <typename T, int D, int S>
 __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams p) {
-  constexpr int KT = D, VT = D;
-  using SM = Smem<KT, VT>;
+  constexpr int KT = D, UV = D / S;
+  using SM = Smem<KT, UV>;
   constexpr int HR = KT / 32;  // H rows per thread
   constexpr int HC = KT / 32;  // H float4 column chunks per thread
-  constexpr int ULPR = VT / 4;          // U lanes per row
+  constexpr int ULPR = UV / 4;          // U lanes per row
   constexpr int URPI = 32 / ULPR;       // U rows per warp instruction
   constexpr int URG = kWarps * URPI;    // U row groups
   constexpr int URPT = KT / URG;        // U rows per thread
@@ -125,16 +132,17 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
   float* alph = smem + SM::ALPHA;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int b = blockIdx.y, h = blockIdx.x;
-  const int block = b * gridDim.x + h;  // launch order: heads fastest
+  const int b = blockIdx.y, h = blockIdx.x / S, part_s = blockIdx.x % S;
+  const int block = b * gridDim.x + blockIdx.x;  // launch order: heads fastest
   if (p.stagger_groups > 1 && block < p.first_wave)
     spin_cycles((block % p.stagger_groups) * p.stagger_cycles);
   const int Tn = p.Tn, K = p.K, V = p.V;
-  T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
+  const int v0 = part_s * UV, nv = UV < V - v0 ? UV : V - v0;  // this CTA's value columns (nv <= 0: none)
+  T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h + v0;
 
   const int64_t src = load_index(p.src_idx, p.src64, b);
-  if (src < 0) {  // padding sequence: states untouched, output 0
-    for (int i = tid; i < Tn * V; i += kThreads) out[(i / V) * p.so.t + i % V] = from_float<T>(0.f);
+  if (src < 0) {  // padding sequence (every CTA of the cluster): states untouched, output 0
+    for (int i = tid; i < Tn * nv; i += kThreads) out[(i / nv) * p.so.t + i % nv] = from_float<T>(0.f);
     return;
   }
   const int64_t dst = load_index(p.dst_idx, p.dst64, b);
@@ -157,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
       }
   }
 
-  // 2. Stage q, k, v, e^g, alpha (zero-padded to KT / VT).
+  // 2. Stage q, k, this CTA's columns of v, e^g, alpha (zero-padded to KT / UV).
   for (int i = tid; i < Tn * KT; i += kThreads) {
     const int t = i / KT, c = i % KT;
     const T* qp = static_cast<const T*>(p.q) + b * p.sq.b + t * p.sq.t + (h / p.q_group) * p.sq.h;
@@ -165,22 +173,24 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
     qs[i] = c < K ? to_float(qp[c]) : 0.f;
     ks[i] = c < K ? to_float(kp[c]) : 0.f;
   }
-  for (int i = tid; i < Tn * VT; i += kThreads) {
-    const int t = i / VT, c = i % VT;
-    const T* vp = static_cast<const T*>(p.v) + b * p.sv.b + t * p.sv.t + (h / p.v_group) * p.sv.h;
-    vs[i] = c < V ? to_float(vp[c]) : 0.f;
+  for (int i = tid; i < Tn * UV; i += kThreads) {
+    const int t = i / UV, c = i % UV;
+    const T* vp = static_cast<const T*>(p.v) + b * p.sv.b + t * p.sv.t + (h / p.v_group) * p.sv.h + v0;
+    vs[i] = c < nv ? to_float(vp[c]) : 0.f;
   }
   if (tid < Tn) {
     decay[tid] = __expf(load_scalar(p.g, p.g_dtype, b * p.sg.b + tid * p.sg.t + h * p.sg.h));
     alph[tid] = p.alpha ? load_scalar(p.alpha, p.alpha_dtype, b * p.salpha.b + tid * p.salpha.t + h * p.salpha.h)
                         : 1.f;
   }
-  // 3. Prefetch U = h_kv[src, h] into shared memory (rows of V floats, padded to VT), issued
-  //    after H and the inputs so that those arrive first; U is not read before the solves end.
+  // 3. Prefetch this CTA's columns of U = h_kv[src, h] into shared memory (rows of nv floats,
+  //    padded to UV), issued after H and the inputs so that those arrive first; U is not read
+  //    before the solves end.
   {
-    const float* u_in = p.h_kv + src * kv_slot + kv_head;
-    const int v4 = V / 4;
-    for (int c = tid; c < K * v4; c += kThreads) cp_async16(Us + (c / v4) * VT + 4 * (c % v4), u_in + 4 * c);
+    const float* u_in = p.h_kv + src * kv_slot + kv_head + v0;
+    const int v4 = nv > 0 ? nv / 4 : 0;
+    for (int c = tid; c < K * v4; c += kThreads)
+      cp_async16(Us + (c / v4) * UV + 4 * (c % v4), u_in + (int64_t)(c / v4) * V + 4 * (c % v4));
     cp_async_commit();
   }
 
@@ -207,6 +217,9 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
         ss = dot4(m, m, ss);
       }
     }
+    // Every CTA of a split head has read H[src] once its first update consumed the registers;
+    // the H store below (dst may equal src) waits for the whole cluster to get here.
+    if (S > 1 && t == 0) cluster_arrive();
     ss = warp_allreduce(ss);
     if (lane == 0) red[(t & 1) * kWarps + warp] = ss;
     __syncthreads();
@@ -216,7 +229,7 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
     const float inv_fro = fro2 > 0.f ? rsqrtf(fro2) : 1.f;
     const float gamma = 2.f * inv_fro / (1.f + 2.f * p.ridge_ratio);  // x_0 = gamma q
 
-    if (t == Tn - 1 && dst >= 0) store_h(p.h_kk + dst * kk_slot + kk_head, Hm, hrow0, cg, K);
+    if (S == 1 && t == Tn - 1 && dst >= 0) store_h(p.h_kk + dst * kk_slot + kk_head, Hm, hrow0, cg, K, 0, KT);
 
     // Chebyshev iteration; the first matvec H x_0 = gamma H q reads q directly.
     const float qr = qs[t * KT + own_row];
@@ -249,24 +262,28 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
     }
     if (writer) qms[t * KT + own_row] = qr + alph[t] * (x - qr);
   }
+  if (S > 1) {  // split head: store this CTA's rows of H once the cluster has read H[src]
+    cluster_wait();
+    if (dst >= 0) store_h(p.h_kk + dst * kk_slot + kk_head, Hm, hrow0, cg, K, part_s * (KT / S), (part_s + 1) * (KT / S));
+  }
 
   // 4. U update and readout for every token.
   cp_async_wait_all();
   __syncthreads();
   const int ucg = lane % ULPR, url = lane / ULPR;
   const int urow0 = warp * URPI + url;
-  const bool ucol_ok = 4 * ucg < V;
+  const bool ucol_ok = 4 * ucg < nv;
   float4 Ur[URPT];
 #pragma unroll
   for (int i = 0; i < URPT; ++i) {
     const int r = urow0 + URG * i;
-    Ur[i] = (r < K && ucol_ok) ? reinterpret_cast<const float4*>(Us + r * VT)[ucg] : make_float4(0.f, 0.f, 0.f, 0.f);
+    Ur[i] = (r < K && ucol_ok) ? reinterpret_cast<const float4*>(Us + r * UV)[ucg] : make_float4(0.f, 0.f, 0.f, 0.f);
   }
   __syncthreads();  // the staging area now takes the partial outputs
   float* part = Us;
   for (int t = 0; t < Tn; ++t) {
     const float dec = decay[t];
-    const float4 vv = reinterpret_cast<const float4*>(vs + t * VT)[ucg];
+    const float4 vv = reinterpret_cast<const float4*>(vs + t * UV)[ucg];
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < URPT; ++i) {
@@ -283,10 +300,10 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
     if (url == 0)
-      reinterpret_cast<float4*>(part + (t * kWarps + warp) * VT)[ucg] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      reinterpret_cast<float4*>(part + (t * kWarps + warp) * UV)[ucg] = make_float4(acc[0], acc[1], acc[2], acc[3]);
   }
   if (dst >= 0) {
-    float* u_out = p.h_kv + dst * kv_slot + kv_head;
+    float* u_out = p.h_kv + dst * kv_slot + kv_head + v0;
 #pragma unroll
     for (int i = 0; i < URPT; ++i) {
       const int r = urow0 + URG * i;
@@ -294,11 +311,11 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
     }
   }
   __syncthreads();
-  for (int i = tid; i < Tn * V; i += kThreads) {
-    const int t = i / V, c = i % V;
+  for (int i = tid; i < Tn * nv; i += kThreads) {
+    const int t = i / nv, c = i % nv;
     float o = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) o += part[(t * kWarps + w) * VT + c];
+    for (int w = 0; w < kWarps; ++w) o += part[(t * kWarps + w) * UV + c];
     out[t * p.so.t + c] = from_float<T>(p.scale * o);
   }
 }
@@ -323,19 +340,54 @@ Stagger stagger_setting() {
   return s;
 }
 
-template <typename T, int D>
+// CTAs per head: GKA_KERNELS_GKA_DECODE_SPLIT = "auto" (the default), "1" or "2", read at every
+// launch. "auto" takes 2 on sm_90 and later (clusters) when the grid still gets one SM per CTA and
+// the second CTA owns value columns: a small batch (decode-1: 32 heads) then spreads each head's U
+// traffic, readout and stores over two SMs. Measured on an H200 (run 47, us at num_iter 1 / 10 / 30,
+// states from DRAM): batch 1: 1 CTA 9.6 / 11.6 / 16.0, 2 CTAs 8.3 / 10.3 / 14.8, 4 CTAs 8.0 / 11.1 /
+// 17.7; batch 2: 10.3 / 12.3 / 16.7, 8.3 / 11.3 / 15.9, 13.4 / 18.3 / 29.3; batch 4 (256 CTAs at 2
+// per head): 13.1 / 15.1 / 19.5, 13.1 / 16.0 / 22.6. Where CTAs have to share SMs, the repeated
+// solves compete for the SM's FMA issue, which is the cost of an iteration (4 CTAs per head share
+// SMs even at batch 1).
+int split_setting(int D, int64_t heads, int V) {
+  const char* v = std::getenv("GKA_KERNELS_GKA_DECODE_SPLIT");
+  const std::string s = v ? v : "auto";
+  const bool clusters = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9;
+  if (s == "1") return 1;
+  if (s == "2") {
+    if (!clusters) throw std::invalid_argument("GKA_KERNELS_GKA_DECODE_SPLIT=2 needs thread block clusters (sm_90 or later)");
+    return 2;
+  }
+  if (s != "auto") throw std::invalid_argument("GKA_KERNELS_GKA_DECODE_SPLIT must be auto, 1 or 2, got " + s);
+  return clusters && heads * 2 <= sm_count() && V > D / 2 ? 2 : 1;
+}
+
+template <typename T, int D, int S>
 void launch(GkaParams& p, cudaStream_t stream) {
-  constexpr size_t bytes = sizeof(float) * Smem<D, D>::SIZE;
-  allow_dynamic_smem<gka_decode_kernel<T, D>>(bytes, "gka_decode: cudaFuncSetAttribute");
-  // Resident CTAs: two per SM by the register budget (__launch_bounds__), fewer if shared memory
-  // says so (sm_80: one).
-  const int64_t resident = static_cast<int64_t>(std::min(2, ctas_by_smem(bytes))) * sm_count();
-  const int64_t ctas = static_cast<int64_t>(p.B) * p.H;
-  const Stagger st = stagger_setting();
-  p.first_wave = static_cast<int>(std::min(ctas, resident));
-  p.stagger_groups = ctas >= 2 * resident ? st.groups : 1;
-  p.stagger_cycles = p.num_iter * st.cycles_per_iter;
-  launch_kernel(gka_decode_kernel<T, D>, dim3(p.H, p.B), kThreads, bytes, stream, p);
+  constexpr size_t bytes = sizeof(float) * Smem<D, D / S>::SIZE;
+  allow_dynamic_smem<gka_decode_kernel<T, D, S>>(bytes, "gka_decode: cudaFuncSetAttribute");
+  if constexpr (S > 1) {
+    p.first_wave = 0;
+    p.stagger_groups = 1;
+    p.stagger_cycles = 0;
+    launch_cluster_kernel(gka_decode_kernel<T, D, S>, dim3(p.H * S, p.B), kThreads, bytes, stream, S, p);
+  } else {
+    // Resident CTAs: two per SM by the register budget (__launch_bounds__), fewer if shared memory
+    // says so (sm_80: one).
+    const int64_t resident = static_cast<int64_t>(std::min(2, ctas_by_smem(bytes))) * sm_count();
+    const int64_t ctas = static_cast<int64_t>(p.B) * p.H;
+    const Stagger st = stagger_setting();
+    p.first_wave = static_cast<int>(std::min(ctas, resident));
+    p.stagger_groups = ctas >= 2 * resident ? st.groups : 1;
+    p.stagger_cycles = p.num_iter * st.cycles_per_iter;
+    launch_kernel(gka_decode_kernel<T, D, S>, dim3(p.H, p.B), kThreads, bytes, stream, p);
+  }
+}
+
+template <typename T, int D>
+void launch_split(GkaParams& p, cudaStream_t stream) {
+  if (split_setting(D, static_cast<int64_t>(p.B) * p.H, p.V) == 2) launch<T, D, 2>(p, stream);
+  else launch<T, D, 1>(p, stream);
 }
 
 }  // namespace
@@ -351,8 +403,8 @@ void gka_decode_launch(const GkaParams& p, int dtype, uintptr_t stream) {
   chebyshev_coefficients(q);
   dispatch_tag(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (q.K <= 64 && q.V <= 64) launch<T, 64>(q, as_stream(stream));
-    else launch<T, 128>(q, as_stream(stream));
+    if (q.K <= 64 && q.V <= 64) launch_split<T, 64>(q, as_stream(stream));
+    else launch_split<T, 128>(q, as_stream(stream));
   });
   check_launch("gka_decode");
 }

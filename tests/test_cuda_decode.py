@@ -517,6 +517,35 @@ def test_gka_stagger_setting_in_host_emulation(emulated_ext, setting, ok):
             result.stderr[-3000:]
 
 
+@pytest.mark.parametrize("split,dtype,dst_mode,layout", [
+    ("2", torch.float32, "separate", (2, 2, 1, 100, 64)),   # tile 128, V = 64: the second CTA owns no value column
+    ("2", torch.bfloat16, "inplace", (2, 1, 1, 128, 128)),  # each CTA stores half of H's rows over H[src]
+    ("2", torch.float16, "separate", (2, 2, 2, 128, 120)),  # the second CTA's columns end at V = 120
+    ("2", torch.float32, "inplace", (4, 2, 2, 32, 36)),     # tile 64: the second CTA owns 4 columns
+    ("1", torch.float32, "separate", (4, 2, 2, 32, 36)),
+])
+def test_gka_split_head_in_host_emulation(emulated_ext, monkeypatch, split, dtype, dst_mode, layout):
+    """GKA_KERNELS_GKA_DECODE_SPLIT=2 runs a head on a cluster of 2 CTAs: each solves on the whole H,
+    owns a slice of U's and o's value columns and stores a slice of H's rows after the cluster
+    barrier. The emulation runs a cluster's blocks together, their threads interleaved at every
+    barrier; padding sequences (SRC has two) take the early exit in every CTA of the cluster."""
+    monkeypatch.setenv("GKA_KERNELS_GKA_DECODE_SPLIT", split)
+    check_gka(_emulated(emulated_ext, "gka"), "cpu", dtype=dtype, Tn=3, layout=layout, dst_mode=dst_mode,
+              num_iter=7, with_alpha=dst_mode == "separate", zero_h=dst_mode == "inplace")
+
+
+@pytest.mark.parametrize("setting", ["4", "0", "on", ""])
+def test_gka_split_setting_rejected(emulated_ext, monkeypatch, setting):
+    """Anything but auto, 1 or 2 is a ValueError naming the variable, raised before any launch."""
+    monkeypatch.setenv("GKA_KERNELS_GKA_DECODE_SPLIT", setting)
+    inp = gka_inputs(Tn=1, H=2, Hq=2, HKV=2, K=32, V=32, seed=3)
+    before = (inp["h_kk_pool"].clone(), inp["h_kv_pool"].clone())
+    src, dst = _indices("separate", "cpu")
+    with pytest.raises(ValueError, match="GKA_KERNELS_GKA_DECODE_SPLIT"):
+        _emulated(emulated_ext, "gka")(**inp, state_indices=src, dst_state_indices=dst, num_iter=3)
+    assert torch.equal(inp["h_kk_pool"], before[0]) and torch.equal(inp["h_kv_pool"], before[1])
+
+
 def test_gdn_kernel_wide_tile_many_tokens_in_host_emulation(emulated_ext):
     """The 256-row tile (K = 200), 8 tokens, a V that is not a multiple of the 32-column tile."""
     check_gdn(_emulated(emulated_ext, "gdn"), "cpu", dtype=torch.float16, Tn=8, layout=(4, 2, 1, 200, 100),
@@ -668,6 +697,27 @@ GKA_CASES = [  # Tn, (H, Hq, HKV, K, V)
 def test_gka_decode_matches_reference(cuda_ext, dtype, num_iter, Tn, layout, dst_mode):
     check_gka(gka_decode, "cuda", dtype=dtype, Tn=Tn, layout=layout, dst_mode=dst_mode, num_iter=num_iter,
               seed=num_iter + Tn)
+
+
+@gpu
+@pytest.mark.parametrize("split", ["1", "2"])
+@pytest.mark.parametrize("num_iter", [1, 30])
+@pytest.mark.parametrize("dst_mode", ["inplace", "separate"])
+def test_gka_decode_split_settings(cuda_ext, monkeypatch, split, num_iter, dst_mode):
+    """Every CTAs-per-head setting against the reference (bf16, tile 128 with V below it; in place,
+    a split head's H store must wait for every CTA of its cluster to have read H[src]), and a CUDA
+    graph replay of the decode-1 geometry (32 heads) equal to eager."""
+    monkeypatch.setenv("GKA_KERNELS_GKA_DECODE_SPLIT", split)
+    check_gka(gka_decode, "cuda", dtype=torch.bfloat16, Tn=3, layout=(4, 2, 2, 100, 120), dst_mode=dst_mode,
+              num_iter=num_iter, seed=11)
+    inp = gka_inputs(Tn=1, H=32, Hq=32, HKV=8, K=128, V=128, dtype=torch.bfloat16, device="cuda", seed=12)
+    src, dst = _indices(dst_mode, "cuda")
+
+    def step(pools, out):
+        return gka_decode(inp["q"], inp["k"], inp["v"], inp["g"], inp["alpha"], pools[0], pools[1], src, dst,
+                          num_iter=num_iter, out=out)
+
+    _graph_equals_eager(step, [inp["h_kk_pool"], inp["h_kv_pool"]])
 
 
 @gpu

@@ -1,8 +1,9 @@
 // Host emulation of the CUDA features the decode kernels use, for CPU tests of their logic
 // (tests/test_cuda_decode.py builds csrc with g++ and -DGKA_HOST_EMULATION; never part of the
-// extension). Each CUDA thread of a block is a ucontext fiber on one OS thread; __syncthreads and
-// warp shuffles are cooperative barriers; blocks run one after another; fibers run in a shuffled
-// order at every barrier round so that missing barriers show up as wrong results.
+// extension). Each CUDA thread of a block is a ucontext fiber on one OS thread; __syncthreads,
+// warp shuffles and cluster barriers are cooperative barriers; clusters of blocks (one block
+// without a cluster launch) run one after another, the blocks of a cluster together; fibers run in
+// a shuffled order at every barrier round so that missing barriers show up as wrong results.
 #pragma once
 #include <ucontext.h>
 #include <algorithm>
@@ -15,17 +16,31 @@
 
 namespace emu {
 
+struct Block;
+
 struct Fiber {
   ucontext_t ctx;
   char* stack = nullptr;
+  Block* block = nullptr;
   dim3 tid;
   bool done = false;
+  long cluster_gen = 0;  // cluster barrier generation at this fiber's last arrive
+};
+
+// The blocks of one cluster (a cluster of 1 for plain launches) run together: their fibers share
+// one scheduler loop, so cluster barriers work across them.
+struct Cluster {
+  std::vector<Block*> blocks;
+  int arrived = 0;
+  long gen = 0;
+  int threads = 0;
 };
 
 struct Block {
   std::vector<Fiber> fibers;
-  ucontext_t sched;
   Fiber* cur = nullptr;
+  Cluster* cluster = nullptr;
+  std::vector<char> smem;
   int bar_arrived = 0;
   long bar_gen = 0;
   std::vector<int> warp_arrived;
@@ -37,8 +52,9 @@ struct Block {
 
 inline Block* blk = nullptr;
 inline char* dyn_smem = nullptr;
+inline ucontext_t sched;
 
-inline void yield() { swapcontext(&blk->cur->ctx, &blk->sched); }
+inline void yield() { swapcontext(&blk->cur->ctx, &sched); }
 
 inline void barrier(int& arrived, long& gen, int count) {
   const long g = gen;
@@ -61,43 +77,69 @@ inline float shfl_xor(unsigned, float v, int mask) {
   return r;
 }
 
+// Split cluster barrier: arrive records the generation, wait returns once every thread of every
+// block of the cluster has arrived in it.
+inline void cluster_arrive() {
+  Cluster& c = *blk->cluster;
+  blk->cur->cluster_gen = c.gen;
+  if (++c.arrived == c.threads) {
+    c.arrived = 0;
+    ++c.gen;
+  }
+}
+
+inline void cluster_wait() {
+  const long g = blk->cur->cluster_gen;
+  while (blk->cluster->gen == g) yield();
+}
+
 inline void trampoline() {
   blk->body();
   blk->cur->done = true;
-  swapcontext(&blk->cur->ctx, &blk->sched);
+  swapcontext(&blk->cur->ctx, &sched);
 }
 
+// Runs body on every thread of grid x block; consecutive groups of `cluster` blocks along x form a
+// cluster (grid.x must be a multiple of it).
 template <typename F>
-void launch(F&& body, dim3 grid, dim3 block, size_t smem) {
+void launch(F&& body, dim3 grid, dim3 block, size_t smem, unsigned cluster = 1) {
   if (block.x % 32 || block.y != 1 || block.z != 1) throw std::runtime_error("emu: 1-d blocks of whole warps only");
+  if (cluster < 1 || grid.x % cluster) throw std::runtime_error("emu: grid.x must be a multiple of the cluster size");
   constexpr size_t kStack = 128 * 1024;
-  std::vector<char> smem_buf(smem + 16), stacks(kStack * block.x);
-  dyn_smem = smem_buf.data();
+  std::vector<char> stacks(kStack * block.x * cluster);
   static std::mt19937 rng(1234);
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        Block b;
-        b.block_idx = dim3(x, y, z);
-        b.block_dim = block;
-        b.grid_dim = grid;
-        b.warp_arrived.assign(block.x / 32, 0);
-        b.warp_gen.assign(block.x / 32, 0);
-        b.exchange.assign(block.x, 0.f);
-        b.fibers.resize(block.x);
-        b.body = body;
-        blk = &b;
+      for (unsigned x0 = 0; x0 < grid.x; x0 += cluster) {
+        std::vector<Block> blocks(cluster);
+        Cluster c;
+        c.threads = block.x * cluster;
         std::vector<Fiber*> order;
-        for (unsigned t = 0; t < block.x; ++t) {
-          Fiber& f = b.fibers[t];
-          f.tid = dim3(t, 0, 0);
-          f.stack = stacks.data() + kStack * t;
-          getcontext(&f.ctx);
-          f.ctx.uc_stack.ss_sp = f.stack;
-          f.ctx.uc_stack.ss_size = kStack;
-          f.ctx.uc_link = nullptr;
-          makecontext(&f.ctx, trampoline, 0);
-          order.push_back(&f);
+        for (unsigned r = 0; r < cluster; ++r) {
+          Block& b = blocks[r];
+          c.blocks.push_back(&b);
+          b.cluster = &c;
+          b.smem.assign(smem + 16, 0);
+          b.block_idx = dim3(x0 + r, y, z);
+          b.block_dim = block;
+          b.grid_dim = grid;
+          b.warp_arrived.assign(block.x / 32, 0);
+          b.warp_gen.assign(block.x / 32, 0);
+          b.exchange.assign(block.x, 0.f);
+          b.fibers.resize(block.x);
+          b.body = body;
+          for (unsigned t = 0; t < block.x; ++t) {
+            Fiber& f = b.fibers[t];
+            f.block = &b;
+            f.tid = dim3(t, 0, 0);
+            f.stack = stacks.data() + kStack * (r * block.x + t);
+            getcontext(&f.ctx);
+            f.ctx.uc_stack.ss_sp = f.stack;
+            f.ctx.uc_stack.ss_size = kStack;
+            f.ctx.uc_link = nullptr;
+            makecontext(&f.ctx, trampoline, 0);
+            order.push_back(&f);
+          }
         }
         for (bool running = true; running;) {
           running = false;
@@ -105,11 +147,14 @@ void launch(F&& body, dim3 grid, dim3 block, size_t smem) {
           for (Fiber* f : order) {
             if (f->done) continue;
             running = true;
-            b.cur = f;
-            swapcontext(&b.sched, &f->ctx);
+            blk = f->block;
+            dyn_smem = blk->smem.data();
+            blk->cur = f;
+            swapcontext(&sched, &f->ctx);
           }
         }
         blk = nullptr;
+        dyn_smem = nullptr;
       }
 }
 

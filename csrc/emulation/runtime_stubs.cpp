@@ -8,10 +8,10 @@ cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
-// Four "SMs" and no other attribute, so that persistent kernels loop over several work items per
-// block in the CPU tests.
+// Four "SMs", so that persistent kernels loop over several work items per block in the CPU tests;
+// compute capability 9 (the emulation runs thread block clusters); no other attribute.
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? 4 : 0;
+  *value = attr == cudaDevAttrMultiProcessorCount ? 4 : attr == cudaDevAttrComputeCapabilityMajor ? 9 : 0;
   return cudaSuccess;
 }
 cudaError_t cudaRuntimeGetVersion(int* version) {
