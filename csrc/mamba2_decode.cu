@@ -8,16 +8,10 @@
 // inside the warp by a butterfly (RPT values over the lanes of a row), so no shared-memory
 // reduction or barrier is needed inside the token loop.
 //
-// ptxas -v (sm_90, nvcc 13.0), kernel<input dtype, tile dims>:
-//   <bf16,128>         64 regs, 0/0 B spill st/ld, stack 0 B, static smem 9280 B
-//   <bf16,256>         62 regs, 0/0 B spill st/ld, stack 0 B, static smem 16960 B
-//   <bf16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 6208 B
-//   <fp16,128>         64 regs, 0/0 B spill st/ld, stack 0 B, static smem 9280 B
-//   <fp16,256>         62 regs, 0/0 B spill st/ld, stack 0 B, static smem 16960 B
-//   <fp16,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 6208 B
-//   <fp32,128>         64 regs, 0/0 B spill st/ld, stack 0 B, static smem 9280 B
-//   <fp32,256>         62 regs, 0/0 B spill st/ld, stack 0 B, static smem 16960 B
-//   <fp32,64>          64 regs, 0/0 B spill st/ld, stack 0 B, static smem 6208 B
+// ptxas -v (sm_90, nvcc 13.0), kernel<input dtype, tile dims>; fp16 and fp32 inputs give the same:
+//   <bf16,64>          63 regs, 0/0 B spill st/ld, stack 0 B, static smem 8256 B
+//   <bf16,128>         63 regs, 0/0 B spill st/ld, stack 0 B, static smem 10304 B
+//   <bf16,256>         64 regs, 0/0 B spill st/ld, stack 0 B, static smem 17472 B
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -45,6 +39,7 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
   __shared__ __align__(16) float Bs[kMaxDecodeTokens][NT];
   __shared__ __align__(16) float Cs[kMaxDecodeTokens][NT];
   __shared__ float xs[kMaxDecodeTokens][L::BP];
+  __shared__ float zs[kMaxDecodeTokens][L::BP];  // silu(z), staged only when z is given
   __shared__ float dts[kMaxDecodeTokens], dAs[kMaxDecodeTokens];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -54,7 +49,25 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
   const int Tn = p.Tn, P = p.P, N = p.N;
   T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
 
+  // Output row written by this lane after the butterfly (W / M lanes share it; the first writes).
+  constexpr int SHARE = L::LPR / L::RPT > 1 ? L::LPR / L::RPT : 1;
+  const int own = butterfly_first<L::RPT, L::LPR, 1>(lane);
+  const int own_lrow = lrow0 + kWarps * L::RPI * own;
+  const bool writer = (cg % SHARE) == 0 && p0 + own_lrow < P;
+
+  // Loads are issued in dependency order: the slot indices, then every per-head scalar (none of
+  // them depends on the slot, so their latency overlaps the index -> state chain instead of
+  // following it), then the state, then the staged inputs.
   const int64_t src = load_index(p.src_idx, p.src64, b);
+  const int64_t dst = load_index(p.dst_idx, p.dst64, b);
+  float dt_raw = 0.f, dt_bias = 0.f, a_h = 0.f, dcoef = 0.f;
+  if (threadIdx.x < Tn) {
+    dt_raw = load_scalar(p.dt, p.dt_dtype, b * p.sdt.b + threadIdx.x * p.sdt.t + h * p.sdt.h);
+    if (p.dt_bias) dt_bias = load_scalar(p.dt_bias, p.dt_bias_dtype, h);
+    a_h = load_scalar(p.A, p.A_dtype, h);
+  }
+  if (writer && p.D) dcoef = load_scalar(p.D, p.D_dtype, h * p.D_stride_h + (p0 + own_lrow) * p.D_stride_p);
+
   if (src < 0) {  // padding sequence: state untouched, output 0
     for (int i = threadIdx.x; i < Tn * L::BP; i += kThreads) {
       const int r = p0 + i % L::BP;
@@ -62,7 +75,6 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
     }
     return;
   }
-  const int64_t dst = load_index(p.dst_idx, p.dst64, b);
   const int64_t head_off = ((int64_t)h * P + p0) * N;
   const int64_t slot_stride = (int64_t)p.H * P * N;
 
@@ -92,25 +104,20 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
     const int t = i / L::BP, r = p0 + i % L::BP;
     const T* xp = static_cast<const T*>(p.x) + b * p.sx.b + t * p.sx.t + hx * p.sx.h;
     xs[t][i % L::BP] = r < P ? to_float(xp[r]) : 0.f;
+    if (p.z) {
+      const T* zp = static_cast<const T*>(p.z) + b * p.sz.b + t * p.sz.t + h * p.sz.h;
+      const float zv = r < P ? to_float(zp[r]) : 0.f;
+      zs[t][i % L::BP] = zv / (1.f + __expf(-zv));
+    }
   }
   if (threadIdx.x < Tn) {
-    const int t = threadIdx.x;
-    float d = load_scalar(p.dt, p.dt_dtype, b * p.sdt.b + t * p.sdt.t + h * p.sdt.h);
-    if (p.dt_bias) d += load_scalar(p.dt_bias, p.dt_bias_dtype, h);
+    float d = dt_raw + dt_bias;
     if (p.softplus) d = softplus(d);
     d = fminf(fmaxf(d, p.dt_min), p.dt_max);
-    dts[t] = d;
-    dAs[t] = __expf(d * load_scalar(p.A, p.A_dtype, h));
+    dts[threadIdx.x] = d;
+    dAs[threadIdx.x] = __expf(d * a_h);
   }
   __syncthreads();
-
-  // Output row written by this lane after the butterfly (W / M lanes share it; the first writes).
-  constexpr int SHARE = L::LPR / L::RPT > 1 ? L::LPR / L::RPT : 1;
-  const int own = butterfly_first<L::RPT, L::LPR, 1>(lane);
-  const int own_lrow = lrow0 + kWarps * L::RPI * own;
-  const bool writer = (cg % SHARE) == 0 && p0 + own_lrow < P;
-  float dcoef = 0.f;
-  if (writer && p.D) dcoef = load_scalar(p.D, p.D_dtype, h * p.D_stride_h + (p0 + own_lrow) * p.D_stride_p);
 
   for (int t = 0; t < Tn; ++t) {
     const float dA = dAs[t], dtt = dts[t];
@@ -135,11 +142,7 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
     if (writer) {
       const float xr = xs[t][own_lrow];
       float y = fmaf(dcoef, xr, part[0]);
-      if (p.z) {
-        const T* zp = static_cast<const T*>(p.z) + b * p.sz.b + t * p.sz.t + h * p.sz.h;
-        const float zv = to_float(zp[p0 + own_lrow]);
-        y *= zv / (1.f + __expf(-zv));
-      }
+      if (p.z) y *= zs[t][own_lrow];
       out[t * p.so.t + p0 + own_lrow] = from_float<T>(y);
     }
   }
