@@ -153,15 +153,15 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 #endif
 
-// An attribute of the current device, cached per device.
+// An attribute of the current device, cached per device; `what` names the caller in errors.
 template <cudaDeviceAttr Attr>
-inline int device_attribute() {
+inline int device_attribute(const char* what = "cudaDeviceGetAttribute") {
   static int values[64] = {};
   int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  check_cuda(cudaGetDevice(&dev), what);
   if (dev < 64 && values[dev]) return values[dev];
   int n = 0;
-  check_cuda(cudaDeviceGetAttribute(&n, Attr, dev), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&n, Attr, dev), what);
   if (dev < 64) values[dev] = n;
   return n;
 }

@@ -352,13 +352,14 @@ Stagger stagger_setting() {
 int split_setting(int D, int64_t heads, int V) {
   const char* v = std::getenv("GKA_KERNELS_GKA_DECODE_SPLIT");
   const std::string s = v ? v : "auto";
-  const bool clusters = device_attribute<cudaDevAttrComputeCapabilityMajor>() >= 9;
+  if (s != "auto" && s != "1" && s != "2")
+    throw std::invalid_argument("GKA_KERNELS_GKA_DECODE_SPLIT must be auto, 1 or 2, got " + s);
   if (s == "1") return 1;
+  const bool clusters = device_attribute<cudaDevAttrComputeCapabilityMajor>("gka_decode: device query") >= 9;
   if (s == "2") {
     if (!clusters) throw std::invalid_argument("GKA_KERNELS_GKA_DECODE_SPLIT=2 needs thread block clusters (sm_90 or later)");
     return 2;
   }
-  if (s != "auto") throw std::invalid_argument("GKA_KERNELS_GKA_DECODE_SPLIT must be auto, 1 or 2, got " + s);
   return clusters && heads * 2 <= sm_count() && V > D / 2 ? 2 : 1;
 }
 
