@@ -18,44 +18,21 @@ import json
 
 import torch
 
-from bench.cases import _decay, _gate, _keys, _rand, decode_sets
+from bench.cases import decode_sets, gdn_decode, gka_decode, mamba2_decode
 from bench.shapes import SHAPES
 from bench.timing import rotating, time_ms
 
 
-def step_sets(op: str, n: int, shared_index: bool):
-    """``n`` independent decode-1 steps of ``op`` (CUDA kernels), their index tensor per set or one
-    shared by all of them."""
-    from gka_kernels.cuda import gdn_decode, gka_decode, mamba2_decode
+BUILDERS = {"gdn": gdn_decode, "mamba2": mamba2_decode, "gka": gka_decode}
 
+
+def step_sets(op: str, n: int, shared_index: bool):
+    """``n`` independent decode-1 steps of ``op`` (the suite's CUDA cases), their index tensor per
+    set or one shared by all of them."""
     sh = SHAPES["decode-1"]
-    B, H, HKV, D = sh.batch, sh.heads, sh.kv_heads, sh.head_dim
-    shared = torch.arange(B, device="cuda", dtype=torch.int32)
-    fns = []
-    for _ in range(n):
-        idx = shared if shared_index else torch.arange(B, device="cuda", dtype=torch.int32)
-        if op == "gdn":
-            q, k, v = _rand(B, 1, H, D), _keys(B, 1, HKV, D), _rand(B, 1, HKV, D)
-            g, beta = _decay(B, 1, H), _gate(B, 1, H)
-            state = torch.randn(B, H, D, D, device="cuda") * 0.1
-            fns.append(lambda q=q, k=k, v=v, g=g, beta=beta, s=state, i=idx:
-                       gdn_decode(q, k, v, g, beta, s, i, use_qk_l2norm=True))
-        elif op == "mamba2":
-            x, Bm, Cm = _rand(B, H, D), _rand(B, HKV, D), _rand(B, HKV, D)
-            dt = torch.rand(B, H, device="cuda") * 2 - 4
-            A = -torch.rand(H, device="cuda") * 4 - 0.5
-            Dp, bias = torch.ones(H, device="cuda"), torch.rand(H, device="cuda") - 2
-            state = torch.randn(B, H, D, D, device="cuda") * 0.1
-            fns.append(lambda x=x, dt=dt, A=A, Bm=Bm, Cm=Cm, Dp=Dp, bias=bias, s=state, i=idx:
-                       mamba2_decode(s, x, dt, A, Bm, Cm, state_indices=i, D=Dp, dt_bias=bias, dt_softplus=True))
-        else:
-            q, k, v = _keys(B, 1, H, D), _keys(B, 1, HKV, D), _rand(B, 1, HKV, D)
-            g, alpha = _decay(B, 1, H), _gate(B, 1, H)
-            kk = torch.randn(B, H, D, D, device="cuda")
-            h_kk, h_kv = (kk @ kk.transpose(-1, -2)) / D, torch.randn(B, H, D, D, device="cuda") * 0.1
-            fns.append(lambda q=q, k=k, v=v, g=g, a=alpha, hk=h_kk, hv=h_kv, i=idx:
-                       gka_decode(q, k, v, g, a, hk, hv, i, num_iter=30))
-    return fns
+    shared = torch.arange(sh.batch, device="cuda", dtype=torch.int32) if shared_index else None
+    params = {"num_iter": 30} if op == "gka" else {}
+    return [BUILDERS[op]("ours-cuda", sh, "decode", state_indices=shared, **params)[0] for _ in range(n)]
 
 
 def copy_sets(n: int, kind: str):
