@@ -140,12 +140,15 @@ def attention(impl: str, sh: Shape, mode: str):
 
 # ---------------------------------------------------------------- decode steps
 
-def _slot_indices(B: int, state_indices: torch.Tensor | None) -> torch.Tensor:
-    """The CUDA kernels' pool slots: the caller's tensor (e.g. one shared by many steps) or 0..B-1."""
+def _slot_indices(B: int, state_indices: torch.Tensor | None, indexed: bool) -> torch.Tensor | None:
+    """The CUDA kernels' pool slots: the caller's tensor (e.g. one shared by many steps) or 0..B-1;
+    None (``indexed=False``) makes the kernel address the pool by batch row, with no index load."""
+    if not indexed:
+        return None
     return state_indices if state_indices is not None else torch.arange(B, device="cuda", dtype=torch.int32)
 
 
-def gdn_decode(impl: str, sh: Shape, mode: str, state_indices: torch.Tensor | None = None):
+def gdn_decode(impl: str, sh: Shape, mode: str, state_indices: torch.Tensor | None = None, indexed: bool = True):
     B, H, HKV, D = sh.batch, sh.heads, sh.kv_heads, sh.head_dim
     q, k, v = _rand(B, 1, H, D), _keys(B, 1, HKV, D), _rand(B, 1, HKV, D)
     g, beta = _decay(B, 1, H), _gate(B, 1, H)
@@ -156,7 +159,7 @@ def gdn_decode(impl: str, sh: Shape, mode: str, state_indices: torch.Tensor | No
                           use_qk_l2norm_in_kernel=True)), []
     if impl == "ours-cuda":
         from gka_kernels.cuda import gdn_decode as f
-        idx = _slot_indices(B, state_indices)
+        idx = _slot_indices(B, state_indices, indexed)
         return (lambda: f(q, k, v, g, beta, state, idx, use_qk_l2norm=True)), []
     fla = peers.load_fla()
     kx, vx = _expand_heads(k, H), _expand_heads(v, H)
@@ -165,7 +168,8 @@ def gdn_decode(impl: str, sh: Shape, mode: str, state_indices: torch.Tensor | No
                                                          use_qk_l2norm_in_kernel=True)), []
 
 
-def mamba2_decode(impl: str, sh: Shape, mode: str, state_indices: torch.Tensor | None = None):
+def mamba2_decode(impl: str, sh: Shape, mode: str, state_indices: torch.Tensor | None = None,
+                  indexed: bool = True):
     B, H, G, P = sh.batch, sh.heads, sh.kv_heads, sh.head_dim
     x, Bm, Cm = _rand(B, H, P), _rand(B, G, P), _rand(B, G, P)
     dt = torch.rand(B, H, device="cuda") * 2 - 4
@@ -177,7 +181,7 @@ def mamba2_decode(impl: str, sh: Shape, mode: str, state_indices: torch.Tensor |
         return (lambda: f(state, x, dt, A, Bm, Cm, D=D, dt_bias=dt_bias, dt_softplus=True)), []
     if impl == "ours-cuda":
         from gka_kernels.cuda import mamba2_decode as f
-        idx = _slot_indices(B, state_indices)
+        idx = _slot_indices(B, state_indices, indexed)
         return (lambda: f(state, x, dt, A, Bm, Cm, state_indices=idx, D=D, dt_bias=dt_bias,
                           dt_softplus=True)), []
     m = peers.load_mamba()
@@ -189,7 +193,8 @@ def mamba2_decode(impl: str, sh: Shape, mode: str, state_indices: torch.Tensor |
                                              dt_softplus=True)), []
 
 
-def gka_decode(impl: str, sh: Shape, mode: str, num_iter: int = 30, state_indices: torch.Tensor | None = None):
+def gka_decode(impl: str, sh: Shape, mode: str, num_iter: int = 30, state_indices: torch.Tensor | None = None,
+               indexed: bool = True):
     B, H, HKV, D = sh.batch, sh.heads, sh.kv_heads, sh.head_dim
     q, k, v = _keys(B, 1, H, D), _keys(B, 1, HKV, D), _rand(B, 1, HKV, D)
     g, alpha = _decay(B, 1, H), _gate(B, 1, H)
@@ -201,7 +206,7 @@ def gka_decode(impl: str, sh: Shape, mode: str, num_iter: int = 30, state_indice
         return (lambda: f(q, k, v, g, alpha=alpha, num_iter=num_iter, initial_state=(h_kk, h_kv),
                           output_final_state=True)), []
     from gka_kernels.cuda import gka_decode as f
-    idx = _slot_indices(B, state_indices)
+    idx = _slot_indices(B, state_indices, indexed)
     return (lambda: f(q, k, v, g, alpha, h_kk, h_kv, idx, num_iter=num_iter)), []
 
 

@@ -3,8 +3,9 @@
 The CUDA decode kernels address a state pool through ``state_indices``: a step loads the slot
 index, then the state. The suite's decode-1 cases give every rotated set its own index tensor, so
 both loads come from DRAM. In a model, one index tensor serves every layer of a step and stays in
-L2. This times each CUDA decode-1 step both ways, with the states (and inputs) rotated past L2 as
-in the suite. For scale, it also times two copies of one decode-1 GDN / Mamba-2 state (2 MiB read
+L2. This times each CUDA decode-1 step both ways, and without any index (the pool addressed by
+batch row, as the Triton steps are timed), with the states (and inputs) rotated past L2 as in the
+suite. For scale, it also times two copies of one decode-1 GDN / Mamba-2 state (2 MiB read
 and written) over as many rotated sets: ``state_copy`` (a slot index, then the copy; one CTA
 row per slot) and ``Tensor.copy_``. Prints one JSON object.
 
@@ -26,13 +27,18 @@ from bench.timing import rotating, time_ms
 BUILDERS = {"gdn": gdn_decode, "mamba2": mamba2_decode, "gka": gka_decode}
 
 
-def step_sets(op: str, n: int, shared_index: bool):
-    """``n`` independent decode-1 steps of ``op`` (the suite's CUDA cases), their index tensor per
-    set or one shared by all of them."""
+INDEX_MODES = ("per set", "shared", "none")
+
+
+def step_sets(op: str, n: int, index: str):
+    """``n`` independent decode-1 steps of ``op`` (the suite's CUDA cases): an index tensor per set
+    (``"per set"``), one shared by all of them (``"shared"``), or none (``"none"``: the kernel
+    addresses the pool by batch row and loads no index, as the Triton steps are timed)."""
     sh = SHAPES["decode-1"]
-    shared = torch.arange(sh.batch, device="cuda", dtype=torch.int32) if shared_index else None
+    shared = torch.arange(sh.batch, device="cuda", dtype=torch.int32) if index == "shared" else None
     params = {"num_iter": 30} if op == "gka" else {}
-    return [BUILDERS[op]("ours-cuda", sh, "decode", state_indices=shared, **params)[0] for _ in range(n)]
+    return [BUILDERS[op]("ours-cuda", sh, "decode", state_indices=shared, indexed=index != "none", **params)[0]
+            for _ in range(n)]
 
 
 def copy_sets(n: int, kind: str):
@@ -65,12 +71,11 @@ def main(argv: list[str] | None = None) -> None:
     for rnd in range(args.rounds):
         for op in ("gdn", "mamba2", "gka"):
             n = decode_sets(op, SHAPES["decode-1"], {"num_iter": 30} if op == "gka" else {})
-            for shared_index in (False, True):
-                ms, method = time_ms(rotating(step_sets(op, n, shared_index)), graph=True)
+            for index in INDEX_MODES:
+                ms, method = time_ms(rotating(step_sets(op, n, index)), graph=True)
                 assert method == "cudagraph", method
-                rows.append({"round": rnd, "op": op, "sets": n, "shared_index": shared_index, "us": ms * 1e3})
-                print(f"round {rnd} {op} decode-1 ({n} sets) index {'shared' if shared_index else 'per set'}: "
-                      f"{ms * 1e3:.2f} us", flush=True)
+                rows.append({"round": rnd, "op": op, "sets": n, "index": index, "us": ms * 1e3})
+                print(f"round {rnd} {op} decode-1 ({n} sets) index {index}: {ms * 1e3:.2f} us", flush=True)
         n = decode_sets("gdn", SHAPES["decode-1"], {})
         for kind in ("state_copy", "copy_"):
             ms, method = time_ms(rotating(copy_sets(n, kind)), graph=True)

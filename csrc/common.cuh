@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #if defined(GKA_HOST_EMULATION)
@@ -79,6 +80,23 @@ __device__ __forceinline__ float load_scalar(const void* p, int dtype, int64_t i
   if (dtype == kFloat16) return __half2float(static_cast<const __half*>(p)[i]);
   return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
 }
+
+// Bytes of one element of a run-time dtype.
+__host__ __device__ __forceinline__ int dtype_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+// Asks for the 128-byte line `i` of the `bytes` bytes at `p` (if the span has one) to be brought
+// into L1. A decode step issues these for its token inputs before it waits on the slot index, so
+// that the inputs arrive during that wait instead of queueing behind the state loads.
+#if defined(GKA_HOST_EMULATION)
+inline void prefetch_line(const void*, int64_t, int) {}
+#else
+__device__ __forceinline__ void prefetch_line(const void* p, int64_t bytes, int i) {
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~static_cast<uintptr_t>(127);
+  const uintptr_t line = first + 128 * static_cast<uintptr_t>(i);
+  if (i >= 0 && line < reinterpret_cast<uintptr_t>(p) + bytes)
+    asm volatile("prefetch.global.L1 [%0];\n" ::"l"(line));
+}
+#endif
 
 // Element i of a slot-index array stored as int32 or int64; a null array means slot i.
 __device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t i) {
@@ -167,7 +185,23 @@ inline int device_attribute(const char* what = "cudaDeviceGetAttribute") {
 }
 
 // Streaming multiprocessors of the current device, for persistent grids.
-inline int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
+inline int sm_count(const char* what = "cudaDeviceGetAttribute") {
+  return device_attribute<cudaDevAttrMultiProcessorCount>(what);
+}
+
+// Tile width of the GDN and Mamba-2 decode steps: GKA_KERNELS_DECODE_TILES = "auto" (the default),
+// "wide" or "narrow", read at every launch. Narrow tiles halve the state each CTA moves (GDN: 16
+// instead of 32 value columns; Mamba-2: 16 instead of 32 state rows at N > 64), so that a small
+// batch spreads its state over twice the CTAs; "auto" lets the launcher decide (see each kernel).
+enum class TileWidth { kAuto, kWide, kNarrow };
+inline TileWidth decode_tile_setting() {
+  const char* v = std::getenv("GKA_KERNELS_DECODE_TILES");
+  const std::string s = v ? v : "auto";
+  if (s == "auto") return TileWidth::kAuto;
+  if (s == "wide") return TileWidth::kWide;
+  if (s == "narrow") return TileWidth::kNarrow;
+  throw std::invalid_argument("GKA_KERNELS_DECODE_TILES must be auto, wide or narrow, got " + s);
+}
 
 // CTAs of `bytes` shared memory that fit on one SM of the current device (at least 1).
 inline int ctas_by_smem(size_t bytes) {

@@ -3,14 +3,20 @@
 //     (optional) q, k <- q / sqrt(|q|^2 + 1e-6), k / sqrt(|k|^2 + 1e-6)
 //     S' = exp(g) S ;  u = beta (v - S'^T k) ;  S = S' + k u^T ;  o = scale S^T q
 //                                              = scale (S'^T q + (q . k) u)
-// Value columns are independent, so a work item is one (sequence b, head h, 32-column value tile);
+// Value columns are independent, so a work item is one (sequence b, head h, BV-column value tile);
 // items are numbered b-major, then h, then tile, so the items in flight at one time cover
-// neighbouring state memory.
+// neighbouring state memory. BV = 32, or 16 when the 32-column items would leave SMs idle (decode-1:
+// 128 items at 32 heads; GKA_KERNELS_DECODE_TILES overrides): a small batch then spreads its state
+// over twice the CTAs. H200 (session 9, bench suite, bf16, states from DRAM): decode-1 5.5 -> 5.2 us,
+// while decode-64 at 16 columns would take 0.095 ms instead of 0.077.
 //
 // Persistent and software-pipelined: grid = min(items, resident CTAs per SM x SMs), 128 threads,
 // CTA c takes items c, c + grid, c + 2 grid, ... The step is memory bound (each state byte is read
 // and written once), so the point is to keep every CTA's next state tile in flight while it works
-// on the current one. Per item n:
+// on the current one. Prologue: the first item's slot index load, then L1 prefetches of its token
+// inputs (so that they arrive while the index is in flight instead of queueing behind the state
+// copies: decode-1 5.3 -> 5.2 us, decode-64 0.0777 -> 0.0771 ms), its state copies and staging.
+// Per item n:
 //     wait for tile n's cp.async copies, move them from shared memory to registers
 //     __syncthreads                         (inputs n visible; tile_buf free again)
 //     cp.async tile n + 1 into tile_buf     (its slot index was loaded one item earlier)
@@ -18,33 +24,32 @@
 //     __syncthreads                         (inputs n no longer read)
 //     load the slot indices of item n + 2; stage the inputs (q, k, v, g, beta) of item n + 1
 // so a CTA has a tile of loads outstanding through its whole compute, store and input staging.
-// tile_buf (dynamic shared memory, [K/16][128] float4) is private per thread: each thread copies
+// tile_buf (dynamic shared memory, [K / RG][128] float4) is private per thread: each thread copies
 // and reads back only its own rows, so cp.async.wait_group alone makes them visible to it. A
 // padding item (src < 0) writes zero outputs and copies nothing; the item, hence the branch, is the
 // same for every thread of the CTA, so all threads pass the same barriers.
 //
-// Tile layout: a CTA holds its [K, 32] state tile in registers: each lane owns one float4 of a row,
-// 8 lanes span the 32 columns, so a warp instruction moves 4 rows x 128 B (coalesced), and a thread
-// holds KT / 16 rows. Per token, the two column reductions S'^T k and S'^T q run together: a
-// butterfly over the 4 row lanes of a warp, then across the 4 warps through shared memory
-// (double-buffered by token parity: one __syncthreads per token). Inputs are staged by one warp
-// per token (normalization and q . k by warp shuffles); v, g and beta loads are issued first.
+// Tile layout: a CTA holds its [K, BV] state tile in registers: each lane owns one float4 of a
+// row, BV / 4 lanes span the columns, so a warp instruction moves 128 / BV rows x 4 BV bytes
+// (coalesced), and a thread holds KT / RG rows (RG = 512 / BV row groups). Per token, the two
+// column reductions S'^T k and S'^T q run together: a butterfly over the row lanes of a warp, then
+// across the 4 warps through shared memory (double-buffered by token parity: one __syncthreads per
+// token). Inputs are staged by one warp per token (normalization and q . k by warp shuffles); v, g
+// and beta loads are issued first.
 //
 // Resident CTAs per SM: the register budget of __launch_bounds__ (7 / 5 / 4 for KT = 64 / 128 /
-// 256) capped by the device's shared memory per SM (static + dynamic: 15.1 / 27.1 / 51.1 KiB per
-// CTA, so sm_80 holds 3 CTAs at KT = 256, sm_90 all 4).
+// 256) capped by the device's shared memory per SM (static + dynamic at BV = 32: 15.1 / 27.1 / 51.1
+// KiB per CTA, so sm_80 holds 3 CTAs at KT = 256, sm_90 all 4).
 //
-// ptxas -v (sm_90, nvcc 13.0 on this machine), kernel<input dtype, tile dims>; dynamic smem
-// 8 / 16 / 32 KiB at KT = 64 / 128 / 256 on top of the static smem listed:
-//   <bf16,128>        96 regs, 0/0 B spill st/ld, stack 0 B, static smem 11360 B
-//   <bf16,256>       128 regs, 0/0 B spill st/ld, stack 0 B, static smem 19552 B
-//   <bf16,64>         72 regs, 0/0 B spill st/ld, stack 0 B, static smem 7264 B
-//   <fp16,128>        96 regs, 0/0 B spill st/ld, stack 0 B, static smem 11360 B
-//   <fp16,256>       128 regs, 0/0 B spill st/ld, stack 0 B, static smem 19552 B
-//   <fp16,64>         72 regs, 0/0 B spill st/ld, stack 0 B, static smem 7264 B
-//   <fp32,128>        96 regs, 0/0 B spill st/ld, stack 0 B, static smem 11360 B
-//   <fp32,256>       128 regs, 0/0 B spill st/ld, stack 0 B, static smem 19552 B
-//   <fp32,64>         72 regs, 0/0 B spill st/ld, stack 0 B, static smem 7264 B
+// ptxas -v (sm_90, nvcc 13.0 on this machine), kernel<input dtype, KT, BV>; dynamic smem
+// 8 / 16 / 32 KiB at KT = 64 / 128 / 256 (half at BV = 16) on top of the static smem; fp16 and fp32 inputs
+// give the same registers as bf16:
+//   <bf16,128,32>      92 regs, 0/0 B spill st/ld, static smem 11360 B
+//   <bf16,128,16>      96 regs, 0/0 B spill st/ld, static smem 9824 B
+//   <bf16,256,32>     128 regs, 0/0 B spill st/ld, static smem 19552 B
+//   <bf16,256,16>     124 regs, 0/0 B spill st/ld, static smem 18016 B
+//   <bf16,64,32>       72 regs, 8/8 B spill st/ld, static smem 7264 B
+//   <bf16,64,16>       72 regs, 0/0 B spill st/ld, static smem 5728 B
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -55,29 +60,36 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kBV = 32;             // value columns per work item
-constexpr int kLPR = kBV / 4;       // lanes per row (one float4 each)
-constexpr int kRPI = 32 / kLPR;     // rows per warp instruction
-constexpr int kRG = kWarps * kRPI;  // row groups per CTA
-static_assert(kMaxDecodeTokens * kBV <= 2 * kThreads, "staging loads at most two v values per thread");
+
+// Tile of a work item: BV value columns (32, or 16 for small batches, see tile_columns).
+template <int BV>
+struct Tile {
+  static constexpr int LPR = BV / 4;       // lanes per row (one float4 each)
+  static constexpr int RPI = 32 / LPR;     // rows per warp instruction
+  static constexpr int RG = kWarps * RPI;  // row groups per CTA
+  static_assert(RPI <= 8, "the butterfly leaves each lane at least one of the 8 column sums");
+  static_assert(kMaxDecodeTokens * BV <= 2 * kThreads, "staging loads at most two v values per thread");
+};
 
 // CTAs per SM the register budget is sized for (64 K registers / (128 threads x budget)).
 constexpr int min_ctas(int KT) { return KT <= 64 ? 7 : KT <= 128 ? 5 : 4; }
 
-// Dynamic shared memory: the prefetched state tile, [KT / kRG][kThreads] float4.
-constexpr size_t state_smem_bytes(int KT) { return sizeof(float4) * (KT / kRG) * kThreads; }
+// Dynamic shared memory: the prefetched state tile, [KT / RG][kThreads] float4.
+template <int KT, int BV>
+constexpr size_t state_smem_bytes() { return sizeof(float4) * (KT / Tile<BV>::RG) * kThreads; }
 
 // Static shared memory: the staged inputs of one work item and the cross-warp reduction buffer.
-template <int KT>
+template <int KT, int BV>
 struct Shared {
+  static constexpr int LPR = Tile<BV>::LPR;
   float q[kMaxDecodeTokens][KT];  // normalized q * scale
   float k[kMaxDecodeTokens][KT];  // normalized k
-  __align__(16) float v[kMaxDecodeTokens][kBV];  // read as float4
+  __align__(16) float v[kMaxDecodeTokens][BV];  // read as float4
   float decay[kMaxDecodeTokens], beta[kMaxDecodeTokens], qk[kMaxDecodeTokens];
-  __align__(16) float red[2][kWarps][kLPR][8];  // [token parity][warp][col4][k-sums x4, q-sums x4]
+  __align__(16) float red[2][kWarps][LPR][8];  // [token parity][warp][col4][k-sums x4, q-sums x4]
 };
 
-// A work item: sequence b, head h, value columns [vt * kBV, (vt + 1) * kBV), and its slots (src < 0:
+// A work item: sequence b, head h, value columns [vt * BV, (vt + 1) * BV), and its slots (src < 0:
 // padding, or no item at all once b >= B).
 struct Item {
   int b, h, vt;
@@ -106,18 +118,38 @@ __device__ __forceinline__ Item advance(const GdnParams& p, const Item& x, const
   return y;
 }
 
+// L1 prefetches of item x's token inputs (q and k rows, its v columns, g, beta), issued before the
+// item's slot index is waited on: warp w takes tokens w, w + kWarps, ..., lane j line j of a row.
+template <typename T, int BV>
+__device__ __forceinline__ void prefetch_inputs(const GdnParams& p, const Item& x) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int c0 = x.vt * BV, nv = BV < p.V - c0 ? BV : p.V - c0;
+  for (int t = warp; t < p.Tn; t += kWarps) {
+    prefetch_line(static_cast<const T*>(p.q) + x.b * p.sq.b + t * p.sq.t + (x.h / p.q_group) * p.sq.h,
+                  p.K * sizeof(T), lane);
+    prefetch_line(static_cast<const T*>(p.k) + x.b * p.sk.b + t * p.sk.t + (x.h / p.k_group) * p.sk.h,
+                  p.K * sizeof(T), lane);
+    prefetch_line(static_cast<const T*>(p.v) + x.b * p.sv.b + t * p.sv.t + (x.h / p.v_group) * p.sv.h + c0,
+                  nv * sizeof(T), lane);
+    const int gb = dtype_bytes(p.g_dtype), bb = dtype_bytes(p.beta_dtype);
+    prefetch_line(static_cast<const char*>(p.g) + (x.b * p.sg.b + t * p.sg.t + x.h * p.sg.h) * gb, gb, lane);
+    prefetch_line(static_cast<const char*>(p.beta) + (x.b * p.sbeta.b + t * p.sbeta.t + x.h * p.sbeta.h) * bb, bb,
+                  lane);
+  }
+}
+
 // Writes the inputs of item x to `sh`: v, g and beta loads are issued first so that all of the
 // item's loads are in flight together; one warp per token normalizes q and k and forms q . k.
-template <typename T, int KT>
-__device__ __forceinline__ void stage_inputs(const GdnParams& p, const Item& x, Shared<KT>& sh) {
+template <typename T, int KT, int BV>
+__device__ __forceinline__ void stage_inputs(const GdnParams& p, const Item& x, Shared<KT, BV>& sh) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int Tn = p.Tn, K = p.K;
   float vr[2];
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
-    const int i = threadIdx.x + kThreads * j, c = x.vt * kBV + i % kBV;
-    const T* vp = static_cast<const T*>(p.v) + x.b * p.sv.b + (i / kBV) * p.sv.t + (x.h / p.v_group) * p.sv.h;
-    vr[j] = i < Tn * kBV && c < p.V ? to_float(vp[c]) : 0.f;
+    const int i = threadIdx.x + kThreads * j, c = x.vt * BV + i % BV;
+    const T* vp = static_cast<const T*>(p.v) + x.b * p.sv.b + (i / BV) * p.sv.t + (x.h / p.v_group) * p.sv.h;
+    vr[j] = i < Tn * BV && c < p.V ? to_float(vp[c]) : 0.f;
   }
   float gr = 0.f, br = 0.f;
   if (threadIdx.x < Tn) {
@@ -156,7 +188,7 @@ __device__ __forceinline__ void stage_inputs(const GdnParams& p, const Item& x, 
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
     const int i = threadIdx.x + kThreads * j;
-    if (i < Tn * kBV) sh.v[i / kBV][i % kBV] = vr[j];
+    if (i < Tn * BV) sh.v[i / BV][i % BV] = vr[j];
   }
   if (threadIdx.x < Tn) {
     sh.decay[threadIdx.x] = __expf(gr);
@@ -164,55 +196,57 @@ __device__ __forceinline__ void stage_inputs(const GdnParams& p, const Item& x, 
   }
 }
 
-template <typename T, int KT>
+template <typename T, int KT, int BV>
 __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(const GdnParams p) {
-  constexpr int RPT = KT / kRG;   // rows per thread
-  constexpr int PER = 8 / kRPI;   // reduced values a lane keeps after the butterfly
-  __shared__ Shared<KT> sh;
+  using L = Tile<BV>;
+  constexpr int RPT = KT / L::RG;   // rows per thread
+  constexpr int PER = 8 / L::RPI;   // reduced values a lane keeps after the butterfly
+  __shared__ Shared<KT, BV> sh;
   GKA_DYNAMIC_SMEM(float4, tile_buf);  // [RPT][kThreads]: each thread's own rows of a prefetched tile
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int cg = lane % kLPR, rgl = lane / kLPR;
-  const int row0 = warp * kRPI + rgl;
+  const int cg = lane % L::LPR, rgl = lane / L::LPR;
+  const int row0 = warp * L::RPI + rgl;
   const int Tn = p.Tn, K = p.K, V = p.V;
-  const int nvt = (V + kBV - 1) / kBV;
+  const int nvt = (V + BV - 1) / BV;
   const Stride stride{static_cast<int>(gridDim.x / nvt / p.H), static_cast<int>(gridDim.x / nvt % p.H),
                       static_cast<int>(gridDim.x % nvt)};
   const int64_t slot_stride = static_cast<int64_t>(p.H) * K * V;
 
   // Issues the asynchronous copies of this thread's rows of item x's state tile (one group).
   auto fetch_state = [&](const Item& x) {
-    const int col = x.vt * kBV + 4 * cg;
+    const int col = x.vt * BV + 4 * cg;
     if (x.src >= 0 && col < V) {
       const float* s = p.state + x.src * slot_stride + static_cast<int64_t>(x.h) * K * V + col;
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
-        const int r = row0 + kRG * i;
+        const int r = row0 + L::RG * i;
         if (r < K) cp_async16(&tile_buf[i * kThreads + threadIdx.x], s + static_cast<int64_t>(r) * V);
       }
     }
     cp_async_commit();
   };
 
-  // Prologue: the first item's state copies and inputs, the second item's slots.
+  // Prologue: the first item's input prefetches, state copies and inputs, the second item's slots.
   Item cur;
   cur.vt = static_cast<int>(blockIdx.x % nvt);
   cur.h = static_cast<int>(blockIdx.x / nvt % p.H);
   cur.b = static_cast<int>(blockIdx.x / nvt / p.H);
   load_slots(p, cur);
+  prefetch_inputs<T, BV>(p, cur);  // issued while the slot index is in flight
   fetch_state(cur);
-  if (cur.src >= 0) stage_inputs<T, KT>(p, cur, sh);
+  if (cur.src >= 0) stage_inputs<T, KT, BV>(p, cur, sh);
   Item nxt = advance(p, cur, stride, nvt);
 
   while (cur.b < p.B) {
-    const int col = cur.vt * kBV + 4 * cg;
+    const int col = cur.vt * BV + 4 * cg;
     const bool col_ok = col < V;
     float4 S[RPT];
     if (cur.src >= 0) {
       cp_async_wait_group<0>();
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
-        const int r = row0 + kRG * i;
+        const int r = row0 + L::RG * i;
         S[i] = col_ok && r < K ? tile_buf[i * kThreads + threadIdx.x] : make_float4(0.f, 0.f, 0.f, 0.f);
       }
     }
@@ -238,7 +272,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
         for (int e = 0; e < 8; ++e) part[e] = 0.f;
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
-          const int r = row0 + kRG * i;
+          const int r = row0 + L::RG * i;
           const float kr = sh.k[t][r], qr = sh.q[t][r];
           S[i] = scale4(dec, S[i]);
           part[0] = fmaf(kr, S[i].x, part[0]);
@@ -250,8 +284,8 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
           part[6] = fmaf(qr, S[i].z, part[6]);
           part[7] = fmaf(qr, S[i].w, part[7]);
         }
-        butterfly_reduce<8, kRPI, kLPR>(part);
-        float* slot = &sh.red[t & 1][warp][cg][butterfly_first<8, kRPI, kLPR>(lane)];
+        butterfly_reduce<8, L::RPI, L::LPR>(part);
+        float* slot = &sh.red[t & 1][warp][cg][butterfly_first<8, L::RPI, L::LPR>(lane)];
 #pragma unroll
         for (int e = 0; e < PER; ++e) slot[e] = part[e];
         __syncthreads();
@@ -268,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
         const float4 u = make_float4(bt * (v4.x - ksum.x), bt * (v4.y - ksum.y), bt * (v4.z - ksum.z),
                                      bt * (v4.w - ksum.w));
 #pragma unroll
-        for (int i = 0; i < RPT; ++i) S[i] = fma4(sh.k[t][row0 + kRG * i], u, S[i]);
+        for (int i = 0; i < RPT; ++i) S[i] = fma4(sh.k[t][row0 + L::RG * i], u, S[i]);
         if (writer) {
           const float c = sh.qk[t];
           T* o = out + t * p.so.t + col;
@@ -282,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
         float* s_out = p.state + cur.dst * slot_stride + static_cast<int64_t>(cur.h) * K * V + col;
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
-          const int r = row0 + kRG * i;
+          const int r = row0 + L::RG * i;
           if (r < K) *reinterpret_cast<float4*>(s_out + static_cast<int64_t>(r) * V) = S[i];
         }
       }
@@ -290,22 +324,33 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
     // Every read of this item's inputs is done before they are overwritten by the next item's.
     __syncthreads();
     const Item after = advance(p, nxt, stride, nvt);
-    if (nxt.src >= 0) stage_inputs<T, KT>(p, nxt, sh);
+    if (nxt.src >= 0) stage_inputs<T, KT, BV>(p, nxt, sh);
     cur = nxt;
     nxt = after;
   }
 }
 
-template <typename T, int KT>
+template <typename T, int KT, int BV>
 void launch(const GdnParams& p, cudaStream_t stream) {
-  constexpr size_t smem = state_smem_bytes(KT);
+  constexpr size_t smem = state_smem_bytes<KT, BV>();
   // Static plus dynamic shared memory exceeds 48 KiB at KT = 256.
-  allow_dynamic_smem<gdn_decode_kernel<T, KT>>(smem, "gdn_decode: cudaFuncSetAttribute");
+  allow_dynamic_smem<gdn_decode_kernel<T, KT, BV>>(smem, "gdn_decode: cudaFuncSetAttribute");
   // Persistent grid: every CTA resident at once, each looping over its work items.
-  const int per_sm = std::min(min_ctas(KT), ctas_by_smem(sizeof(Shared<KT>) + smem));
-  const int64_t items = static_cast<int64_t>(p.B) * p.H * ((p.V + kBV - 1) / kBV);
+  const int per_sm = std::min(min_ctas(KT), ctas_by_smem(sizeof(Shared<KT, BV>) + smem));
+  const int64_t items = static_cast<int64_t>(p.B) * p.H * ((p.V + BV - 1) / BV);
   const int grid = static_cast<int>(std::min<int64_t>(items, static_cast<int64_t>(per_sm) * sm_count()));
-  launch_kernel(gdn_decode_kernel<T, KT>, dim3(grid), kThreads, smem, stream, p);
+  launch_kernel(gdn_decode_kernel<T, KT, BV>, dim3(grid), kThreads, smem, stream, p);
+}
+
+// 16-column tiles when the 32-column ones would leave SMs without an item (decode-1: 128 items at
+// 32 heads), so the state spreads over twice the CTAs; GKA_KERNELS_DECODE_TILES overrides it.
+template <typename T, int KT>
+void launch_tiles(const GdnParams& p, cudaStream_t stream) {
+  const TileWidth w = decode_tile_setting();
+  const int64_t wide_items = static_cast<int64_t>(p.B) * p.H * ((p.V + 31) / 32);
+  const bool narrow = w == TileWidth::kNarrow || (w == TileWidth::kAuto && wide_items < sm_count("gdn_decode: device query"));
+  if (narrow) launch<T, KT, 16>(p, stream);
+  else launch<T, KT, 32>(p, stream);
 }
 
 }  // namespace
@@ -318,9 +363,9 @@ void gdn_decode_launch(const GdnParams& p, int dtype, uintptr_t stream) {
   if (p.B == 0) return;
   dispatch_tag(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (p.K <= 64) launch<T, 64>(p, as_stream(stream));
-    else if (p.K <= 128) launch<T, 128>(p, as_stream(stream));
-    else launch<T, 256>(p, as_stream(stream));
+    if (p.K <= 64) launch_tiles<T, 64>(p, as_stream(stream));
+    else if (p.K <= 128) launch_tiles<T, 128>(p, as_stream(stream));
+    else launch_tiles<T, 256>(p, as_stream(stream));
   });
   check_launch("gdn_decode");
 }

@@ -4,14 +4,22 @@
 //     s = exp(dt A) s + dt x B^T ;  y = s C + D x ;  y = y * silu(z) (optional)
 // Rows p of the state are independent, so P is split across CTAs: grid (ceil(P / BP), H, B), 128
 // threads. Lanes run along N with one float4 each (a row of 128 floats is one warp instruction,
-// coalesced); a thread keeps 32 state values: RPT rows x VPT float4. The row sums s C are reduced
-// inside the warp by a butterfly (RPT values over the lanes of a row), so no shared-memory
-// reduction or barrier is needed inside the token loop.
+// coalesced); a thread keeps 32 state values (wide tiles: RPT rows x VPT float4), or 16 (narrow
+// tiles, taken when the wide grid would leave SMs without a CTA, as at decode-1: 128 CTAs for 32
+// heads of P = 128; GKA_KERNELS_DECODE_TILES overrides). The row sums s C are reduced inside the
+// warp by a butterfly (RPT values over the lanes of a row), so no shared-memory reduction or barrier
+// is needed inside the token loop. Load order: L1 prefetches of the token inputs, the slot indices,
+// every per-head scalar, the state, then the staged inputs. H200 (session 9, bench suite, bf16,
+// states from DRAM): decode-1 5.5 -> 5.2 us (prefetches and narrow tiles), decode-64 0.0728 ->
+// 0.0714 ms (prefetches).
 //
-// ptxas -v (sm_90, nvcc 13.0), kernel<input dtype, tile dims>; fp16 and fp32 inputs give the same:
-//   <bf16,64>          63 regs, 0/0 B spill st/ld, stack 0 B, static smem 8256 B
-//   <bf16,128>         63 regs, 0/0 B spill st/ld, stack 0 B, static smem 10304 B
-//   <bf16,256>         64 regs, 0/0 B spill st/ld, stack 0 B, static smem 17472 B
+// ptxas -v (sm_90, nvcc 13.0), kernel<input dtype, NT, wide>; fp16 and fp32 inputs give the same:
+//   <bf16,128,wide>    63 regs, 0/0 B spill st/ld, static smem 10304 B
+//   <bf16,128,narrow>  63 regs, 0/0 B spill st/ld, static smem 9280 B
+//   <bf16,64,wide>     63 regs, 0/0 B spill st/ld, static smem 8256 B
+//   <bf16,64,narrow>   64 regs, 0/0 B spill st/ld, static smem 6208 B
+//   <bf16,256,wide>    63 regs, 0/0 B spill st/ld, static smem 17472 B
+//   <bf16,256,narrow>  63 regs, 0/0 B spill st/ld, static smem 16960 B
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -21,21 +29,22 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 
-template <int NT>
+// Wide tiles: a thread keeps 8 float4 of state; narrow tiles (small batches): 4.
+template <int NT, bool WIDE>
 struct Layout {
   static constexpr int NV = NT / 4;                  // float4 per state row
   static constexpr int LPR = NV < 32 ? NV : 32;      // lanes per row
   static constexpr int VPT = NV / LPR;               // float4 per thread per row
   static constexpr int RPI = 32 / LPR;               // rows per warp instruction
-  static constexpr int RPT = 8 / VPT;                // rows per thread
+  static constexpr int RPT = (WIDE ? 8 : 4) / VPT;   // rows per thread
   static constexpr int BP = kWarps * RPI * RPT;      // rows per CTA
 };
 
 __device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
 
-template <typename T, int NT>
+template <typename T, int NT, bool WIDE>
 __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2Params p) {
-  using L = Layout<NT>;
+  using L = Layout<NT, WIDE>;
   __shared__ __align__(16) float Bs[kMaxDecodeTokens][NT];
   __shared__ __align__(16) float Cs[kMaxDecodeTokens][NT];
   __shared__ float xs[kMaxDecodeTokens][L::BP];
@@ -55,9 +64,18 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
   const int own_lrow = lrow0 + kWarps * L::RPI * own;
   const bool writer = (cg % SHARE) == 0 && p0 + own_lrow < P;
 
-  // Loads are issued in dependency order: the slot indices, then every per-head scalar (none of
-  // them depends on the slot, so their latency overlaps the index -> state chain instead of
-  // following it), then the state, then the staged inputs.
+  // Loads are issued in dependency order: L1 prefetches of the token inputs (B and C rows, this
+  // CTA's x and z rows; warp w takes tokens w, w + kWarps, ..., lane j line j of a row), the slot
+  // indices, every per-head scalar (none of these depends on the slot, so their latency overlaps
+  // the index -> state chain instead of following it), then the state, then the staged inputs.
+  for (int t = warp; t < Tn; t += kWarps) {
+    const int np = L::BP < P - p0 ? L::BP : P - p0;
+    prefetch_line(static_cast<const T*>(p.Bm) + b * p.sB.b + t * p.sB.t + (h / p.B_group) * p.sB.h, N * sizeof(T), lane);
+    prefetch_line(static_cast<const T*>(p.Cm) + b * p.sC.b + t * p.sC.t + (h / p.C_group) * p.sC.h, N * sizeof(T), lane);
+    prefetch_line(static_cast<const T*>(p.x) + b * p.sx.b + t * p.sx.t + (h / p.x_group) * p.sx.h + p0, np * sizeof(T),
+                  lane);
+    if (p.z) prefetch_line(static_cast<const T*>(p.z) + b * p.sz.b + t * p.sz.t + h * p.sz.h + p0, np * sizeof(T), lane);
+  }
   const int64_t src = load_index(p.src_idx, p.src64, b);
   const int64_t dst = load_index(p.dst_idx, p.dst64, b);
   float dt_raw = 0.f, dt_bias = 0.f, a_h = 0.f, dcoef = 0.f;
@@ -159,11 +177,23 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
   }
 }
 
-template <typename T, int NT>
+template <typename T, int NT, bool WIDE>
 void launch(const Mamba2Params& p, cudaStream_t stream) {
-  constexpr int BP = Layout<NT>::BP;
+  constexpr int BP = Layout<NT, WIDE>::BP;
   const dim3 grid((p.P + BP - 1) / BP, p.H, p.B);
-  launch_kernel(mamba2_decode_kernel<T, NT>, grid, kThreads, 0, stream, p);
+  launch_kernel(mamba2_decode_kernel<T, NT, WIDE>, grid, kThreads, 0, stream, p);
+}
+
+// Narrow tiles when the wide ones would leave SMs without a CTA (decode-1: 128 CTAs at 64 heads of
+// P = 64), so the state spreads over twice the CTAs; GKA_KERNELS_DECODE_TILES overrides it.
+template <typename T, int NT>
+void launch_tiles(const Mamba2Params& p, cudaStream_t stream) {
+  const TileWidth w = decode_tile_setting();
+  constexpr int BP = Layout<NT, true>::BP;
+  const int64_t wide_ctas = static_cast<int64_t>(p.B) * p.H * ((p.P + BP - 1) / BP);
+  const bool narrow = w == TileWidth::kNarrow || (w == TileWidth::kAuto && wide_ctas < sm_count("mamba2_decode: device query"));
+  if (narrow) launch<T, NT, false>(p, stream);
+  else launch<T, NT, true>(p, stream);
 }
 
 }  // namespace
@@ -176,9 +206,9 @@ void mamba2_decode_launch(const Mamba2Params& p, int dtype, uintptr_t stream) {
   if (p.B == 0) return;
   dispatch_tag(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    if (p.N <= 64) launch<T, 64>(p, as_stream(stream));
-    else if (p.N <= 128) launch<T, 128>(p, as_stream(stream));
-    else launch<T, 256>(p, as_stream(stream));
+    if (p.N <= 64) launch_tiles<T, 64>(p, as_stream(stream));
+    else if (p.N <= 128) launch_tiles<T, 128>(p, as_stream(stream));
+    else launch_tiles<T, 256>(p, as_stream(stream));
   });
   check_launch("mamba2_decode");
 }

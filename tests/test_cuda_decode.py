@@ -562,6 +562,37 @@ def test_production_tiles_in_host_emulation(emulated_ext):
               dst_mode="separate", num_iter=30)
 
 
+@pytest.mark.parametrize("tiles", ["wide", "narrow"])
+def test_decode_tile_settings_in_host_emulation(emulated_ext, monkeypatch, tiles):
+    """GKA_KERNELS_DECODE_TILES forces the GDN / Mamba-2 tile width: both widths at every tile size
+    (GDN K = 36, 128, 200; Mamba-2 N = 32, 72, 128, 256), V and P not multiples of a tile."""
+    monkeypatch.setenv("GKA_KERNELS_DECODE_TILES", tiles)
+    gdn, mamba2 = _emulated(emulated_ext, "gdn"), _emulated(emulated_ext, "mamba2")
+    check_gdn(gdn, "cpu", dtype=torch.float32, Tn=3, layout=(4, 2, 2, 36, 40), dst_mode="inplace")
+    check_gdn(gdn, "cpu", dtype=torch.bfloat16, Tn=1, layout=(2, 2, 1, 128, 128), dst_mode="separate")
+    check_gdn(gdn, "cpu", dtype=torch.float16, Tn=2, layout=(2, 2, 1, 200, 52), dst_mode="separate")
+    check_mamba2(mamba2, "cpu", dtype=torch.float32, Tn=2, layout=(4, 2, 2, 4, 24, 32, True, True, (0.02, 0.4)),
+                 dst_mode="inplace")
+    check_mamba2(mamba2, "cpu", dtype=torch.float32, Tn=2, layout=(4, 4, 1, 2, 8, 72, False, False, (0.0, math.inf)),
+                 dst_mode="separate")
+    check_mamba2(mamba2, "cpu", dtype=torch.bfloat16, Tn=1, layout=(2, 2, 1, 1, 40, 128, False, True, (0.0, math.inf)),
+                 dst_mode="separate")
+    check_mamba2(mamba2, "cpu", dtype=torch.float32, Tn=1, layout=(2, 2, 1, 1, 12, 256, False, True, (0.0, math.inf)),
+                 dst_mode="inplace")
+
+
+@pytest.mark.parametrize("setting", ["", "half", "16"])
+def test_decode_tile_setting_rejected(emulated_ext, monkeypatch, setting):
+    """An unknown GKA_KERNELS_DECODE_TILES is a ValueError naming it, raised before any launch."""
+    monkeypatch.setenv("GKA_KERNELS_DECODE_TILES", setting)
+    src, dst = _indices("separate", "cpu")
+    for op, inp in (("gdn", gdn_inputs(seed=1)), ("mamba2", mamba2_inputs(seed=2))):
+        before = inp["state_pool"].clone()
+        with pytest.raises(ValueError, match="GKA_KERNELS_DECODE_TILES"):
+            _emulated(emulated_ext, op)(**inp, state_indices=src, dst_state_indices=dst)
+        assert torch.equal(inp["state_pool"], before)
+
+
 def test_state_copy_kernel_in_host_emulation(emulated_ext):
     src = torch.randn(5, 3, 4, 8)
     dst = torch.randn(5, 3, 4, 8)
@@ -680,6 +711,21 @@ def test_mamba2_decode_single_token_form_views_and_cuda_graph(cuda_ext):
                              dt_bias=dt_bias, dt_softplus=True, out=out)
 
     _graph_equals_eager(step, [pool4])
+
+
+@gpu
+@pytest.mark.parametrize("tiles", ["wide", "narrow"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_tile_settings(cuda_ext, monkeypatch, tiles, dtype):
+    """Both tile widths of the GDN and Mamba-2 steps against the references, every layout, 1 and 4
+    tokens, in place."""
+    monkeypatch.setenv("GKA_KERNELS_DECODE_TILES", tiles)
+    for Tn in (1, 4):
+        for layout in GDN_LAYOUTS.values():
+            check_gdn(gdn_decode, "cuda", dtype=dtype, Tn=Tn, layout=layout, dst_mode="inplace", seed=Tn + layout[3])
+        for layout in MAMBA_LAYOUTS.values():
+            check_mamba2(mamba2_decode, "cuda", dtype=dtype, Tn=Tn, layout=layout, dst_mode="inplace",
+                         seed=Tn + layout[4])
 
 
 GKA_CASES = [  # Tn, (H, Hq, HKV, K, V)
