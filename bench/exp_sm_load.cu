@@ -11,14 +11,16 @@
 // copies shared -> global. Times are per launch, from CUDA-graph replay of back-to-back launches
 // (the empty kernel's replay time is printed as the floor), plus the median over CTAs of the
 // cycles from kernel entry until the data is in registers / shared memory (clock64, thread 0).
+// Last, the replay time of an empty 256-CTA kernel by the size of its parameter block.
 //
-//     nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/exp_sm_load bench/exp_sm_load.cu && /tmp/exp_sm_load
-// Prints one JSON object.
+//     nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/exp_sm_load bench/exp_sm_load.cu && /tmp/exp_sm_load [params]
+// ("params": only the parameter-size part). Prints one JSON object.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #define CHECK(x)                                                                          \
@@ -122,6 +124,46 @@ __global__ void __launch_bounds__(kThreads, 1) load_kernel(const float4* src, fl
   if (acc == 1234.5f) sink[threadIdx.x] = acc;  // keeps the loads (never true for the data used)
 }
 
+// An empty kernel whose by-value parameter block is BYTES long (the decode kernels pass 0.2-1 KB
+// structs; the loads above pass 32 B).
+template <int BYTES>
+struct Params {
+  float* sink;
+  char pad[BYTES - sizeof(float*)];
+};
+template <int BYTES>
+__global__ void params_kernel(const Params<BYTES> p) {
+  if (threadIdx.x == 1024) p.sink[0] = p.pad[0];  // never true: keeps the parameter
+}
+
+template <int BYTES>
+double time_params(int ctas, float* sink, cudaStream_t st) {
+  Params<BYTES> p{};
+  p.sink = sink;
+  cudaGraph_t g;
+  cudaGraphExec_t ge;
+  const int launches = 256;
+  CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+  for (int i = 0; i < launches; ++i) params_kernel<BYTES><<<ctas, kThreads, 0, st>>>(p);
+  CHECK(cudaStreamEndCapture(st, &g));
+  CHECK(cudaGraphInstantiate(&ge, g, 0));
+  CHECK(cudaGraphLaunch(ge, st));
+  CHECK(cudaStreamSynchronize(st));
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  const int reps = 10;
+  CHECK(cudaEventRecord(a, st));
+  for (int r = 0; r < reps; ++r) CHECK(cudaGraphLaunch(ge, st));
+  CHECK(cudaEventRecord(b, st));
+  CHECK(cudaEventSynchronize(b));
+  float ms = 0.f;
+  CHECK(cudaEventElapsedTime(&ms, a, b));
+  CHECK(cudaGraphExecDestroy(ge));
+  CHECK(cudaGraphDestroy(g));
+  return 1000.0 * ms / (reps * launches);
+}
+
 struct Result {
   const char* method;
   int ctas, bytes, write;
@@ -172,7 +214,8 @@ void sweep(std::vector<Result>& out, int ctas, char* src, char* dst, size_t pool
   out.push_back(measure<kTma, BYTES, WRITE>("tma", ctas, src, dst, pool, sink, cyc, st));
 }
 
-int main() {
+int main(int argc, char** argv) {
+  const bool sweep_loads = !(argc > 1 && std::string(argv[1]) == "params");
   const size_t pool = static_cast<size_t>(1) << 30;  // 1 GiB per buffer: >= 256 sets or 16x L2
   char *src, *dst;
   float* sink;
@@ -187,6 +230,7 @@ int main() {
   std::vector<Result> res;
   res.push_back(measure<kEmpty, 16384, false>("empty", 32, src, dst, pool, sink, cycles, st));
   for (int ctas : {32, 64, 128}) {
+    if (!sweep_loads) break;
     sweep<16384, false>(res, ctas, src, dst, pool, sink, cycles, st);
     sweep<16384, true>(res, ctas, src, dst, pool, sink, cycles, st);
     sweep<65536, false>(res, ctas, src, dst, pool, sink, cycles, st);
@@ -194,6 +238,8 @@ int main() {
     sweep<131072, false>(res, ctas, src, dst, pool, sink, cycles, st);
     sweep<131072, true>(res, ctas, src, dst, pool, sink, cycles, st);
   }
+  const double p32 = time_params<32>(256, sink, st), p256 = time_params<256>(256, sink, st);
+  const double p1k = time_params<1024>(256, sink, st), p4k = time_params<4096>(256, sink, st);
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   int clock_khz = 0;
@@ -204,6 +250,7 @@ int main() {
     std::printf("  {\"method\": \"%s\", \"ctas\": %d, \"bytes\": %d, \"write\": %d, \"us\": %.3f, \"cycles_to_data\": %.0f}%s\n",
                 res[i].method, res[i].ctas, res[i].bytes, res[i].write, res[i].us, res[i].cycles_median,
                 i + 1 < res.size() ? "," : "");
-  std::printf("]}\n");
+  std::printf("], \"empty_kernel_us_by_param_bytes\": {\"32\": %.3f, \"256\": %.3f, \"1024\": %.3f, \"4096\": %.3f}}\n",
+              p32, p256, p1k, p4k);
   return 0;
 }

@@ -20,6 +20,7 @@
 //   <bf16,64,narrow>   64 regs, 0/0 B spill st/ld, static smem 6208 B
 //   <bf16,256,wide>    63 regs, 0/0 B spill st/ld, static smem 17472 B
 //   <bf16,256,narrow>  63 regs, 0/0 B spill st/ld, static smem 16960 B
+//   token kernel <bf16,128> 59 regs, <bf16,64> 63 regs, <bf16,256> 63 regs, 0/0 B spill st/ld, no smem
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -177,10 +178,106 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
   }
 }
 
+// Single-token step (Tn = 1) with narrow tiles (decode-1), no shared memory and no barrier: every lane
+// loads its own columns of B and C (4 per float4 of state), the x of its rows and the z and D of its
+// output row, and computes dt and exp(dt A) itself (the same scalars in every lane, served by L1).
+// All of these loads are issued before the state's, which wait on the slot index. The new state is
+// stored right after its update, before the row sums. H200 (session 9, bench suite, bf16, states
+// from DRAM): decode-1 5.1 -> 4.9 us against the staged kernel with the same tiles.
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, 8) mamba2_decode_token_kernel(const Mamba2Params p) {
+  using L = Layout<NT, false>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int cg = lane % L::LPR, rgl = lane / L::LPR;
+  const int lrow0 = warp * L::RPI + rgl;  // local row of i = 0; row i is lrow0 + kWarps * RPI * i
+  const int b = blockIdx.z, h = blockIdx.y, p0 = blockIdx.x * L::BP;
+  const int P = p.P, N = p.N;
+  T* out = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h;
+  constexpr int SHARE = L::LPR / L::RPT > 1 ? L::LPR / L::RPT : 1;
+  const int own_lrow = lrow0 + kWarps * L::RPI * butterfly_first<L::RPT, L::LPR, 1>(lane);
+  const bool writer = (cg % SHARE) == 0 && p0 + own_lrow < P;
+
+  const int64_t src = load_index(p.src_idx, p.src64, b);
+  const int64_t dst = load_index(p.dst_idx, p.dst64, b);
+  float d = load_scalar(p.dt, p.dt_dtype, b * p.sdt.b + h * p.sdt.h);
+  if (p.dt_bias) d += load_scalar(p.dt_bias, p.dt_bias_dtype, h);
+  const float a_h = load_scalar(p.A, p.A_dtype, h);
+  const T* bp = static_cast<const T*>(p.Bm) + b * p.sB.b + (h / p.B_group) * p.sB.h;
+  const T* cp = static_cast<const T*>(p.Cm) + b * p.sC.b + (h / p.C_group) * p.sC.h;
+  const T* xp = static_cast<const T*>(p.x) + b * p.sx.b + (h / p.x_group) * p.sx.h + p0;
+  float4 Bv[L::VPT], Cv[L::VPT];
+#pragma unroll
+  for (int j = 0; j < L::VPT; ++j) {
+    const int c = 4 * (cg + L::LPR * j);
+    const bool ok = c < N;  // N is a multiple of 4
+    Bv[j] = ok ? make_float4(to_float(bp[c]), to_float(bp[c + 1]), to_float(bp[c + 2]), to_float(bp[c + 3]))
+               : make_float4(0.f, 0.f, 0.f, 0.f);
+    Cv[j] = ok ? make_float4(to_float(cp[c]), to_float(cp[c + 1]), to_float(cp[c + 2]), to_float(cp[c + 3]))
+               : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  float xr[L::RPT];
+#pragma unroll
+  for (int i = 0; i < L::RPT; ++i) {
+    const int r = lrow0 + kWarps * L::RPI * i;
+    xr[i] = p0 + r < P ? to_float(xp[r]) : 0.f;
+  }
+  float x_own = 0.f, gate = 1.f, dcoef = 0.f;
+  if (writer) {
+    x_own = to_float(xp[own_lrow]);
+    if (p.z) {
+      const float zv = to_float(static_cast<const T*>(p.z)[b * p.sz.b + h * p.sz.h + p0 + own_lrow]);
+      gate = zv / (1.f + __expf(-zv));
+    }
+    if (p.D) dcoef = load_scalar(p.D, p.D_dtype, h * p.D_stride_h + (p0 + own_lrow) * p.D_stride_p);
+  }
+
+  if (src < 0) {  // padding sequence: state untouched, output 0
+    if (writer) out[p0 + own_lrow] = from_float<T>(0.f);
+    return;
+  }
+  const int64_t head_off = ((int64_t)h * P + p0) * N;
+  const int64_t slot_stride = (int64_t)p.H * P * N;
+  float4 s[L::RPT][L::VPT];
+  const float* s_in = p.state + src * slot_stride + head_off;
+#pragma unroll
+  for (int i = 0; i < L::RPT; ++i)
+#pragma unroll
+    for (int j = 0; j < L::VPT; ++j) {
+      const int r = lrow0 + kWarps * L::RPI * i, c = 4 * (cg + L::LPR * j);
+      s[i][j] = (p0 + r < P && c < N) ? *reinterpret_cast<const float4*>(s_in + (int64_t)r * N + c)
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+
+  if (p.softplus) d = softplus(d);
+  d = fminf(fmaxf(d, p.dt_min), p.dt_max);
+  const float dA = __expf(d * a_h);
+  float* s_out = p.state + dst * slot_stride + head_off;
+  float part[L::RPT];
+#pragma unroll
+  for (int i = 0; i < L::RPT; ++i) {
+    const int r = lrow0 + kWarps * L::RPI * i;
+    part[i] = 0.f;
+#pragma unroll
+    for (int j = 0; j < L::VPT; ++j) {
+      const int c = 4 * (cg + L::LPR * j);
+      s[i][j] = fma4(d * xr[i], Bv[j], scale4(dA, s[i][j]));
+      if (dst >= 0 && p0 + r < P && c < N) *reinterpret_cast<float4*>(s_out + (int64_t)r * N + c) = s[i][j];
+      part[i] = dot4(s[i][j], Cv[j], part[i]);
+    }
+  }
+  butterfly_reduce<L::RPT, L::LPR, 1>(part);
+  if (writer) out[p0 + own_lrow] = from_float<T>(fmaf(dcoef, x_own, part[0]) * gate);
+}
+
 template <typename T, int NT, bool WIDE>
 void launch(const Mamba2Params& p, cudaStream_t stream) {
   constexpr int BP = Layout<NT, WIDE>::BP;
   const dim3 grid((p.P + BP - 1) / BP, p.H, p.B);
+  // The single-token kernel only with narrow tiles: with wide ones it spills (64-register budget)
+  // and was slower than the staged kernel (H200, session 9: decode-64 0.0745 vs 0.0716 ms).
+  if constexpr (!WIDE) {
+    if (p.Tn == 1) return launch_kernel(mamba2_decode_token_kernel<T, NT>, grid, kThreads, 0, stream, p);
+  }
   launch_kernel(mamba2_decode_kernel<T, NT, WIDE>, grid, kThreads, 0, stream, p);
 }
 
