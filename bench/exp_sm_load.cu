@@ -10,7 +10,9 @@
 // Writes: ldg stores from registers, cpasync from shared memory by the same threads, tma by bulk
 // copies shared -> global. Times are per launch, from CUDA-graph replay of back-to-back launches
 // (the empty kernel's replay time is printed as the floor), plus the median over CTAs of the
-// cycles from kernel entry until the data is in registers / shared memory (clock64, thread 0).
+// cycles from kernel entry until the data is in registers / shared memory (clock64, thread 0; for
+// ldg with write-back the compiler reads the clock before the loads complete, so that column means
+// nothing there).
 // Last, the replay time of an empty 256-CTA kernel by the size of its parameter block.
 //
 //     nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/exp_sm_load bench/exp_sm_load.cu && /tmp/exp_sm_load [params]
@@ -124,27 +126,14 @@ __global__ void __launch_bounds__(kThreads, 1) load_kernel(const float4* src, fl
   if (acc == 1234.5f) sink[threadIdx.x] = acc;  // keeps the loads (never true for the data used)
 }
 
-// An empty kernel whose by-value parameter block is BYTES long (the decode kernels pass 0.2-1 KB
-// structs; the loads above pass 32 B).
-template <int BYTES>
-struct Params {
-  float* sink;
-  char pad[BYTES - sizeof(float*)];
-};
-template <int BYTES>
-__global__ void params_kernel(const Params<BYTES> p) {
-  if (threadIdx.x == 1024) p.sink[0] = p.pad[0];  // never true: keeps the parameter
-}
-
-template <int BYTES>
-double time_params(int ctas, float* sink, cudaStream_t st) {
-  Params<BYTES> p{};
-  p.sink = sink;
+// Microseconds per launch of `launches` launches (enqueue(i) issues the i-th on `st`) captured in
+// one CUDA graph, replayed 10 times after a warm-up replay.
+template <typename Enqueue>
+double graph_us(cudaStream_t st, int launches, Enqueue enqueue) {
   cudaGraph_t g;
   cudaGraphExec_t ge;
-  const int launches = 256;
   CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-  for (int i = 0; i < launches; ++i) params_kernel<BYTES><<<ctas, kThreads, 0, st>>>(p);
+  for (int i = 0; i < launches; ++i) enqueue(i);
   CHECK(cudaStreamEndCapture(st, &g));
   CHECK(cudaGraphInstantiate(&ge, g, 0));
   CHECK(cudaGraphLaunch(ge, st));
@@ -164,6 +153,25 @@ double time_params(int ctas, float* sink, cudaStream_t st) {
   return 1000.0 * ms / (reps * launches);
 }
 
+// An empty kernel whose by-value parameter block is BYTES long (the decode kernels pass 0.2-1 KB
+// structs; the loads above pass 32 B).
+template <int BYTES>
+struct Params {
+  float* sink;
+  char pad[BYTES - sizeof(float*)];
+};
+template <int BYTES>
+__global__ void params_kernel(const Params<BYTES> p) {
+  if (threadIdx.x == 1024) p.sink[0] = p.pad[0];  // never true: keeps the parameter
+}
+
+template <int BYTES>
+double time_params(int ctas, float* sink, cudaStream_t st) {
+  Params<BYTES> p{};
+  p.sink = sink;
+  return graph_us(st, 256, [&](int) { params_kernel<BYTES><<<ctas, kThreads, 0, st>>>(p); });
+}
+
 struct Result {
   const char* method;
   int ctas, bytes, write;
@@ -178,32 +186,14 @@ Result measure(const char* name, int ctas, char* src, char* dst, size_t pool, fl
   CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const size_t set = static_cast<size_t>(ctas) * BYTES;
   const int sets = static_cast<int>(std::min<size_t>(256, pool / set));
-  cudaGraph_t g;
-  cudaGraphExec_t ge;
-  CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-  for (int i = 0; i < sets; ++i)
+  const double us = graph_us(st, sets, [&](int i) {
     kern<<<ctas, kThreads, smem, st>>>(reinterpret_cast<const float4*>(src + i * set),
                                        reinterpret_cast<float4*>(dst + i * set), sink, cycles);
-  CHECK(cudaStreamEndCapture(st, &g));
-  CHECK(cudaGraphInstantiate(&ge, g, 0));
-  CHECK(cudaGraphLaunch(ge, st));  // warm-up
-  CHECK(cudaStreamSynchronize(st));
-  cudaEvent_t a, b;
-  CHECK(cudaEventCreate(&a));
-  CHECK(cudaEventCreate(&b));
-  const int reps = 10;
-  CHECK(cudaEventRecord(a, st));
-  for (int r = 0; r < reps; ++r) CHECK(cudaGraphLaunch(ge, st));
-  CHECK(cudaEventRecord(b, st));
-  CHECK(cudaEventSynchronize(b));
-  float ms = 0.f;
-  CHECK(cudaEventElapsedTime(&ms, a, b));
+  });
   std::vector<long long> cyc(ctas);
   CHECK(cudaMemcpy(cyc.data(), cycles, ctas * sizeof(long long), cudaMemcpyDeviceToHost));
   std::sort(cyc.begin(), cyc.end());
-  CHECK(cudaGraphExecDestroy(ge));
-  CHECK(cudaGraphDestroy(g));
-  return Result{name, ctas, BYTES, WRITE ? 1 : 0, 1000.0 * ms / (reps * sets), static_cast<double>(cyc[ctas / 2])};
+  return Result{name, ctas, BYTES, WRITE ? 1 : 0, us, static_cast<double>(cyc[ctas / 2])};
 }
 
 template <int BYTES, bool WRITE>

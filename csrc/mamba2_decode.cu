@@ -41,6 +41,22 @@ struct Layout {
   static constexpr int BP = kWarps * RPI * RPT;      // rows per CTA
 };
 
+// This thread's part of a CTA's state tile (`tile`: the tile's first row, rows of N floats): rows
+// lrow0 + kWarps * RPI * i (i < RPT), float4 columns cg + LPR * j (j < VPT); zero outside the
+// `rows` valid rows and N columns.
+template <typename L>
+__device__ __forceinline__ void load_state(const float* tile, int rows, int N, int lrow0, int cg,
+                                           float4 (&s)[L::RPT][L::VPT]) {
+#pragma unroll
+  for (int i = 0; i < L::RPT; ++i)
+#pragma unroll
+    for (int j = 0; j < L::VPT; ++j) {
+      const int r = lrow0 + kWarps * L::RPI * i, c = 4 * (cg + L::LPR * j);
+      s[i][j] = r < rows && c < N ? *reinterpret_cast<const float4*>(tile + (int64_t)r * N + c)
+                                  : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+}
+
 __device__ __forceinline__ float softplus(float x) { return x <= 20.f ? log1pf(__expf(x)) : x; }
 
 template <typename T, int NT, bool WIDE>
@@ -98,17 +114,7 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
   const int64_t slot_stride = (int64_t)p.H * P * N;
 
   float4 s[L::RPT][L::VPT];
-  {
-    const float* s_in = p.state + src * slot_stride + head_off;
-#pragma unroll
-    for (int i = 0; i < L::RPT; ++i)
-#pragma unroll
-      for (int j = 0; j < L::VPT; ++j) {
-        const int r = lrow0 + kWarps * L::RPI * i, c = 4 * (cg + L::LPR * j);
-        s[i][j] = (p0 + r < P && c < N) ? *reinterpret_cast<const float4*>(s_in + (int64_t)r * N + c)
-                                        : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-  }
+  load_state<L>(p.state + src * slot_stride + head_off, P - p0, N, lrow0, cg, s);
 
   // Stage the step's inputs (B, C zero-padded to NT so padded state columns stay 0).
   const int hb = h / p.B_group, hc = h / p.C_group, hx = h / p.x_group;
@@ -238,15 +244,7 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_token_kernel(const 
   const int64_t head_off = ((int64_t)h * P + p0) * N;
   const int64_t slot_stride = (int64_t)p.H * P * N;
   float4 s[L::RPT][L::VPT];
-  const float* s_in = p.state + src * slot_stride + head_off;
-#pragma unroll
-  for (int i = 0; i < L::RPT; ++i)
-#pragma unroll
-    for (int j = 0; j < L::VPT; ++j) {
-      const int r = lrow0 + kWarps * L::RPI * i, c = 4 * (cg + L::LPR * j);
-      s[i][j] = (p0 + r < P && c < N) ? *reinterpret_cast<const float4*>(s_in + (int64_t)r * N + c)
-                                      : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
+  load_state<L>(p.state + src * slot_stride + head_off, P - p0, N, lrow0, cg, s);
 
   if (p.softplus) d = softplus(d);
   d = fminf(fmaxf(d, p.dt_min), p.dt_max);
