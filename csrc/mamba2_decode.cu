@@ -10,8 +10,8 @@
 // warp by a butterfly (RPT values over the lanes of a row), so no shared-memory reduction or barrier
 // is needed inside the token loop. Load order: L1 prefetches of the token inputs, the slot indices,
 // every per-head scalar, the state, then the staged inputs. H200 (session 9, bench suite, bf16,
-// states from DRAM): decode-1 5.5 -> 5.2 us (prefetches and narrow tiles), decode-64 0.0728 ->
-// 0.0714 ms (prefetches).
+// states from DRAM): decode-1 5.5 -> 5.2 us (prefetches and narrow tiles) -> 3.9 us (the
+// single-token kernel below), decode-64 0.0728 -> 0.0714 ms (prefetches).
 //
 // ptxas -v (sm_90, nvcc 13.0), kernel<input dtype, NT, wide>; fp16 and fp32 inputs give the same:
 //   <bf16,128,wide>    63 regs, 0/0 B spill st/ld, static smem 10304 B
@@ -20,7 +20,8 @@
 //   <bf16,64,narrow>   64 regs, 0/0 B spill st/ld, static smem 6208 B
 //   <bf16,256,wide>    63 regs, 0/0 B spill st/ld, static smem 17472 B
 //   <bf16,256,narrow>  63 regs, 0/0 B spill st/ld, static smem 16960 B
-//   token kernel <bf16,128> 59 regs, <bf16,64> 63 regs, <bf16,256> 63 regs, 0/0 B spill st/ld, no smem
+//   token kernel <bf16,128> 55 regs, <bf16,64> 62 regs, <bf16,256> 62 regs, 0/0 B spill st/ld, no smem
+//   (with the build's --use_fast_math)
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -187,9 +188,12 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_kernel(const Mamba2
 // Single-token step (Tn = 1) with narrow tiles (decode-1), no shared memory and no barrier: every lane
 // loads its own columns of B and C (4 per float4 of state), the x of its rows and the z and D of its
 // output row, and computes dt and exp(dt A) itself (the same scalars in every lane, served by L1).
-// All of these loads are issued before the state's, which wait on the slot index. The new state is
-// stored right after its update, before the row sums. H200 (session 9, bench suite, bf16, states
-// from DRAM): decode-1 5.1 -> 4.9 us against the staged kernel with the same tiles.
+// Load order: the slot index (the padding test waits for it), the state, then every input, and no
+// loaded value is used before all of them are issued (a bf16 -> float conversion is a use: placed
+// earlier it made each lane wait for its input loads before it could issue the state's). The new
+// state is stored right after its update, before the row sums. H200 (session 9, suite, bf16,
+// states from DRAM): decode-1 5.0 us with the inputs loaded and converted before the state, 3.9 us
+// in this order (Triton and mamba_ssm 3.7 us).
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_token_kernel(const Mamba2Params p) {
   using L = Layout<NT, false>;
@@ -205,38 +209,6 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_token_kernel(const 
 
   const int64_t src = load_index(p.src_idx, p.src64, b);
   const int64_t dst = load_index(p.dst_idx, p.dst64, b);
-  float d = load_scalar(p.dt, p.dt_dtype, b * p.sdt.b + h * p.sdt.h);
-  if (p.dt_bias) d += load_scalar(p.dt_bias, p.dt_bias_dtype, h);
-  const float a_h = load_scalar(p.A, p.A_dtype, h);
-  const T* bp = static_cast<const T*>(p.Bm) + b * p.sB.b + (h / p.B_group) * p.sB.h;
-  const T* cp = static_cast<const T*>(p.Cm) + b * p.sC.b + (h / p.C_group) * p.sC.h;
-  const T* xp = static_cast<const T*>(p.x) + b * p.sx.b + (h / p.x_group) * p.sx.h + p0;
-  float4 Bv[L::VPT], Cv[L::VPT];
-#pragma unroll
-  for (int j = 0; j < L::VPT; ++j) {
-    const int c = 4 * (cg + L::LPR * j);
-    const bool ok = c < N;  // N is a multiple of 4
-    Bv[j] = ok ? make_float4(to_float(bp[c]), to_float(bp[c + 1]), to_float(bp[c + 2]), to_float(bp[c + 3]))
-               : make_float4(0.f, 0.f, 0.f, 0.f);
-    Cv[j] = ok ? make_float4(to_float(cp[c]), to_float(cp[c + 1]), to_float(cp[c + 2]), to_float(cp[c + 3]))
-               : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  float xr[L::RPT];
-#pragma unroll
-  for (int i = 0; i < L::RPT; ++i) {
-    const int r = lrow0 + kWarps * L::RPI * i;
-    xr[i] = p0 + r < P ? to_float(xp[r]) : 0.f;
-  }
-  float x_own = 0.f, gate = 1.f, dcoef = 0.f;
-  if (writer) {
-    x_own = to_float(xp[own_lrow]);
-    if (p.z) {
-      const float zv = to_float(static_cast<const T*>(p.z)[b * p.sz.b + h * p.sz.h + p0 + own_lrow]);
-      gate = zv / (1.f + __expf(-zv));
-    }
-    if (p.D) dcoef = load_scalar(p.D, p.D_dtype, h * p.D_stride_h + (p0 + own_lrow) * p.D_stride_p);
-  }
-
   if (src < 0) {  // padding sequence: state untouched, output 0
     if (writer) out[p0 + own_lrow] = from_float<T>(0.f);
     return;
@@ -246,6 +218,35 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_token_kernel(const 
   float4 s[L::RPT][L::VPT];
   load_state<L>(p.state + src * slot_stride + head_off, P - p0, N, lrow0, cg, s);
 
+  const float dt_raw = load_scalar(p.dt, p.dt_dtype, b * p.sdt.b + h * p.sdt.h);
+  const float dt_bias = p.dt_bias ? load_scalar(p.dt_bias, p.dt_bias_dtype, h) : 0.f;
+  const float a_h = load_scalar(p.A, p.A_dtype, h);
+  const T* bp = static_cast<const T*>(p.Bm) + b * p.sB.b + (h / p.B_group) * p.sB.h;
+  const T* cp = static_cast<const T*>(p.Cm) + b * p.sC.b + (h / p.C_group) * p.sC.h;
+  const T* xp = static_cast<const T*>(p.x) + b * p.sx.b + (h / p.x_group) * p.sx.h + p0;
+  T braw[L::VPT][4], craw[L::VPT][4], xraw[L::RPT];  // converted to float once all are issued
+#pragma unroll
+  for (int j = 0; j < L::VPT; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int c = 4 * (cg + L::LPR * j) + e;  // N is a multiple of 4
+      braw[j][e] = c < N ? bp[c] : from_float<T>(0.f);
+      craw[j][e] = c < N ? cp[c] : from_float<T>(0.f);
+    }
+#pragma unroll
+  for (int i = 0; i < L::RPT; ++i) {
+    const int r = lrow0 + kWarps * L::RPI * i;
+    xraw[i] = p0 + r < P ? xp[r] : from_float<T>(0.f);
+  }
+  T x_own = from_float<T>(0.f), z_own = from_float<T>(0.f);
+  float dcoef = 0.f;
+  if (writer) {
+    x_own = xp[own_lrow];
+    if (p.z) z_own = static_cast<const T*>(p.z)[b * p.sz.b + h * p.sz.h + p0 + own_lrow];
+    if (p.D) dcoef = load_scalar(p.D, p.D_dtype, h * p.D_stride_h + (p0 + own_lrow) * p.D_stride_p);
+  }
+
+  float d = dt_raw + dt_bias;
   if (p.softplus) d = softplus(d);
   d = fminf(fmaxf(d, p.dt_min), p.dt_max);
   const float dA = __expf(d * a_h);
@@ -254,17 +255,23 @@ __global__ void __launch_bounds__(kThreads, 8) mamba2_decode_token_kernel(const 
 #pragma unroll
   for (int i = 0; i < L::RPT; ++i) {
     const int r = lrow0 + kWarps * L::RPI * i;
+    const float coef = d * to_float(xraw[i]);
     part[i] = 0.f;
 #pragma unroll
     for (int j = 0; j < L::VPT; ++j) {
       const int c = 4 * (cg + L::LPR * j);
-      s[i][j] = fma4(d * xr[i], Bv[j], scale4(dA, s[i][j]));
+      const float4 bv = make_float4(to_float(braw[j][0]), to_float(braw[j][1]), to_float(braw[j][2]), to_float(braw[j][3]));
+      const float4 cv = make_float4(to_float(craw[j][0]), to_float(craw[j][1]), to_float(craw[j][2]), to_float(craw[j][3]));
+      s[i][j] = fma4(coef, bv, scale4(dA, s[i][j]));
       if (dst >= 0 && p0 + r < P && c < N) *reinterpret_cast<float4*>(s_out + (int64_t)r * N + c) = s[i][j];
-      part[i] = dot4(s[i][j], Cv[j], part[i]);
+      part[i] = dot4(s[i][j], cv, part[i]);
     }
   }
   butterfly_reduce<L::RPT, L::LPR, 1>(part);
-  if (writer) out[p0 + own_lrow] = from_float<T>(fmaf(dcoef, x_own, part[0]) * gate);
+  if (writer) {
+    const float z = to_float(z_own), gate = p.z ? z / (1.f + __expf(-z)) : 1.f;
+    out[p0 + own_lrow] = from_float<T>(fmaf(dcoef, to_float(x_own), part[0]) * gate);
+  }
 }
 
 template <typename T, int NT, bool WIDE>

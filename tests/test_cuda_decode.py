@@ -338,12 +338,21 @@ def _expand(t: torch.Tensor, H: int) -> torch.Tensor:
     return t.repeat_interleave(H // t.shape[2], dim=2)
 
 
-def check_gdn(run, device, *, dtype, Tn, layout, dst_mode, l2norm=True, scale=None, seed=0):
+def _gates_as(inp: dict, names: tuple[str, ...], gate_dtype: torch.dtype | None) -> None:
+    """Casts the per-head scalar inputs ``names`` of ``inp`` to ``gate_dtype`` (None: keep float32);
+    the references then read the rounded values."""
+    for n in names:
+        if gate_dtype is not None and inp[n] is not None:
+            inp[n] = inp[n].to(gate_dtype)
+
+
+def check_gdn(run, device, *, dtype, Tn, layout, dst_mode, l2norm=True, scale=None, seed=0, gate_dtype=None):
     """``run`` takes gdn_decode's keywords; layout = (H, Hq, HKV, K, V)."""
     from gka_kernels.reference.gdn import gated_delta_rule_ref
 
     H, Hq, HKV, K, V = layout
     inp = gdn_inputs(Tn=Tn, H=H, Hq=Hq, HKV=HKV, K=K, V=V, dtype=dtype, device=device, seed=seed)
+    _gates_as(inp, ("g", "beta"), gate_dtype)
     if not l2norm:
         inp["q"], inp["k"] = F.normalize(inp["q"], dim=-1), F.normalize(inp["k"], dim=-1)
     src, dst = _indices(dst_mode, device)
@@ -357,13 +366,14 @@ def check_gdn(run, device, *, dtype, Tn, layout, dst_mode, l2norm=True, scale=No
     _check_step(o, [inp["state_pool"]], [before], ref_o, [ref_s], dst_mode, _tol(dtype, DECODE_BF16))
 
 
-def check_mamba2(run, device, *, dtype, Tn, layout, dst_mode, seed=0):
+def check_mamba2(run, device, *, dtype, Tn, layout, dst_mode, seed=0, gate_dtype=None):
     """``run`` takes mamba2_decode's keywords; layout = (H, Hx, GB, GC, P, N, D per P, z, dt_limit)."""
     from gka_kernels.reference.mamba2 import ssd_ref
 
     H, Hx, GB, GC, P, N, D_per_p, with_z, dt_limit = layout
     inp = mamba2_inputs(Tn=Tn, H=H, Hx=Hx, GB=GB, GC=GC, P=P, N=N, dtype=dtype, device=device, seed=seed,
                         D_per_p=D_per_p, with_z=with_z)
+    _gates_as(inp, ("dt", "A", "D", "dt_bias"), gate_dtype)
     src, dst = _indices(dst_mode, device)
     before = inp["state_pool"].clone()
     y = run(**inp, state_indices=src, dst_state_indices=dst, dt_softplus=True, dt_limit=dt_limit)
@@ -377,7 +387,8 @@ def check_mamba2(run, device, *, dtype, Tn, layout, dst_mode, seed=0):
     _check_step(y, [inp["state_pool"]], [before], ref_y, [ref_s], dst_mode, _tol(dtype, DECODE_BF16))
 
 
-def check_gka(run, device, *, dtype, Tn, layout, dst_mode, num_iter, with_alpha=True, zero_h=False, seed=0):
+def check_gka(run, device, *, dtype, Tn, layout, dst_mode, num_iter, with_alpha=True, zero_h=False, seed=0,
+              gate_dtype=None):
     """``run`` takes gka_decode's keywords; layout = (H, Hq, HKV, K, V). ``zero_h``: the first
     sequence starts from H = 0 and has zero keys, so its H stays 0 (fro = 0, so fro = 1 for the step
     size) while U is still read out through that solve."""
@@ -387,6 +398,7 @@ def check_gka(run, device, *, dtype, Tn, layout, dst_mode, num_iter, with_alpha=
     inp = gka_inputs(Tn=Tn, H=H, Hq=Hq, HKV=HKV, K=K, V=V, dtype=dtype, device=device, seed=seed)
     if not with_alpha:
         inp["alpha"] = None
+    _gates_as(inp, ("g", "alpha"), gate_dtype)
     if zero_h:
         inp["h_kk_pool"][SRC[0]].zero_()
         inp["k"][0].zero_()
@@ -562,6 +574,20 @@ def test_production_tiles_in_host_emulation(emulated_ext):
               dst_mode="separate", num_iter=30)
 
 
+@pytest.mark.parametrize("gate_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gates_in_host_emulation(emulated_ext, gate_dtype):
+    """Per-head scalars (GDN g and beta; Mamba-2 dt, A, D, dt_bias; GKA g and alpha) in 16-bit
+    dtypes, read through the kernels' run-time dtype path, in both tile widths / token kernels."""
+    check_gdn(_emulated(emulated_ext, "gdn"), "cpu", dtype=torch.float32, Tn=2, layout=(4, 2, 2, 36, 40),
+              dst_mode="inplace", gate_dtype=gate_dtype)
+    for Tn in (1, 2):
+        check_mamba2(_emulated(emulated_ext, "mamba2"), "cpu", dtype=torch.float32, Tn=Tn,
+                     layout=(4, 2, 2, 4, 24, 32, True, True, (0.02, 0.4)), dst_mode="separate",
+                     gate_dtype=gate_dtype)
+    check_gka(_emulated(emulated_ext, "gka"), "cpu", dtype=torch.float32, Tn=2, layout=(4, 2, 2, 32, 36),
+              dst_mode="inplace", num_iter=5, gate_dtype=gate_dtype)
+
+
 @pytest.mark.parametrize("tiles", ["wide", "narrow"])
 def test_decode_tile_settings_in_host_emulation(emulated_ext, monkeypatch, tiles):
     """GKA_KERNELS_DECODE_TILES forces the GDN / Mamba-2 tile width: both widths at every tile size
@@ -711,6 +737,19 @@ def test_mamba2_decode_single_token_form_views_and_cuda_graph(cuda_ext):
                              dt_bias=dt_bias, dt_softplus=True, out=out)
 
     _graph_equals_eager(step, [pool4])
+
+
+@gpu
+@pytest.mark.parametrize("gate_dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gates(cuda_ext, gate_dtype):
+    """16-bit per-head scalars on the GPU, every mixer, one and four tokens."""
+    for Tn in (1, 4):
+        check_gdn(gdn_decode, "cuda", dtype=torch.bfloat16, Tn=Tn, layout=GDN_LAYOUTS["mha-k128-v128"],
+                  dst_mode="separate", gate_dtype=gate_dtype)
+        check_mamba2(mamba2_decode, "cuda", dtype=torch.bfloat16, Tn=Tn, layout=MAMBA_LAYOUTS["p64-n128-z"],
+                     dst_mode="inplace", gate_dtype=gate_dtype)
+        check_gka(gka_decode, "cuda", dtype=torch.bfloat16, Tn=Tn, layout=(4, 4, 2, 128, 128), dst_mode="separate",
+                  num_iter=10, gate_dtype=gate_dtype)
 
 
 @gpu
