@@ -62,6 +62,9 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 
 // Tile of a work item: BV value columns (32, or 16 for small batches, see tile_columns).
+// Value columns of a work item: wide tiles, and narrow ones for small batches (see launch_tiles).
+constexpr int kWideBV = 32, kNarrowBV = 16;
+
 template <int BV>
 struct Tile {
   static constexpr int LPR = BV / 4;       // lanes per row (one float4 each)
@@ -347,10 +350,10 @@ void launch(const GdnParams& p, cudaStream_t stream) {
 template <typename T, int KT>
 void launch_tiles(const GdnParams& p, cudaStream_t stream) {
   const TileWidth w = decode_tile_setting();
-  const int64_t wide_items = static_cast<int64_t>(p.B) * p.H * ((p.V + 31) / 32);
+  const int64_t wide_items = static_cast<int64_t>(p.B) * p.H * ((p.V + kWideBV - 1) / kWideBV);
   const bool narrow = w == TileWidth::kNarrow || (w == TileWidth::kAuto && wide_items < sm_count("gdn_decode: device query"));
-  if (narrow) launch<T, KT, 16>(p, stream);
-  else launch<T, KT, 32>(p, stream);
+  if (narrow) launch<T, KT, kNarrowBV>(p, stream);
+  else launch<T, KT, kWideBV>(p, stream);
 }
 
 }  // namespace

@@ -286,8 +286,8 @@ void launch(const Mamba2Params& p, cudaStream_t stream) {
   launch_kernel(mamba2_decode_kernel<T, NT, WIDE>, grid, kThreads, 0, stream, p);
 }
 
-// Narrow tiles when the wide ones would leave SMs without a CTA (decode-1: 128 CTAs at 64 heads of
-// P = 64), so the state spreads over twice the CTAs; GKA_KERNELS_DECODE_TILES overrides it.
+// Narrow tiles when the wide ones would leave SMs without a CTA (decode-1: 128 CTAs for 32 heads of
+// P = 128), so the state spreads over twice the CTAs; GKA_KERNELS_DECODE_TILES overrides it.
 template <typename T, int NT>
 void launch_tiles(const Mamba2Params& p, cudaStream_t stream) {
   const TileWidth w = decode_tile_setting();

@@ -574,10 +574,13 @@ def test_production_tiles_in_host_emulation(emulated_ext):
               dst_mode="separate", num_iter=30)
 
 
+@pytest.mark.parametrize("tiles", ["wide", "narrow"])
 @pytest.mark.parametrize("gate_dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_gates_in_host_emulation(emulated_ext, gate_dtype):
+def test_half_precision_gates_in_host_emulation(emulated_ext, monkeypatch, gate_dtype, tiles):
     """Per-head scalars (GDN g and beta; Mamba-2 dt, A, D, dt_bias; GKA g and alpha) in 16-bit
-    dtypes, read through the kernels' run-time dtype path, in both tile widths / token kernels."""
+    dtypes, read through the kernels' run-time dtype path; both GDN / Mamba-2 tile widths, and with
+    narrow tiles one token runs the Mamba-2 single-token kernel."""
+    monkeypatch.setenv("GKA_KERNELS_DECODE_TILES", tiles)
     check_gdn(_emulated(emulated_ext, "gdn"), "cpu", dtype=torch.float32, Tn=2, layout=(4, 2, 2, 36, 40),
               dst_mode="inplace", gate_dtype=gate_dtype)
     for Tn in (1, 2):
