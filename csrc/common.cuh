@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #if defined(GKA_HOST_EMULATION)
@@ -189,18 +190,27 @@ inline int sm_count(const char* what = "cudaDeviceGetAttribute") {
   return device_attribute<cudaDevAttrMultiProcessorCount>(what);
 }
 
+// Position in `choices` of the value of environment variable `name` (choices[0] when it is unset);
+// any other value is an invalid_argument (a ValueError in Python) naming the variable.
+inline int env_choice(const char* name, std::initializer_list<const char*> choices) {
+  const char* v = std::getenv(name);
+  const std::string s = v ? v : *choices.begin();
+  std::string allowed;
+  int i = 0;
+  for (const char* c : choices) {
+    if (s == c) return i;
+    allowed += (i++ ? ", " : "") + std::string(c);
+  }
+  throw std::invalid_argument(std::string(name) + " must be one of " + allowed + ", got " + s);
+}
+
 // Tile width of the GDN and Mamba-2 decode steps: GKA_KERNELS_DECODE_TILES = "auto" (the default),
 // "wide" or "narrow", read at every launch. Narrow tiles halve the state each CTA moves (GDN: 16
 // instead of 32 value columns; Mamba-2: 16 instead of 32 state rows at N > 64), so that a small
 // batch spreads its state over twice the CTAs; "auto" lets the launcher decide (see each kernel).
 enum class TileWidth { kAuto, kWide, kNarrow };
 inline TileWidth decode_tile_setting() {
-  const char* v = std::getenv("GKA_KERNELS_DECODE_TILES");
-  const std::string s = v ? v : "auto";
-  if (s == "auto") return TileWidth::kAuto;
-  if (s == "wide") return TileWidth::kWide;
-  if (s == "narrow") return TileWidth::kNarrow;
-  throw std::invalid_argument("GKA_KERNELS_DECODE_TILES must be auto, wide or narrow, got " + s);
+  return static_cast<TileWidth>(env_choice("GKA_KERNELS_DECODE_TILES", {"auto", "wide", "narrow"}));
 }
 
 // CTAs of `bytes` shared memory that fit on one SM of the current device (at least 1).

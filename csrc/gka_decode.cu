@@ -367,17 +367,14 @@ Stagger stagger_setting() {
 // solves compete for the SM's FMA issue, which is the cost of an iteration (4 CTAs per head share
 // SMs even at batch 1).
 int split_setting(int D, int64_t heads, int V) {
-  const char* v = std::getenv("GKA_KERNELS_GKA_DECODE_SPLIT");
-  const std::string s = v ? v : "auto";
-  if (s != "auto" && s != "1" && s != "2")
-    throw std::invalid_argument("GKA_KERNELS_GKA_DECODE_SPLIT must be auto, 1 or 2, got " + s);
-  if (s == "1") return 1;
+  const int choice = env_choice("GKA_KERNELS_GKA_DECODE_SPLIT", {"auto", "1", "2"});
+  if (choice == 1) return 1;
   const bool clusters = device_attribute<cudaDevAttrComputeCapabilityMajor>("gka_decode: device query") >= 9;
-  if (s == "2") {
+  if (choice == 2) {
     if (!clusters) throw std::invalid_argument("GKA_KERNELS_GKA_DECODE_SPLIT=2 needs thread block clusters (sm_90 or later)");
     return 2;
   }
-  return clusters && heads * 2 <= sm_count() && V > D / 2 ? 2 : 1;
+  return clusters && heads * 2 <= sm_count("gka_decode: device query") && V > D / 2 ? 2 : 1;
 }
 
 template <typename T, int D, int S>
