@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
@@ -98,6 +99,26 @@ __device__ __forceinline__ void prefetch_line(const void* p, int64_t bytes, int 
     asm volatile("prefetch.global.L1 [%0];\n" ::"l"(line));
 }
 #endif
+
+// The same element in two steps, for callers that issue several loads before using any: the raw
+// bits (no use of the loaded value inside the per-dtype branch, so the load does not wait), then
+// their value.
+__device__ __forceinline__ uint32_t load_scalar_bits(const void* p, int dtype, int64_t i) {
+  if (dtype == kFloat32) return static_cast<const uint32_t*>(p)[i];
+  return static_cast<const uint16_t*>(p)[i];
+}
+__device__ __forceinline__ float scalar_from_bits(uint32_t bits, int dtype) {
+  if (dtype == kFloat16) {
+    const uint16_t h16 = static_cast<uint16_t>(bits);
+    __half h;
+    std::memcpy(&h, &h16, sizeof(h));
+    return __half2float(h);
+  }
+  const uint32_t f32 = dtype == kFloat32 ? bits : bits << 16;  // bfloat16: the high half of a float32
+  float f;
+  std::memcpy(&f, &f32, sizeof(f));
+  return f;
+}
 
 // Element i of a slot-index array stored as int32 or int64; a null array means slot i.
 __device__ __forceinline__ int64_t load_index(const void* p, bool is64, int64_t i) {

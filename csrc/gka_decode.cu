@@ -25,7 +25,12 @@
 // and read out for all tokens with lanes along V (float4), warps along K, the K reduction
 // finished across warps in shared memory. The token inputs are prefetched into L1 before the slot
 // index is waited on, so that they do not queue behind the loads of H (H200, session 9: decode-1
-// 14.9 -> 14.5 us at num_iter = 30, 8.4 -> 8.0 at 1; decode-64 0.1745 -> 0.1713 ms at 30).
+// 14.9 -> 14.5 us at num_iter = 30, 8.4 -> 8.0 at 1; decode-64 0.1745 -> 0.1713 ms at 30). They are
+// then loaded as raw values, every load issued before any is converted, and U's cp.async after
+// them: converting each value right after its load (a use) had made each load wait for the one
+// before, and U's copies for all of them (H200, run 64: decode-1 14.7 -> 13.5 us at num_iter = 30,
+// 8.1 -> 7.0 at 1; decode-64 0.1720 -> 0.1690 ms at 30). Storing the split head's final states
+// during the last solve instead of after it was slower (decode-1 15.1 us at 30, run 64).
 //
 // Staggered first wave: with many more CTAs than fit at once (decode-64: 2048 CTAs, 264 resident
 // on an H200), every CTA of a wave would load, solve and store in step with the others, so DRAM
@@ -182,23 +187,32 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
       }
   }
 
-  // 2. Stage q, k, this CTA's columns of v, e^g, alpha (zero-padded to KT / UV).
-  for (int i = tid; i < Tn * KT; i += kThreads) {
-    const int t = i / KT, c = i % KT;
+  // 2. Load q, k, this CTA's columns of v, g and alpha as raw values, every load issued before any
+  //    value is used (converting each value right after its load made every load wait for the
+  //    previous one); element j of a thread is flat index tid + j * kThreads of [Tn][KT] / [Tn][UV].
+  constexpr int QKPT = (kMaxDecodeTokens * KT + kThreads - 1) / kThreads;  // q / k elements per thread
+  constexpr int VPT = (kMaxDecodeTokens * UV + kThreads - 1) / kThreads;   // v elements per thread
+  const T zero = from_float<T>(0.f);
+  T qraw[QKPT], kraw[QKPT], vraw[VPT];
+#pragma unroll
+  for (int j = 0; j < QKPT; ++j) {
+    const int i = tid + j * kThreads, t = i / KT, c = i % KT;
+    const bool ok = i < Tn * KT && c < K;
     const T* qp = static_cast<const T*>(p.q) + b * p.sq.b + t * p.sq.t + (h / p.q_group) * p.sq.h;
     const T* kp = static_cast<const T*>(p.k) + b * p.sk.b + t * p.sk.t + (h / p.k_group) * p.sk.h;
-    qs[i] = c < K ? to_float(qp[c]) : 0.f;
-    ks[i] = c < K ? to_float(kp[c]) : 0.f;
+    qraw[j] = ok ? qp[c] : zero;
+    kraw[j] = ok ? kp[c] : zero;
   }
-  for (int i = tid; i < Tn * UV; i += kThreads) {
-    const int t = i / UV, c = i % UV;
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int i = tid + j * kThreads, t = i / UV, c = i % UV;
     const T* vp = static_cast<const T*>(p.v) + b * p.sv.b + t * p.sv.t + (h / p.v_group) * p.sv.h + v0;
-    vs[i] = c < nv ? to_float(vp[c]) : 0.f;
+    vraw[j] = i < Tn * UV && c < nv ? vp[c] : zero;
   }
+  uint32_t gbits = 0, abits = 0;
   if (tid < Tn) {
-    decay[tid] = __expf(load_scalar(p.g, p.g_dtype, b * p.sg.b + tid * p.sg.t + h * p.sg.h));
-    alph[tid] = p.alpha ? load_scalar(p.alpha, p.alpha_dtype, b * p.salpha.b + tid * p.salpha.t + h * p.salpha.h)
-                        : 1.f;
+    gbits = load_scalar_bits(p.g, p.g_dtype, b * p.sg.b + tid * p.sg.t + h * p.sg.h);
+    if (p.alpha) abits = load_scalar_bits(p.alpha, p.alpha_dtype, b * p.salpha.b + tid * p.salpha.t + h * p.salpha.h);
   }
   // 3. Prefetch this CTA's columns of U = h_kv[src, h] into shared memory (rows of nv floats,
   //    padded to UV), issued after H and the inputs so that those arrive first; U is not read
@@ -209,6 +223,24 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
     for (int c = tid; c < K * v4; c += kThreads)
       cp_async16(Us + (c / v4) * UV + 4 * (c % v4), u_in + (int64_t)(c / v4) * V + 4 * (c % v4));
     cp_async_commit();
+  }
+  // 4. Stage the inputs as float32 (zero-padded to KT / UV), e^g and alpha.
+#pragma unroll
+  for (int j = 0; j < QKPT; ++j) {
+    const int i = tid + j * kThreads;
+    if (i < Tn * KT) {
+      qs[i] = to_float(qraw[j]);
+      ks[i] = to_float(kraw[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < VPT; ++j) {
+    const int i = tid + j * kThreads;
+    if (i < Tn * UV) vs[i] = to_float(vraw[j]);
+  }
+  if (tid < Tn) {
+    decay[tid] = __expf(scalar_from_bits(gbits, p.g_dtype));
+    alph[tid] = p.alpha ? scalar_from_bits(abits, p.alpha_dtype) : 1.f;
   }
 
   __syncthreads();
@@ -284,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, 2) gka_decode_kernel(const GkaParams
     if (dst >= 0) store_h(p.h_kk + dst * kk_slot + kk_head, Hm, hrow0, cg, K, part_s * (KT / S), (part_s + 1) * (KT / S));
   }
 
-  // 4. U update and readout for every token.
+  // 5. U update and readout for every token.
   cp_async_wait_all();
   __syncthreads();
   const int ucg = lane % ULPR, url = lane / ULPR;
