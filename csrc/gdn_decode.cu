@@ -42,14 +42,14 @@
 // KiB per CTA, so sm_80 holds 3 CTAs at KT = 256, sm_90 all 4).
 //
 // ptxas -v (sm_90, nvcc 13.0 on this machine), kernel<input dtype, KT, BV>; dynamic smem
-// 8 / 16 / 32 KiB at KT = 64 / 128 / 256 (half at BV = 16) on top of the static smem; fp16 and fp32 inputs
-// give the same registers as bf16:
-//   <bf16,128,32>      92 regs, 0/0 B spill st/ld, static smem 11360 B
-//   <bf16,128,16>      96 regs, 0/0 B spill st/ld, static smem 9824 B
-//   <bf16,256,32>     128 regs, 0/0 B spill st/ld, static smem 19552 B
-//   <bf16,256,16>     124 regs, 0/0 B spill st/ld, static smem 18016 B
-//   <bf16,64,32>       72 regs, 8/8 B spill st/ld, static smem 7264 B
-//   <bf16,64,16>       72 regs, 0/0 B spill st/ld, static smem 5728 B
+// 8 / 16 / 32 KiB at KT = 64 / 128 / 256 (half at BV = 16) on top of the static smem; fp16 inputs
+// give the same registers as bf16 (fp32: 127 at <256,16>, 90 at <128,32>); no kernel spills:
+//   <bf16,128,32>      96 regs, static smem 11360 B
+//   <bf16,128,16>      96 regs, static smem 9824 B
+//   <bf16,256,32>     128 regs, static smem 19552 B
+//   <bf16,256,16>     124 regs, static smem 18016 B
+//   <bf16,64,32>       72 regs, static smem 7264 B
+//   <bf16,64,16>       72 regs, static smem 5728 B
 #include "common.cuh"
 #include "decode_params.h"
 
