@@ -68,3 +68,18 @@ def test_dot_hi_lo(split_a, split_b):
         err = ((c.double() - x.double() @ y.double()).norm() / (x.double() @ y.double()).norm()).item()
         fine = (split_a or exact_a) and (split_b or exact_b)
         assert (err < 2e-6) if fine else (1e-4 < err < 2e-3), (split_a, split_b, exact_a, exact_b, err)
+
+
+def test_decode_autotune_keys_separate_grid_sizes():
+    """The token-loop decode kernels split V into tiles; the best split depends on how many (sequence,
+    head) programs there are. Their autotune keys carry grid_bucket(N * H), so a config tuned at
+    batch 1 is not reused at batch 64 (the GKA Triton decode-64 took 1.32 ms instead of ~0.41 when it
+    was, H200 run 66)."""
+    from gka_kernels.common.triton_utils import grid_bucket
+    from gka_kernels.gdn.fused_recurrent import fused_recurrent_fwd_kernel
+    from gka_kernels.gka.fused_recurrent import fused_recurrent_gka_kernel
+
+    for kernel in (fused_recurrent_gka_kernel, fused_recurrent_fwd_kernel):
+        assert "nh_bucket" in kernel.keys
+        assert "nh_bucket" in kernel.fn.arg_names
+    assert [grid_bucket(n) for n in (0, 1, 32, 33, 2048)] == [1, 1, 32, 64, 2048]

@@ -4,7 +4,9 @@
   (``TRITON_INTERPRET=1``, read at decoration time exactly as Triton does).
 - ``autotune(configs, key)``: real autotuning on the GPU; a single config under the interpreter,
   where multi-config autotuning fails without a driver. Never use it on kernels that write into
-  their inputs (autotuning replays the kernel): those take a fixed config.
+  their inputs (autotuning replays the kernel): those take a fixed config. Where the best config
+  depends on how many programs the grid has (splitting a tile only pays when the unsplit grid
+  leaves SMs idle), pass ``grid_bucket(programs)`` as an argument and name it in the key.
 - Conventions every kernel follows: loads are cast to float32 right after ``tl.load`` (bf16
   arithmetic is wrong under the interpreter and imprecise on the GPU); offsets that can exceed
   2^31 are formed from ``tl.int64`` values (``program_id(...).to(tl.int64)`` and 64-bit strides).
@@ -36,6 +38,13 @@ def autotune(configs: Sequence[triton.Config], key: Sequence[str], **kwargs):
     if not autotuning_enabled():
         configs = configs[:1]
     return triton.autotune(configs=configs, key=list(key), **kwargs)
+
+
+def grid_bucket(programs: int) -> int:
+    """Power-of-two bucket of a grid's program count, for autotune keys: a config tuned on one grid
+    size is reused for grids within a factor of two of it, not for every grid of the same head
+    geometry (the config tuned at batch 1 was being reused at batch 64)."""
+    return triton.next_power_of_2(max(1, int(programs)))
 
 
 def next_power_of_2(n: int) -> int:

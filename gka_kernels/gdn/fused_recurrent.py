@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
-from gka_kernels.common.triton_utils import autotune, compute_dtype, is_interpreter, next_power_of_2
+from gka_kernels.common.triton_utils import autotune, compute_dtype, grid_bucket, is_interpreter, next_power_of_2
 from gka_kernels.gdn.inputs import check_inputs
 from gka_kernels.gdn.l2norm import EPS
 
@@ -26,16 +26,17 @@ def _configs():
     return [triton.Config({"BV": bv}, num_warps=nw, num_stages=1) for bv in sizes for nw in (4, 2, 8)]
 
 
-@autotune(configs=_configs(), key=["H", "HKV", "K", "V", "L2NORM"])
+@autotune(configs=_configs(), key=["H", "HKV", "K", "V", "L2NORM", "nh_bucket"])
 @triton.jit
 def fused_recurrent_fwd_kernel(
-    q, k, v, g, beta, o, h0, ht, cu_seqlens, T, scale,
+    q, k, v, g, beta, o, h0, ht, cu_seqlens, T, scale, nh_bucket,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, IS_VARLEN: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
     L2NORM: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr,
 ):
     """``q`` [B,T,H,K], ``k`` [B,T,HKV,K], ``v`` [B,T,HKV,V], ``g``/``beta`` [B,T,H], ``o`` [B,T,H,V],
-    ``h0``/``ht`` [N,H,K,V]. Tiles: state ``[BK, BV]``, per token ``[BK]`` and ``[BV]`` vectors."""
+    ``h0``/``ht`` [N,H,K,V]. Tiles: state ``[BK, BV]``, per token ``[BK]`` and ``[BV]`` vectors.
+    ``nh_bucket = grid_bucket(N * H)`` is only an autotune key: the best BV depends on the grid size."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hk = i_h // (H // HKV)
@@ -102,7 +103,7 @@ def fused_recurrent_gated_delta_rule(
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), dims.N * H)  # noqa: E731
     with torch.no_grad():
         fused_recurrent_fwd_kernel[grid](
-            q, k, v, g, beta, o, initial_state, ht, cu_seqlens, T, scale,
+            q, k, v, g, beta, o, initial_state, ht, cu_seqlens, T, scale, grid_bucket(dims.N * H),
             H=H, HKV=dims.HKV, K=K, V=V, BK=next_power_of_2(K), IS_VARLEN=cu_seqlens is not None,
             USE_H0=initial_state is not None, STORE_FINAL=bool(output_final_state),
             L2NORM=bool(use_qk_l2norm_in_kernel), EPS=EPS, ACC=compute_dtype(q.dtype),

@@ -19,25 +19,27 @@ import triton
 import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
-from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
+from gka_kernels.common.triton_utils import autotune, compute_dtype, grid_bucket, next_power_of_2
 from gka_kernels.gka._common import chebyshev_constants
 from gka_kernels.gka.chunk import check_gka_inputs
 
 
 @autotune(
     configs=[triton.Config({"BV": bv}, num_warps=w) for bv in (64, 32, 128) for w in (8, 4)],
-    key=["K", "V", "H"],
+    key=["K", "V", "H", "nh_bucket"],
 )
 @triton.jit
 def fused_recurrent_gka_kernel(
     q, k, v, g, gk, alpha, o, h0_kk, h0_kv, ht_kk, ht_kv, cu_seqlens, T,
-    scale, ridge, step, c4, num_iter,
+    scale, ridge, step, c4, num_iter, nh_bucket,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
     HAS_ALPHA: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Grid (cdiv(V, BV), N*H). H: [BK, BK], U: [BK, BV] in registers; per token K-vectors."""
+    """Grid (cdiv(V, BV), N*H). H: [BK, BK], U: [BK, BV] in registers; per token K-vectors. Every V
+    tile repeats the whole solve, so splitting V pays only when N*H programs leave SMs idle: the
+    autotune key has ``nh_bucket = grid_bucket(N * H)`` (not read in the body)."""
     i_v = tl.program_id(0)
     i_nh = tl.program_id(1)
     i_n = i_nh // H
@@ -155,7 +157,7 @@ def fused_recurrent_gka(
         alpha.contiguous() if alpha is not None else None, o,
         h0_kk.contiguous() if h0_kk is not None else None,
         h0_kv.contiguous() if h0_kv is not None else None,
-        ht_kk, ht_kv, cu_seqlens, T, scale, float(ridge_ratio), step, c4, num_iter,
+        ht_kk, ht_kv, cu_seqlens, T, scale, float(ridge_ratio), step, c4, num_iter, grid_bucket(N * H),
         H=H, HKV=dims.HKV, K=K, V=V, BK=next_power_of_2(K),
         HAS_ALPHA=alpha is not None, USE_H0=initial_state is not None, STORE_FINAL=output_final_state,
         IS_VARLEN=cu_seqlens is not None, ACC=compute_dtype(q.dtype),
