@@ -8,7 +8,9 @@
 // neighbouring state memory. BV = 32, or 16 when the 32-column items would leave SMs idle (decode-1:
 // 128 items at 32 heads; GKA_KERNELS_DECODE_TILES overrides): a small batch then spreads its state
 // over twice the CTAs. H200 (session 9, bench suite, bf16, states from DRAM): decode-1 5.5 -> 5.2 us,
-// while decode-64 at 16 columns would take 0.095 ms instead of 0.077.
+// while decode-64 at 16 columns would take 0.095 ms instead of 0.077. One token with narrow tiles
+// runs gdn_decode_item_kernel (one CTA per item, no staging; see there); everything else the
+// persistent kernel below.
 //
 // Persistent and software-pipelined: grid = min(items, resident CTAs per SM x SMs), 128 threads,
 // CTA c takes items c, c + grid, c + 2 grid, ... The step is memory bound (each state byte is read
@@ -50,6 +52,8 @@
 //   <bf16,256,16>     124 regs, static smem 18016 B
 //   <bf16,64,32>       72 regs, static smem 7264 B
 //   <bf16,64,16>       72 regs, static smem 5728 B
+// gdn_decode_item_kernel<input dtype, KT, 16>: 64 / 79 / 114 regs at KT = 64 / 128 / 256 (bf16;
+// fp16 122 and fp32 108 at KT = 256), no spills, 512 B static smem.
 #include "common.cuh"
 #include "decode_params.h"
 
@@ -350,6 +354,137 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
   }
 }
 
+// Single-token step (Tn = 1) with narrow tiles (decode-1): one CTA per work item (grid = items,
+// numbered as above), the state tile loaded straight into registers in the layout of
+// gdn_decode_kernel (coalesced: LPR lanes share a row), every load issued before any value is used,
+// no staging: each lane loads the q and k elements of its own rows, and each warp the strided ones
+// its norms need (L1 serves the repeats). One barrier, for the cross-warp column sums. H200 (run
+// 70, suite, bf16, states from DRAM, against the persistent kernel in the same call): decode-1 4.9
+// -> 4.3 us; at decode-64 it was slower (0.0831 against 0.0783 ms with wide tiles), so wide tiles
+// keep the persistent kernel. (Lanes along rows instead, with no barrier at all, was slower at both
+// sizes: run 68.)
+template <typename T, int KT, int BV>
+__global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_item_kernel(const GdnParams p) {
+  using L = Tile<BV>;
+  constexpr int RPT = KT / L::RG;  // rows per thread
+  constexpr int PER = 8 / L::RPI;  // reduced values a lane keeps after the butterfly
+  constexpr int NJ = KT / 32;      // q and k elements per lane for the norms
+  __shared__ __align__(16) float red[kWarps][L::LPR][8];  // [warp][col4][k-sums x4, q-sums x4]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int cg = lane % L::LPR, rgl = lane / L::LPR;
+  const int row0 = warp * L::RPI + rgl;
+  const int K = p.K, V = p.V;
+  const int nvt = (V + BV - 1) / BV;
+  const int vt = static_cast<int>(blockIdx.x % nvt), h = static_cast<int>(blockIdx.x / nvt % p.H);
+  const int b = static_cast<int>(blockIdx.x / nvt / p.H);
+  const int col = vt * BV + 4 * cg;
+  const bool col_ok = col < V;
+  const bool writer = warp == 0 && rgl == 0 && col_ok;  // the lanes that store the outputs
+  T* o = static_cast<T*>(p.out) + b * p.so.b + h * p.so.h + col;
+
+  const int64_t src = load_index(p.src_idx, p.src64, b);
+  const int64_t dst = load_index(p.dst_idx, p.dst64, b);
+  if (src < 0) {  // padding sequence: state untouched, output 0
+    if (writer) o[0] = o[1] = o[2] = o[3] = from_float<T>(0.f);
+    return;
+  }
+  const int64_t slot_stride = static_cast<int64_t>(p.H) * K * V;
+  const int64_t head_off = static_cast<int64_t>(h) * K * V + col;
+  float4 S[RPT];
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    const int r = row0 + L::RG * i;
+    S[i] = col_ok && r < K ? *reinterpret_cast<const float4*>(p.state + src * slot_stride + head_off + static_cast<int64_t>(r) * V)
+                           : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  const T zero = from_float<T>(0.f);
+  const T* qp = static_cast<const T*>(p.q) + b * p.sq.b + (h / p.q_group) * p.sq.h;
+  const T* kp = static_cast<const T*>(p.k) + b * p.sk.b + (h / p.k_group) * p.sk.h;
+  const T* vp = static_cast<const T*>(p.v) + b * p.sv.b + (h / p.v_group) * p.sv.h + col;
+  T qn_raw[NJ], kn_raw[NJ], qr_raw[RPT], kr_raw[RPT], v_raw[4];
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    const int i = lane + 32 * j;
+    qn_raw[j] = i < K ? qp[i] : zero;
+    kn_raw[j] = i < K ? kp[i] : zero;
+  }
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    const int r = row0 + L::RG * i;
+    qr_raw[i] = r < K ? qp[r] : zero;
+    kr_raw[i] = r < K ? kp[r] : zero;
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) v_raw[e] = col_ok ? vp[e] : zero;
+  const uint32_t gbits = load_scalar_bits(p.g, p.g_dtype, b * p.sg.b + h * p.sg.h);
+  const uint32_t bbits = load_scalar_bits(p.beta, p.beta_dtype, b * p.sbeta.b + h * p.sbeta.h);
+
+  float qq = 0.f, kk = 0.f, qkd = 0.f;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    const float qv = to_float(qn_raw[j]), kv = to_float(kn_raw[j]);
+    qq = fmaf(qv, qv, qq);
+    kk = fmaf(kv, kv, kk);
+    qkd = fmaf(qv, kv, qkd);
+  }
+  float qn = 1.f, kn = 1.f;
+  if (p.l2norm) {
+    qn = rsqrtf(warp_allreduce(qq) + 1e-6f);
+    kn = rsqrtf(warp_allreduce(kk) + 1e-6f);
+  }
+  const float qsc = qn * p.scale;
+  const float qk = warp_allreduce(qkd) * qsc * kn;
+  const float dec = __expf(scalar_from_bits(gbits, p.g_dtype));
+  const float beta = scalar_from_bits(bbits, p.beta_dtype);
+
+  float kr[RPT], part[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) part[e] = 0.f;
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    kr[i] = to_float(kr_raw[i]) * kn;
+    const float qr = to_float(qr_raw[i]) * qsc;
+    S[i] = scale4(dec, S[i]);
+    part[0] = fmaf(kr[i], S[i].x, part[0]);
+    part[1] = fmaf(kr[i], S[i].y, part[1]);
+    part[2] = fmaf(kr[i], S[i].z, part[2]);
+    part[3] = fmaf(kr[i], S[i].w, part[3]);
+    part[4] = fmaf(qr, S[i].x, part[4]);
+    part[5] = fmaf(qr, S[i].y, part[5]);
+    part[6] = fmaf(qr, S[i].z, part[6]);
+    part[7] = fmaf(qr, S[i].w, part[7]);
+  }
+  butterfly_reduce<8, L::RPI, L::LPR>(part);
+  float* slot = &red[warp][cg][butterfly_first<8, L::RPI, L::LPR>(lane)];
+#pragma unroll
+  for (int e = 0; e < PER; ++e) slot[e] = part[e];
+  __syncthreads();
+  float4 ksum = make_float4(0.f, 0.f, 0.f, 0.f), qsum = ksum;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const float4* r4 = reinterpret_cast<const float4*>(red[w][cg]);
+    const float4 a = r4[0], c = r4[1];
+    ksum = make_float4(ksum.x + a.x, ksum.y + a.y, ksum.z + a.z, ksum.w + a.w);
+    qsum = make_float4(qsum.x + c.x, qsum.y + c.y, qsum.z + c.z, qsum.w + c.w);
+  }
+  const float4 u = make_float4(beta * (to_float(v_raw[0]) - ksum.x), beta * (to_float(v_raw[1]) - ksum.y),
+                               beta * (to_float(v_raw[2]) - ksum.z), beta * (to_float(v_raw[3]) - ksum.w));
+  if (dst >= 0 && col_ok) {
+    float* s_out = p.state + dst * slot_stride + head_off;
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+      const int r = row0 + L::RG * i;
+      if (r < K) *reinterpret_cast<float4*>(s_out + static_cast<int64_t>(r) * V) = fma4(kr[i], u, S[i]);
+    }
+  }
+  if (writer) {
+    o[0] = from_float<T>(fmaf(qk, u.x, qsum.x));
+    o[1] = from_float<T>(fmaf(qk, u.y, qsum.y));
+    o[2] = from_float<T>(fmaf(qk, u.z, qsum.z));
+    o[3] = from_float<T>(fmaf(qk, u.w, qsum.w));
+  }
+}
+
 template <typename T, int KT, int BV>
 void launch(const GdnParams& p, cudaStream_t stream) {
   constexpr size_t smem = state_smem_bytes<KT, BV>();
@@ -358,6 +493,12 @@ void launch(const GdnParams& p, cudaStream_t stream) {
   // Persistent grid: every CTA resident at once, each looping over its work items.
   const int per_sm = std::min(min_ctas(KT), ctas_by_smem(sizeof(Shared<KT, BV>) + smem));
   const int64_t items = static_cast<int64_t>(p.B) * p.H * ((p.V + BV - 1) / BV);
+  if constexpr (BV == kNarrowBV) {
+    if (p.Tn == 1) {
+      launch_kernel(gdn_decode_item_kernel<T, KT, BV>, dim3(static_cast<unsigned>(items)), kThreads, 0, stream, p);
+      return;
+    }
+  }
   const int grid = static_cast<int>(std::min<int64_t>(items, static_cast<int64_t>(per_sm) * sm_count()));
   launch_kernel(gdn_decode_kernel<T, KT, BV>, dim3(grid), kThreads, smem, stream, p);
 }

@@ -592,6 +592,21 @@ def test_half_precision_gates_in_host_emulation(emulated_ext, monkeypatch, gate_
 
 
 @pytest.mark.parametrize("tiles", ["wide", "narrow"])
+@pytest.mark.parametrize("dtype,layout,dst_mode,l2norm,gate_dtype", [
+    (torch.float32, (4, 2, 2, 36, 40), "inplace", True, None),                # K, V not multiples of a tile; padding
+    (torch.bfloat16, (2, 2, 1, 200, 52), "separate", False, torch.bfloat16),  # 256-row tile, no l2norm
+    (torch.float16, (4, 2, 2, 64, 100), "separate", True, torch.float16),     # 64-row tile
+])
+def test_gdn_single_token_kernel_in_host_emulation(emulated_ext, monkeypatch, tiles, dtype, layout, dst_mode,
+                                                   l2norm, gate_dtype):
+    """One token per sequence: with narrow tiles the GDN single-token kernel (one CTA per work item,
+    no staging), with wide ones the persistent kernel; every row tile."""
+    monkeypatch.setenv("GKA_KERNELS_DECODE_TILES", tiles)
+    check_gdn(_emulated(emulated_ext, "gdn"), "cpu", dtype=dtype, Tn=1, layout=layout, dst_mode=dst_mode,
+              l2norm=l2norm, gate_dtype=gate_dtype)
+
+
+@pytest.mark.parametrize("tiles", ["wide", "narrow"])
 def test_decode_tile_settings_in_host_emulation(emulated_ext, monkeypatch, tiles):
     """GKA_KERNELS_DECODE_TILES forces the GDN / Mamba-2 tile width: both widths at every tile size
     (GDN K = 36, 128, 200; Mamba-2 N = 32, 72, 128, 256), V and P not multiples of a tile."""
