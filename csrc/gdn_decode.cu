@@ -220,11 +220,52 @@ __device__ __forceinline__ void stage_inputs(const GdnParams& p, const Item& x, 
   }
 }
 
+// Decays the thread's rows of a tile (S = dec S) and returns, for the lane's float4 of columns, the
+// column sums S^T k and S^T q over all rows: partials over the thread's rows (k and q at them in kr,
+// qr), a butterfly over the warp's row lanes, then across the warps through `red` (one
+// __syncthreads; the caller orders any reuse of `red`).
+template <int BV, int RPT>
+__device__ __forceinline__ void decayed_column_sums(float4 (&S)[RPT], const float (&kr)[RPT], const float (&qr)[RPT],
+                                                    float dec, float (*red)[Tile<BV>::LPR][8], float4& ksum,
+                                                    float4& qsum) {
+  using L = Tile<BV>;
+  constexpr int PER = 8 / L::RPI;  // reduced values a lane keeps after the butterfly
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, cg = lane % L::LPR;
+  float part[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) part[e] = 0.f;
+#pragma unroll
+  for (int i = 0; i < RPT; ++i) {
+    S[i] = scale4(dec, S[i]);
+    part[0] = fmaf(kr[i], S[i].x, part[0]);
+    part[1] = fmaf(kr[i], S[i].y, part[1]);
+    part[2] = fmaf(kr[i], S[i].z, part[2]);
+    part[3] = fmaf(kr[i], S[i].w, part[3]);
+    part[4] = fmaf(qr[i], S[i].x, part[4]);
+    part[5] = fmaf(qr[i], S[i].y, part[5]);
+    part[6] = fmaf(qr[i], S[i].z, part[6]);
+    part[7] = fmaf(qr[i], S[i].w, part[7]);
+  }
+  butterfly_reduce<8, L::RPI, L::LPR>(part);
+  float* slot = &red[warp][cg][butterfly_first<8, L::RPI, L::LPR>(lane)];
+#pragma unroll
+  for (int e = 0; e < PER; ++e) slot[e] = part[e];
+  __syncthreads();
+  ksum = make_float4(0.f, 0.f, 0.f, 0.f);
+  qsum = ksum;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    const float4* r4 = reinterpret_cast<const float4*>(red[w][cg]);
+    const float4 a = r4[0], c = r4[1];
+    ksum = make_float4(ksum.x + a.x, ksum.y + a.y, ksum.z + a.z, ksum.w + a.w);
+    qsum = make_float4(qsum.x + c.x, qsum.y + c.y, qsum.z + c.z, qsum.w + c.w);
+  }
+}
+
 template <typename T, int KT, int BV>
 __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(const GdnParams p) {
   using L = Tile<BV>;
   constexpr int RPT = KT / L::RG;   // rows per thread
-  constexpr int PER = 8 / L::RPI;   // reduced values a lane keeps after the butterfly
   __shared__ Shared<KT, BV> sh;
   GKA_DYNAMIC_SMEM(float4, tile_buf);  // [RPT][kThreads]: each thread's own rows of a prefetched tile
 
@@ -290,37 +331,14 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
       }
     } else {  // cur.src is the same in every thread: all of them take this branch's barriers
       for (int t = 0; t < Tn; ++t) {
-        const float dec = sh.decay[t];
-        float part[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) part[e] = 0.f;
+        float kr[RPT], qr[RPT];
 #pragma unroll
         for (int i = 0; i < RPT; ++i) {
-          const int r = row0 + L::RG * i;
-          const float kr = sh.k[t][r], qr = sh.q[t][r];
-          S[i] = scale4(dec, S[i]);
-          part[0] = fmaf(kr, S[i].x, part[0]);
-          part[1] = fmaf(kr, S[i].y, part[1]);
-          part[2] = fmaf(kr, S[i].z, part[2]);
-          part[3] = fmaf(kr, S[i].w, part[3]);
-          part[4] = fmaf(qr, S[i].x, part[4]);
-          part[5] = fmaf(qr, S[i].y, part[5]);
-          part[6] = fmaf(qr, S[i].z, part[6]);
-          part[7] = fmaf(qr, S[i].w, part[7]);
+          kr[i] = sh.k[t][row0 + L::RG * i];
+          qr[i] = sh.q[t][row0 + L::RG * i];
         }
-        butterfly_reduce<8, L::RPI, L::LPR>(part);
-        float* slot = &sh.red[t & 1][warp][cg][butterfly_first<8, L::RPI, L::LPR>(lane)];
-#pragma unroll
-        for (int e = 0; e < PER; ++e) slot[e] = part[e];
-        __syncthreads();
-        float4 ksum = make_float4(0.f, 0.f, 0.f, 0.f), qsum = ksum;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-          const float4* r4 = reinterpret_cast<const float4*>(sh.red[t & 1][w][cg]);
-          const float4 a = r4[0], c = r4[1];
-          ksum = make_float4(ksum.x + a.x, ksum.y + a.y, ksum.z + a.z, ksum.w + a.w);
-          qsum = make_float4(qsum.x + c.x, qsum.y + c.y, qsum.z + c.z, qsum.w + c.w);
-        }
+        float4 ksum, qsum;
+        decayed_column_sums<BV>(S, kr, qr, sh.decay[t], sh.red[t & 1], ksum, qsum);
         const float bt = sh.beta[t];
         const float4 v4 = *reinterpret_cast<const float4*>(&sh.v[t][4 * cg]);
         const float4 u = make_float4(bt * (v4.x - ksum.x), bt * (v4.y - ksum.y), bt * (v4.z - ksum.z),
@@ -367,7 +385,6 @@ template <typename T, int KT, int BV>
 __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_item_kernel(const GdnParams p) {
   using L = Tile<BV>;
   constexpr int RPT = KT / L::RG;  // rows per thread
-  constexpr int PER = 8 / L::RPI;  // reduced values a lane keeps after the butterfly
   constexpr int NJ = KT / 32;      // q and k elements per lane for the norms
   __shared__ __align__(16) float red[kWarps][L::LPR][8];  // [warp][col4][k-sums x4, q-sums x4]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -437,36 +454,14 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_item_kernel
   const float dec = __expf(scalar_from_bits(gbits, p.g_dtype));
   const float beta = scalar_from_bits(bbits, p.beta_dtype);
 
-  float kr[RPT], part[8];
-#pragma unroll
-  for (int e = 0; e < 8; ++e) part[e] = 0.f;
+  float kr[RPT], qr[RPT];
 #pragma unroll
   for (int i = 0; i < RPT; ++i) {
     kr[i] = to_float(kr_raw[i]) * kn;
-    const float qr = to_float(qr_raw[i]) * qsc;
-    S[i] = scale4(dec, S[i]);
-    part[0] = fmaf(kr[i], S[i].x, part[0]);
-    part[1] = fmaf(kr[i], S[i].y, part[1]);
-    part[2] = fmaf(kr[i], S[i].z, part[2]);
-    part[3] = fmaf(kr[i], S[i].w, part[3]);
-    part[4] = fmaf(qr, S[i].x, part[4]);
-    part[5] = fmaf(qr, S[i].y, part[5]);
-    part[6] = fmaf(qr, S[i].z, part[6]);
-    part[7] = fmaf(qr, S[i].w, part[7]);
+    qr[i] = to_float(qr_raw[i]) * qsc;
   }
-  butterfly_reduce<8, L::RPI, L::LPR>(part);
-  float* slot = &red[warp][cg][butterfly_first<8, L::RPI, L::LPR>(lane)];
-#pragma unroll
-  for (int e = 0; e < PER; ++e) slot[e] = part[e];
-  __syncthreads();
-  float4 ksum = make_float4(0.f, 0.f, 0.f, 0.f), qsum = ksum;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
-    const float4* r4 = reinterpret_cast<const float4*>(red[w][cg]);
-    const float4 a = r4[0], c = r4[1];
-    ksum = make_float4(ksum.x + a.x, ksum.y + a.y, ksum.z + a.z, ksum.w + a.w);
-    qsum = make_float4(qsum.x + c.x, qsum.y + c.y, qsum.z + c.z, qsum.w + c.w);
-  }
+  float4 ksum, qsum;
+  decayed_column_sums<BV>(S, kr, qr, dec, red, ksum, qsum);
   const float4 u = make_float4(beta * (to_float(v_raw[0]) - ksum.x), beta * (to_float(v_raw[1]) - ksum.y),
                                beta * (to_float(v_raw[2]) - ksum.z), beta * (to_float(v_raw[3]) - ksum.w));
   if (dst >= 0 && col_ok) {
