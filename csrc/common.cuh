@@ -27,6 +27,8 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 constexpr int kMaxDecodeTokens = 8;
 // Largest grid dimension y / z (the kernels put heads and sequences there).
 constexpr int kMaxGridYZ = 65535;
+// Largest grid dimension x.
+constexpr int64_t kMaxGridX = 2147483647;
 
 inline void check_launch(const char* what) {
   cudaError_t err = cudaGetLastError();

@@ -489,7 +489,7 @@ void launch(const GdnParams& p, cudaStream_t stream) {
   const int per_sm = std::min(min_ctas(KT), ctas_by_smem(sizeof(Shared<KT, BV>) + smem));
   const int64_t items = static_cast<int64_t>(p.B) * p.H * ((p.V + BV - 1) / BV);
   if constexpr (BV == kNarrowBV) {
-    if (p.Tn == 1) {
+    if (p.Tn == 1 && items <= kMaxGridX) {  // one CTA per item (beyond 2^31 - 1 items: persistent)
       launch_kernel(gdn_decode_item_kernel<T, KT, BV>, dim3(static_cast<unsigned>(items)), kThreads, 0, stream, p);
       return;
     }
