@@ -65,7 +65,6 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 
-// Tile of a work item: BV value columns (32, or 16 for small batches, see tile_columns).
 // Value columns of a work item: wide tiles, and narrow ones for small batches (see launch_tiles).
 constexpr int kWideBV = 32, kNarrowBV = 16;
 
