@@ -261,12 +261,12 @@ __device__ __forceinline__ void decayed_column_sums(float4 (&S)[RPT], const floa
   }
 }
 
-template <typename T, int KT, int BV>
+template <typename T, int KT, int BV, int STAGES>
 __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(const GdnParams p) {
   using L = Tile<BV>;
   constexpr int RPT = KT / L::RG;   // rows per thread
   __shared__ Shared<KT, BV> sh;
-  GKA_DYNAMIC_SMEM(float4, tile_buf);  // [RPT][kThreads]: each thread's own rows of a prefetched tile
+  GKA_DYNAMIC_SMEM(float4, tile_buf);  // [STAGES][RPT][kThreads]: each thread's own rows of prefetched tiles
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int cg = lane % L::LPR, rgl = lane / L::LPR;
@@ -277,47 +277,56 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
                       static_cast<int>(gridDim.x % nvt)};
   const int64_t slot_stride = static_cast<int64_t>(p.H) * K * V;
 
-  // Issues the asynchronous copies of this thread's rows of item x's state tile (one group).
-  auto fetch_state = [&](const Item& x) {
+  // Issues the asynchronous copies of this thread's rows of item x's state tile into buffer `buf`
+  // (one group, committed even when empty so that every item counts as one group).
+  auto fetch_state = [&](const Item& x, int buf) {
     const int col = x.vt * BV + 4 * cg;
     if (x.src >= 0 && col < V) {
       const float* s = p.state + x.src * slot_stride + static_cast<int64_t>(x.h) * K * V + col;
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
         const int r = row0 + L::RG * i;
-        if (r < K) cp_async16(&tile_buf[i * kThreads + threadIdx.x], s + static_cast<int64_t>(r) * V);
+        if (r < K) cp_async16(&tile_buf[(buf * RPT + i) * kThreads + threadIdx.x], s + static_cast<int64_t>(r) * V);
       }
     }
     cp_async_commit();
   };
 
-  // Prologue: the first item's input prefetches, state copies and inputs, the second item's slots.
+  // Prologue: the first item's input prefetches, state copies and inputs; then the next STAGES
+  // items' slots (ahead[]), the first STAGES - 1 of them fetched.
   Item cur;
   cur.vt = static_cast<int>(blockIdx.x % nvt);
   cur.h = static_cast<int>(blockIdx.x / nvt % p.H);
   cur.b = static_cast<int>(blockIdx.x / nvt / p.H);
   load_slots(p, cur);
   prefetch_inputs<T, BV>(p, cur);  // issued while the slot index is in flight
-  fetch_state(cur);
+  fetch_state(cur, 0);
   if (cur.src >= 0) stage_inputs<T, KT, BV>(p, cur, sh);
-  Item nxt = advance(p, cur, stride, nvt);
+  Item ahead[STAGES];
+  ahead[0] = advance(p, cur, stride, nvt);
+#pragma unroll
+  for (int s = 1; s < STAGES; ++s) {
+    fetch_state(ahead[s - 1], s);
+    ahead[s] = advance(p, ahead[s - 1], stride, nvt);
+  }
+  int buf = 0;  // cur's buffer; the item fetched during cur's turn takes it over
 
   while (cur.b < p.B) {
     const int col = cur.vt * BV + 4 * cg;
     const bool col_ok = col < V;
     float4 S[RPT];
     if (cur.src >= 0) {
-      cp_async_wait_group<0>();
+      cp_async_wait_group<STAGES - 1>();  // cur's copies; the STAGES - 1 later items' stay in flight
 #pragma unroll
       for (int i = 0; i < RPT; ++i) {
         const int r = row0 + L::RG * i;
-        S[i] = col_ok && r < K ? tile_buf[i * kThreads + threadIdx.x] : make_float4(0.f, 0.f, 0.f, 0.f);
+        S[i] = col_ok && r < K ? tile_buf[(buf * RPT + i) * kThreads + threadIdx.x] : make_float4(0.f, 0.f, 0.f, 0.f);
       }
     }
     // Makes the staged inputs visible, and orders every read of tile_buf above before the copies
-    // of the next item into it.
+    // of a later item into it.
     __syncthreads();
-    fetch_state(nxt);
+    fetch_state(ahead[STAGES - 1], buf);
 
     T* out = static_cast<T*>(p.out) + cur.b * p.so.b + cur.h * p.so.h;
     const bool writer = warp == 0 && rgl == 0 && col_ok;  // the lanes that store the outputs
@@ -364,10 +373,13 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_kernel(cons
     }
     // Every read of this item's inputs is done before they are overwritten by the next item's.
     __syncthreads();
-    const Item after = advance(p, nxt, stride, nvt);
-    if (nxt.src >= 0) stage_inputs<T, KT, BV>(p, nxt, sh);
-    cur = nxt;
-    nxt = after;
+    const Item after = advance(p, ahead[STAGES - 1], stride, nvt);
+    if (ahead[0].src >= 0) stage_inputs<T, KT, BV>(p, ahead[0], sh);
+    cur = ahead[0];
+#pragma unroll
+    for (int s = 0; s + 1 < STAGES; ++s) ahead[s] = ahead[s + 1];
+    ahead[STAGES - 1] = after;
+    buf = buf + 1 < STAGES ? buf + 1 : 0;
   }
 }
 
@@ -479,13 +491,21 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_item_kernel
   }
 }
 
+// Persistent grid (every CTA resident at once, each looping over its work items) with STAGES
+// state tiles in flight per CTA.
+template <typename T, int KT, int BV, int STAGES>
+void launch_persistent(const GdnParams& p, int per_sm, int64_t items, cudaStream_t stream) {
+  constexpr size_t smem = STAGES * state_smem_bytes<KT, BV>();
+  allow_dynamic_smem<gdn_decode_kernel<T, KT, BV, STAGES>>(smem, "gdn_decode: cudaFuncSetAttribute");
+  const int grid = static_cast<int>(std::min<int64_t>(items, static_cast<int64_t>(per_sm) * sm_count()));
+  launch_kernel(gdn_decode_kernel<T, KT, BV, STAGES>, dim3(grid), kThreads, smem, stream, p);
+}
+
+// Tiles in flight per CTA of the persistent kernel: GKA_KERNELS_GDN_DECODE_STAGES = "auto" (the
+// default), "1" or "2", read at every launch. "auto" takes two where the shared memory of two
+// still lets the register budget's CTAs per SM reside (sm_90 at K <= 128), one otherwise.
 template <typename T, int KT, int BV>
 void launch(const GdnParams& p, cudaStream_t stream) {
-  constexpr size_t smem = state_smem_bytes<KT, BV>();
-  // Static plus dynamic shared memory exceeds 48 KiB at KT = 256.
-  allow_dynamic_smem<gdn_decode_kernel<T, KT, BV>>(smem, "gdn_decode: cudaFuncSetAttribute");
-  // Persistent grid: every CTA resident at once, each looping over its work items.
-  const int per_sm = std::min(min_ctas(KT), ctas_by_smem(sizeof(Shared<KT, BV>) + smem));
   const int64_t items = static_cast<int64_t>(p.B) * p.H * ((p.V + BV - 1) / BV);
   if constexpr (BV == kNarrowBV) {
     if (p.Tn == 1 && items <= kMaxGridX) {  // one CTA per item (beyond 2^31 - 1 items: persistent)
@@ -493,8 +513,11 @@ void launch(const GdnParams& p, cudaStream_t stream) {
       return;
     }
   }
-  const int grid = static_cast<int>(std::min<int64_t>(items, static_cast<int64_t>(per_sm) * sm_count()));
-  launch_kernel(gdn_decode_kernel<T, KT, BV>, dim3(grid), kThreads, smem, stream, p);
+  const int choice = env_choice("GKA_KERNELS_GDN_DECODE_STAGES", {"auto", "1", "2"});
+  const int one = std::min(min_ctas(KT), ctas_by_smem(sizeof(Shared<KT, BV>) + state_smem_bytes<KT, BV>()));
+  const int two = std::min(min_ctas(KT), ctas_by_smem(sizeof(Shared<KT, BV>) + 2 * state_smem_bytes<KT, BV>()));
+  if (choice == 2 || (choice == 0 && two == one)) launch_persistent<T, KT, BV, 2>(p, two, items, stream);
+  else launch_persistent<T, KT, BV, 1>(p, one, items, stream);
 }
 
 // 16-column tiles when the 32-column ones would leave SMs without an item (decode-1: 128 items at

@@ -625,6 +625,32 @@ def test_decode_tile_settings_in_host_emulation(emulated_ext, monkeypatch, tiles
                  dst_mode="inplace")
 
 
+@pytest.mark.parametrize("stages", ["1", "2", "auto"])
+def test_gdn_decode_stages_in_host_emulation(emulated_ext, monkeypatch, stages):
+    """GKA_KERNELS_GDN_DECODE_STAGES sets how many state tiles each CTA of the persistent GDN kernel
+    keeps in flight: every setting on a grid smaller than the work (the emulated device has 4 SMs,
+    so each CTA walks several items, padding slots among them), both tile widths and row tiles."""
+    monkeypatch.setenv("GKA_KERNELS_GDN_DECODE_STAGES", stages)
+    gdn = _emulated(emulated_ext, "gdn")
+    for tiles in ("wide", "narrow"):
+        monkeypatch.setenv("GKA_KERNELS_DECODE_TILES", tiles)
+        check_gdn(gdn, "cpu", dtype=torch.float32, Tn=3, layout=(4, 2, 2, 36, 40), dst_mode="inplace")
+        check_gdn(gdn, "cpu", dtype=torch.bfloat16, Tn=2, layout=(2, 2, 1, 128, 128), dst_mode="separate")
+        check_gdn(gdn, "cpu", dtype=torch.float16, Tn=1, layout=(2, 2, 1, 200, 52), dst_mode="separate")
+
+
+@pytest.mark.parametrize("setting", ["", "3", "0"])
+def test_gdn_decode_stages_setting_rejected(emulated_ext, monkeypatch, setting):
+    """An unknown GKA_KERNELS_GDN_DECODE_STAGES is a ValueError naming it, raised before any launch."""
+    monkeypatch.setenv("GKA_KERNELS_GDN_DECODE_STAGES", setting)
+    inp = gdn_inputs(seed=3)
+    src, dst = _indices("separate", "cpu")
+    before = inp["state_pool"].clone()
+    with pytest.raises(ValueError, match="GKA_KERNELS_GDN_DECODE_STAGES"):
+        _emulated(emulated_ext, "gdn")(**inp, state_indices=src, dst_state_indices=dst)
+    assert torch.equal(inp["state_pool"], before)
+
+
 @pytest.mark.parametrize("setting", ["", "half", "16"])
 def test_decode_tile_setting_rejected(emulated_ext, monkeypatch, setting):
     """An unknown GKA_KERNELS_DECODE_TILES is a ValueError naming it, raised before any launch."""
