@@ -14,20 +14,24 @@
 //
 // Persistent and software-pipelined: grid = min(items, resident CTAs per SM x SMs), 128 threads,
 // CTA c takes items c, c + grid, c + 2 grid, ... The step is memory bound (each state byte is read
-// and written once), so the point is to keep every CTA's next state tile in flight while it works
-// on the current one. Prologue: the first item's slot index load, then L1 prefetches of its token
-// inputs (so that they arrive while the index is in flight instead of queueing behind the state
-// copies: decode-1 5.3 -> 5.2 us, decode-64 0.0777 -> 0.0771 ms), its state copies and staging.
-// Per item n:
-//     wait for tile n's cp.async copies, move them from shared memory to registers
-//     __syncthreads                         (inputs n visible; tile_buf free again)
-//     cp.async tile n + 1 into tile_buf     (its slot index was loaded one item earlier)
+// and written once), so the point is to keep every CTA's next STAGES state tiles in flight while it
+// works on the current one. Prologue: the first item's slot index load, then L1 prefetches of its
+// token inputs (so that they arrive while the index is in flight instead of queueing behind the
+// state copies: decode-1 5.3 -> 5.2 us, decode-64 0.0777 -> 0.0771 ms), its state copies and
+// staging, then the copies of items 1 .. STAGES - 1. Per item n:
+//     wait for tile n's cp.async copies (the STAGES - 1 later groups stay in flight), move them
+//     from shared memory to registers
+//     __syncthreads                         (inputs n visible; tile n's buffer free again)
+//     cp.async tile n + STAGES into that buffer (its slot index was loaded one item earlier)
 //     per token: column reductions, update, outputs;  store tile n to its dst slot
 //     __syncthreads                         (inputs n no longer read)
-//     load the slot indices of item n + 2; stage the inputs (q, k, v, g, beta) of item n + 1
-// so a CTA has a tile of loads outstanding through its whole compute, store and input staging.
-// tile_buf (dynamic shared memory, [K / RG][128] float4) is private per thread: each thread copies
-// and reads back only its own rows, so cp.async.wait_group alone makes them visible to it. A
+//     load the slot indices of item n + STAGES + 1; stage the inputs (q, k, v, g, beta) of item n + 1
+// tile_buf (dynamic shared memory, [STAGES][K / RG][128] float4) is private per thread: each thread
+// copies and reads back only its own rows, so cp.async.wait_group alone makes them visible to it.
+// STAGES = 2 where the second buffer costs no resident CTA (launch), else 1. H200, session 11 (run
+// 75, decode-64, bf16, same build, GKA_KERNELS_GDN_DECODE_STAGES forced, two rounds): 1 stage
+// 0.0781-0.0783 ms, 2 stages 0.0760-0.0762 ms; Nsight Compute (run 75): DRAM throughput 68.6% ->
+// 70.5% of peak. (Triton's token loop reaches 78% with 8 CTAs of [128, 32] tiles per SM, run 74.) A
 // padding item (src < 0) writes zero outputs and copies nothing; the item, hence the branch, is the
 // same for every thread of the CTA, so all threads pass the same barriers.
 //
@@ -43,15 +47,16 @@
 // 256) capped by the device's shared memory per SM (static + dynamic at BV = 32: 15.1 / 27.1 / 51.1
 // KiB per CTA, so sm_80 holds 3 CTAs at KT = 256, sm_90 all 4).
 //
-// ptxas -v (sm_90, nvcc 13.0 on this machine), kernel<input dtype, KT, BV>; dynamic smem
-// 8 / 16 / 32 KiB at KT = 64 / 128 / 256 (half at BV = 16) on top of the static smem; fp16 inputs
-// give the same registers as bf16 (fp32: 128 at <256,16>, 94 at <128,16>); no kernel spills:
-//   <bf16,128,32>      92 regs, static smem 11360 B
-//   <bf16,128,16>      92 regs, static smem 9824 B
-//   <bf16,256,32>     128 regs, static smem 19552 B
-//   <bf16,256,16>     122 regs, static smem 18016 B
-//   <bf16,64,32>       72 regs, static smem 7264 B
-//   <bf16,64,16>       72 regs, static smem 5728 B
+// ptxas -v (sm_90, nvcc 13.0 on this machine), kernel<input dtype, KT, BV, STAGES>; dynamic smem
+// STAGES x 8 / 16 / 32 KiB at KT = 64 / 128 / 256 (half at BV = 16) on top of the static smem;
+// fp16 inputs give the same registers as bf16 (fp32: 128 at <256,16,1>, 94 at <128,16,1>); no
+// spills except where noted:
+//   <bf16,128,32,1>    92 regs   <bf16,128,32,2>  96 regs, 8 B spill stores / 16 B loads (prologue only);  static smem 11360 B
+//   <bf16,128,16,1>    92 regs   <bf16,128,16,2>  94 regs;  static smem 9824 B
+//   <bf16,256,32,1>   128 regs   <bf16,256,32,2> 128 regs, 96 / 60 B (taken only when forced);  19552 B
+//   <bf16,256,16,1>   122 regs   <bf16,256,16,2> 124 regs;  static smem 18016 B
+//   <bf16,64,32,*>     72 regs, static smem 7264 B
+//   <bf16,64,16,*>     72 regs, static smem 5728 B
 // gdn_decode_item_kernel<input dtype, KT, 16>: 64 / 79 / 114 regs at KT = 64 / 128 / 256 (bf16;
 // fp16 122 and fp32 108 at KT = 256), no spills, 512 B static smem.
 #include "common.cuh"
