@@ -51,7 +51,7 @@
 // STAGES x 8 / 16 / 32 KiB at KT = 64 / 128 / 256 (half at BV = 16) on top of the static smem;
 // fp16 inputs give the same registers as bf16 (fp32: 128 at <256,16,1>, 94 at <128,16,1>); no
 // spills except where noted:
-//   <bf16,128,32,1>    92 regs   <bf16,128,32,2>  96 regs, 8 B spill stores / 16 B loads (prologue only);  static smem 11360 B
+//   <bf16,128,32,1>    92 regs   <bf16,128,32,2>  96 regs, 8 B spill stores / 16 B loads (two values reloaded per item);  static smem 11360 B
 //   <bf16,128,16,1>    92 regs   <bf16,128,16,2>  94 regs;  static smem 9824 B
 //   <bf16,256,32,1>   128 regs   <bf16,256,32,2> 128 regs, 96 / 60 B (taken only when forced);  19552 B
 //   <bf16,256,16,1>   122 regs   <bf16,256,16,2> 124 regs;  static smem 18016 B
