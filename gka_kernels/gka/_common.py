@@ -6,12 +6,12 @@ import torch
 import triton
 import triton.language as tl
 
-# The solve kernels split operands with ``split_hi_lo`` where an iterate or solution ``y`` is
-# projected onto keys: ``y`` is dominated by its component orthogonal to the keys (up to
-# ``1 / ridge_ratio`` times the rest), so rounding ``y`` once puts an error of ``u |y|`` into
-# ``k . y``, whose true value is only the small key-space part. Measured on GKA layer inputs (bf16,
-# strong decays): rounding ``y`` in the solve's scores alone gave 1.3e-2 output error; every other
-# fp16 rounding of the solve together, 4e-4.
+# The key-gradient kernels split operands with ``split_hi_lo`` where a solution ``x`` (or the
+# adjoint solution) is projected onto keys: ``x`` is dominated by its component orthogonal to the
+# keys (up to ``1 / ridge_ratio`` times the rest), so rounding it once puts an error of ``u |x|``
+# into ``k . x``, whose true value is only the small key-space part. Measured on GKA layer inputs
+# (bf16, strong decays) with the solve's iterate rounded that way: 1.3e-2 output error. The solve
+# itself avoids the split with its residual-form iteration (``solve._chebyshev``).
 from gka_kernels.common.split_dot import split_hi_lo  # noqa: F401  (re-exported for the GKA kernels)
 
 #: Chunk length of every chunked GKA kernel (rows solved together, tokens per stored state).

@@ -21,7 +21,12 @@ float16 range whatever the data: ``H_c`` enters as ``H_c / ||H_c||_F`` (the fact
 row scale ``exp(G) ||H_c||_F``), the right-hand side is scaled per row to norm ``min(1, 1024 a)``
 (so ``||y_t|| <~ 1024``; the solve is linear, the scale is undone at the end), keys are unit-norm
 (beta-scaled). This is SPEC 5's iteration on ``[lam_t, lam_t + fro_t]`` rescaled, with
-the data-independent schedule ``w_i = 1 / (1 - c4 w_{i-1})``, ``w_0 = 2``.
+the data-independent schedule ``w_i = 1 / (1 - c4 w_{i-1})``, ``w_0 = 2``, written in residual form
+(:func:`_chebyshev`): the operator is applied to the increment ``d``, rounded once to ``DT``, and
+that same rounded increment is added to ``y`` and subtracted (times ``A``) from the residual, so
+the rounding only perturbs the step and later steps correct it. Applying ``A`` to ``y`` instead
+needs ``y`` as hi + lo (two dots per product): ``y`` is mostly orthogonal to the keys (up to
+``1 / a`` times its key-space part), so one rounding of ``y`` puts ``u |y|`` into ``k . y``.
 
 Forward kernel: fro, ``x = A^{-1} q`` and ``qm = q + alpha (x - q)``.
 Backward kernel (implicit differentiation, ``A_t`` symmetric): ``dx = alpha dqm``,
@@ -40,9 +45,10 @@ Tiles: grid (chunks, B*H); one program holds ``H_c`` [K, K], the key chunk [BT, 
 and the iterates [BT, K] on-chip for all ``num_iter`` iterations. Every [BT, K] row tensor is kept
 as two column halves [BT, BK/2] (``_l``/``_h``) so that each half of ``H_t y_t`` is consumed by
 its update before the other half is formed: one [BT, BK/2] fp32 accumulator is live instead of
-a [BT, BK] one. Register use is the limit of this kernel: compiled for sm_90 (Triton 3.7, bf16,
-K = 128) the 4-warp program still reloads some loop invariants from local memory every
-iteration, the 8-warp one does not but repeats the score dots on both warpgroups; the autotuner
+a [BT, BK] one. Per iteration: 8 dots of [64, 64] x [64, 64] (4.2 MFLOP at K = 128). Register use
+is the limit of this kernel: compiled for sm_90 (Triton 3.6, bf16, K = 128) the 4-warp program
+reloads some values from local memory every iteration (360 B of stack in the forward), the
+8-warp one almost nothing (56 B) but repeats the score dots on both warpgroups; the autotuner
 chooses between them on the GPU.
 """
 
@@ -54,7 +60,7 @@ import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
-from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_coords, dot_precision, solve_dot_dtype, split_hi_lo
+from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_coords, dot_precision, solve_dot_dtype
 
 
 @triton.jit
@@ -99,48 +105,15 @@ def _scores(b_al, b_ah, b_bl, b_bh, ACC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _key_scores(b_yl, b_yh, b_kl, b_kh, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """``(Y @ K^T, Y_hi)``: scores of the iterate rows ``Y`` (column halves, ``ACC``) against the
-    keys, and ``Y``'s halves rounded to ``DT``. For a 16-bit ``DT``, ``Y`` enters the scores as
-    hi + lo (:func:`split_hi_lo`, two dots): ``k . y`` is a small key-space part of a large ``y``."""
-    b_ol, b_ll = split_hi_lo(b_yl, DT)
-    b_oh, b_lh = split_hi_lo(b_yh, DT)
-    b_s = _scores(b_ol, b_oh, b_kl, b_kh, ACC, PREC)
-    if DT.primitive_bitwidth == 16:
-        b_s = tl.dot(b_ll, tl.trans(b_kl), b_s, input_precision=PREC, out_dtype=ACC)
-        b_s = tl.dot(b_lh, tl.trans(b_kh), b_s, input_precision=PREC, out_dtype=ACC)
-    return b_s, b_ol, b_oh
-
-
-@triton.jit
-def _half(b_yl, b_yh, b_ht_l, b_ht_h, b_sd, b_sdl, b_kc, b_eg, ACC: tl.constexpr, DT: tl.constexpr,
-          PREC: tl.constexpr):
-    """One column half of rows(H_t y_t): b_eg * (Y @ Hs^T[:, half]) + S @ K[:, half], with
-    ``Hs = H_c / ||H_c||``, ``b_eg = exp(G) ||H_c||`` and ``S = (Y @ K^T) * M`` in the dot dtype
-    as ``b_sd`` + ``b_sdl`` (hi + lo, :func:`split_hi_lo`; lo is used only for a 16-bit ``DT``)."""
-    b_p = tl.dot(b_yl, b_ht_l, input_precision=PREC, out_dtype=ACC)
-    b_p = tl.dot(b_yh, b_ht_h, b_p, input_precision=PREC, out_dtype=ACC) * b_eg[:, None]
-    if DT.primitive_bitwidth == 16:
-        b_p = tl.dot(b_sdl, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
-    return tl.dot(b_sd, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
-
-
-@triton.jit
-def _bits16(b, DT: tl.constexpr):
-    """``b`` rounded to the 16-bit dtype ``DT``, its bits in the low half of an int32."""
-    return b.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-
-
-@triton.jit
-def _lo16(b_p, DT: tl.constexpr, ACC: tl.constexpr):
-    """Low 16-bit half of a packed int32 tensor, as ``ACC``."""
-    return b_p.to(tl.int16).to(DT, bitcast=True).to(ACC)
-
-
-@triton.jit
-def _hi16(b_p, DT: tl.constexpr, ACC: tl.constexpr):
-    """High 16-bit half of a packed int32 tensor, as ``ACC``."""
-    return (b_p >> 16).to(tl.int16).to(DT, bitcast=True).to(ACC)
+def _apply_half(b_dl, b_dh, b_ht_l, b_ht_h, b_sd, b_kc, b_eg, b_inv, ridge, b_dc, ACC: tl.constexpr,
+                PREC: tl.constexpr):
+    """One column half of ``A d`` for the rows ``d`` (column halves in the dot dtype):
+    ``(b_eg * (d @ Hs^T[:, half]) + S @ K[:, half]) / fro + a d[:, half]`` with ``Hs = H_c / ||H_c||``,
+    ``b_eg = exp(G) ||H_c||``, ``S = (d @ K^T) * M`` in the dot dtype and ``b_dc`` = ``d[:, half]``."""
+    b_p = tl.dot(b_dl, b_ht_l, input_precision=PREC, out_dtype=ACC)
+    b_p = tl.dot(b_dh, b_ht_h, b_p, input_precision=PREC, out_dtype=ACC) * b_eg[:, None]
+    b_p = tl.dot(b_sd, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
+    return b_p * b_inv[:, None] + ridge * b_dc.to(ACC)
 
 
 @triton.jit
@@ -149,48 +122,32 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
     """``num_iter`` Chebyshev steps for ``(H_t / fro_t + a I) y_t = rhs_t`` on every row; returns
     the column halves of ``y``. ``b_eg`` = exp(G) ||H_c|| (the blocks hold H_c / ||H_c||).
 
-    Carried as ``y_i`` (accumulation dtype) and the increment ``d_i = y_i - y_{i-1}``:
-    ``d_i = (w_i - 1) d_{i-1} - step w_i (A y_{i-1} - rhs)``, ``y_i = y_{i-1} + d_i``, ``d_0 = y_0``.
-    Each column half of ``A y`` is consumed by its update before the other is formed. With a
-    16-bit dot dtype, ``d`` (which shrinks as the iteration converges, so its rounding matters
-    less than that of ``y_{i-1}``) and ``rhs`` are carried in that dtype, both column halves
-    packed in one int32 tensor (Triton otherwise keeps one 16-bit element per 32-bit register).
-    The right-hand side is first scaled per row to norm ``min(1, 1024 a)`` (float16 range of the
-    iterates, see the module docstring); ``y`` is scaled back on return."""
-    PACK: tl.constexpr = DT.primitive_bitwidth == 16
+    Residual form of ``d_i = (w_i - 1) d_{i-1} + step w_i r_{i-1}``, ``y_i = y_{i-1} + d_i``,
+    ``r_i = r_{i-1} - A d_i`` from ``d_0 = y_0 = step rhs``, ``r_{-1} = rhs``: ``d`` is carried
+    in the dot dtype (every use, ``y`` included, sees the same rounded value), ``y`` and ``r`` in
+    the accumulation dtype. Each column half of ``A d`` updates its half of ``r`` before the other
+    half is formed (one [BT, BK/2] accumulator live). The right-hand side is first scaled per row
+    to norm ``min(1, 1024 a)`` (float16 range of the iterates, see the module docstring); ``y`` is
+    scaled back on return."""
     b_rn = tl.sqrt(tl.sum(b_rl * b_rl, axis=1) + tl.sum(b_rh * b_rh, axis=1))
     b_rs = tl.where(b_rn > 0, b_rn / tl.minimum(1.0, 1024.0 * ridge), 1.0)
     b_rl = b_rl / b_rs[:, None]
     b_rh = b_rh / b_rs[:, None]
     b_md = b_m.to(DT)
-    b_yl = step * b_rl
-    b_yh = step * b_rh
-    b_dl = b_yl
-    b_dh = b_yh
-    if PACK:
-        b_rp = _bits16(b_rl, DT) | (_bits16(b_rh, DT) << 16)
-        b_dp = _bits16(b_dl, DT) | (_bits16(b_dh, DT) << 16)
+    b_dl = (step * b_rl).to(DT)
+    b_dh = (step * b_rh).to(DT)
+    b_yl = b_dl.to(ACC)
+    b_yh = b_dh.to(ACC)
     w = tl.full([], 2.0, ACC)
     for _ in range(num_iter):
+        b_sd = (_scores(b_dl, b_dh, b_kl, b_kh, ACC, PREC) * b_md.to(ACC)).to(DT)
+        b_rl -= _apply_half(b_dl, b_dh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, b_inv, ridge, b_dl, ACC, PREC)
+        b_rh -= _apply_half(b_dl, b_dh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, b_inv, ridge, b_dh, ACC, PREC)
         w = 1.0 / (1.0 - c4 * w)
-        b_s, b_ol, b_oh = _key_scores(b_yl, b_yh, b_kl, b_kh, ACC, DT, PREC)
-        b_sd, b_sdl = split_hi_lo(b_s * b_md.to(ACC), DT)
-        b_p = _half(b_ol, b_oh, b_ht_ll, b_ht_hl, b_sd, b_sdl, b_kl, b_eg, ACC, DT, PREC)
-        if PACK:
-            b_dl = _lo16(b_dp, DT, ACC)
-            b_rl = _lo16(b_rp, DT, ACC)
-        b_dl = (w - 1.0) * b_dl - (step * w) * (b_p * b_inv[:, None] + ridge * b_yl - b_rl)
-        b_yl += b_dl
-        if PACK:
-            b_dp = (b_dp & -65536) | _bits16(b_dl, DT)
-        b_p = _half(b_ol, b_oh, b_ht_lh, b_ht_hh, b_sd, b_sdl, b_kh, b_eg, ACC, DT, PREC)
-        if PACK:
-            b_dh = _hi16(b_dp, DT, ACC)
-            b_rh = _hi16(b_rp, DT, ACC)
-        b_dh = (w - 1.0) * b_dh - (step * w) * (b_p * b_inv[:, None] + ridge * b_yh - b_rh)
-        b_yh += b_dh
-        if PACK:
-            b_dp = (b_dp & 0xFFFF) | (_bits16(b_dh, DT) << 16)
+        b_dl = ((w - 1.0) * b_dl.to(ACC) + (step * w) * b_rl).to(DT)
+        b_dh = ((w - 1.0) * b_dh.to(ACC) + (step * w) * b_rh).to(DT)
+        b_yl += b_dl.to(ACC)
+        b_yh += b_dh.to(ACC)
     return b_yl * b_rs[:, None], b_yh * b_rs[:, None]
 
 
@@ -219,8 +176,8 @@ def _store_rows(p, o_c, m_t, b, K: tl.constexpr):
 
 
 # 4 warps = one warpgroup per 64-row chunk (every dot on one warpgroup, some register spills);
-# 8 warps split the column halves over two warpgroups (no spills, but Triton replicates the
-# chained score dots over both). Which wins is measured by the autotuner on the GPU.
+# 8 warps split the column halves over two warpgroups (few spills, but Triton replicates the
+# score dots over both). Which wins is measured by the autotuner on the GPU.
 _CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 
 
