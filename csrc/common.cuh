@@ -78,7 +78,10 @@ inline void dispatch_tag(int dtype, Body&& body) {
   }
 }
 
-// Element i of a scalar array whose dtype is only known at run time (gates, per-head parameters).
+// Element i of a scalar array whose dtype is only known at run time (gates, per-head parameters),
+// loaded and converted in one branch. (Written as scalar_from_bits(load_scalar_bits(...)) below, the
+// same values compile differently: sm_90 ptxas then spills 16-24 bytes in the 64-register Mamba-2
+// kernels.)
 __device__ __forceinline__ float load_scalar(const void* p, int dtype, int64_t i) {
   if (dtype == kFloat32) return static_cast<const float*>(p)[i];
   if (dtype == kFloat16) return __half2float(static_cast<const __half*>(p)[i]);

@@ -154,6 +154,31 @@ __device__ __forceinline__ void prefetch_inputs(const GdnParams& p, const Item& 
 // each value right after its load made every load wait for the previous one); then one warp per
 // token normalizes q and k and forms q . k. H200, run 64, against the per-value conversion:
 // decode-1 5.4 -> 4.9 us, decode-64 0.0781 -> 0.0785 ms (two rounds each, same binary otherwise).
+// One token's q and k scales from a warp's lanes, each holding NJ values of q and of k: the q
+// scale (scale / ||q|| with the in-kernel L2 norm, else scale), the k scale (1 / ||k||, else 1) and
+// q . k after both, every result the same on all lanes.
+struct QkScales {
+  float q, k, qk;
+};
+template <int NJ>
+__device__ __forceinline__ QkScales qk_scales(const float (&qv)[NJ], const float (&kv)[NJ], bool l2norm,
+                                              float scale) {
+  float qq = 0.f, kk = 0.f, qkd = 0.f;
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    qq = fmaf(qv[j], qv[j], qq);
+    kk = fmaf(kv[j], kv[j], kk);
+    qkd = fmaf(qv[j], kv[j], qkd);
+  }
+  float qn = 1.f, kn = 1.f;
+  if (l2norm) {
+    qn = rsqrtf(warp_allreduce(qq) + 1e-6f);
+    kn = rsqrtf(warp_allreduce(kk) + 1e-6f);
+  }
+  const float qsc = qn * scale;
+  return {qsc, kn, warp_allreduce(qkd) * qsc * kn};
+}
+
 template <typename T, int KT, int BV>
 __device__ __forceinline__ void stage_inputs(const GdnParams& p, const Item& x, Shared<KT, BV>& sh) {
   constexpr int TPW = (kMaxDecodeTokens + kWarps - 1) / kWarps;  // tokens per warp, at most
@@ -190,28 +215,18 @@ __device__ __forceinline__ void stage_inputs(const GdnParams& p, const Item& x, 
     const int t = warp + kWarps * u;
     if (t >= Tn) break;
     float qv[KT / 32], kv[KT / 32];
-    float qq = 0.f, kk = 0.f, qkd = 0.f;
 #pragma unroll
     for (int j = 0; j < KT / 32; ++j) {
       qv[j] = to_float(qraw[u][j]);
       kv[j] = to_float(kraw[u][j]);
-      qq = fmaf(qv[j], qv[j], qq);
-      kk = fmaf(kv[j], kv[j], kk);
-      qkd = fmaf(qv[j], kv[j], qkd);
     }
-    float qn = 1.f, kn = 1.f;
-    if (p.l2norm) {
-      qn = rsqrtf(warp_allreduce(qq) + 1e-6f);
-      kn = rsqrtf(warp_allreduce(kk) + 1e-6f);
-    }
-    qkd = warp_allreduce(qkd);
-    const float qsc = qn * p.scale;
+    const QkScales sc = qk_scales(qv, kv, p.l2norm, p.scale);
 #pragma unroll
     for (int j = 0; j < KT / 32; ++j) {
-      sh.q[t][lane + 32 * j] = qv[j] * qsc;
-      sh.k[t][lane + 32 * j] = kv[j] * kn;
+      sh.q[t][lane + 32 * j] = qv[j] * sc.q;
+      sh.k[t][lane + 32 * j] = kv[j] * sc.k;
     }
-    if (lane == 0) sh.qk[t] = qkd * qsc * kn;
+    if (lane == 0) sh.qk[t] = sc.qk;
   }
 #pragma unroll
   for (int j = 0; j < 2; ++j) {
@@ -452,29 +467,21 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_item_kernel
   const uint32_t gbits = load_scalar_bits(p.g, p.g_dtype, b * p.sg.b + h * p.sg.h);
   const uint32_t bbits = load_scalar_bits(p.beta, p.beta_dtype, b * p.sbeta.b + h * p.sbeta.h);
 
-  float qq = 0.f, kk = 0.f, qkd = 0.f;
+  float qv[NJ], kv[NJ];
 #pragma unroll
   for (int j = 0; j < NJ; ++j) {
-    const float qv = to_float(qn_raw[j]), kv = to_float(kn_raw[j]);
-    qq = fmaf(qv, qv, qq);
-    kk = fmaf(kv, kv, kk);
-    qkd = fmaf(qv, kv, qkd);
+    qv[j] = to_float(qn_raw[j]);
+    kv[j] = to_float(kn_raw[j]);
   }
-  float qn = 1.f, kn = 1.f;
-  if (p.l2norm) {
-    qn = rsqrtf(warp_allreduce(qq) + 1e-6f);
-    kn = rsqrtf(warp_allreduce(kk) + 1e-6f);
-  }
-  const float qsc = qn * p.scale;
-  const float qk = warp_allreduce(qkd) * qsc * kn;
+  const QkScales sc = qk_scales(qv, kv, p.l2norm, p.scale);
   const float dec = __expf(scalar_from_bits(gbits, p.g_dtype));
   const float beta = scalar_from_bits(bbits, p.beta_dtype);
 
   float kr[RPT], qr[RPT];
 #pragma unroll
   for (int i = 0; i < RPT; ++i) {
-    kr[i] = to_float(kr_raw[i]) * kn;
-    qr[i] = to_float(qr_raw[i]) * qsc;
+    kr[i] = to_float(kr_raw[i]) * sc.k;
+    qr[i] = to_float(qr_raw[i]) * sc.q;
   }
   float4 ksum, qsum;
   decayed_column_sums<BV>(S, kr, qr, dec, red, ksum, qsum);
@@ -489,10 +496,10 @@ __global__ void __launch_bounds__(kThreads, min_ctas(KT)) gdn_decode_item_kernel
     }
   }
   if (writer) {
-    o[0] = from_float<T>(fmaf(qk, u.x, qsum.x));
-    o[1] = from_float<T>(fmaf(qk, u.y, qsum.y));
-    o[2] = from_float<T>(fmaf(qk, u.z, qsum.z));
-    o[3] = from_float<T>(fmaf(qk, u.w, qsum.w));
+    o[0] = from_float<T>(fmaf(sc.qk, u.x, qsum.x));
+    o[1] = from_float<T>(fmaf(sc.qk, u.y, qsum.y));
+    o[2] = from_float<T>(fmaf(sc.qk, u.z, qsum.z));
+    o[3] = from_float<T>(fmaf(sc.qk, u.w, qsum.w));
   }
 }
 
