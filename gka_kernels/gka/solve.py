@@ -153,15 +153,16 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
 
 @triton.jit
 def _frobenius_sq(h, i_s, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
-    """||H_c||_F^2 of the stored chunk state, in row blocks of 16."""
+    """||H_c||_F^2 of the stored chunk state: squares of [16, BK] row blocks summed elementwise, one
+    reduction at the end (the blocks' loads do not wait on each other's reductions)."""
     o_k = tl.arange(0, BK)
-    acc = tl.zeros([BK], dtype=ACC)
+    acc = tl.zeros([16, BK], dtype=ACC)
     for r0 in tl.static_range(0, BK, 16):
         o_r = r0 + tl.arange(0, 16)
         b = tl.load(h + (i_s * H + i_h) * K * K + o_r[:, None] * K + o_k[None, :],
                     mask=(o_r[:, None] < K) & (o_k[None, :] < K), other=0).to(ACC)
-        acc += tl.sum(b * b, axis=0)
-    return tl.sum(acc, axis=0)
+        acc += b * b
+    return tl.sum(tl.sum(acc, axis=1), axis=0)
 
 
 @triton.jit
