@@ -2,9 +2,9 @@
 
 Times ``gka_solve_fwd`` and ``gka_solve_bwd`` alone with a fixed launch config (4 or 8 warps) at
 ``num_iter`` 0, 1 and 30: the 0-iteration time is each kernel's fixed cost (loads, the Frobenius
-norms, the backward's ``H_t x_t`` product and scalars, stores), the slope its cost per iteration.
-A backward variant without the ``H_t x_t`` product (its source with that call replaced by
-``x``) separates that product from the rest of the fixed cost. Prints one JSON object.
+norms, the backward's per-row scalars, stores), ``(t30 - t0) / 30`` its cost per iteration.
+``num_iter=1`` is a separately compiled kernel (Triton specializes integer arguments equal to 1),
+so its time need not lie on that line. Prints one JSON object.
 
     python -m bench.exp_gka_solve
 """

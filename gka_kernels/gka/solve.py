@@ -47,8 +47,8 @@ as two column halves [BT, BK/2] (``_l``/``_h``) so that each half of ``H_t y_t``
 its update before the other half is formed: one [BT, BK/2] fp32 accumulator is live instead of
 a [BT, BK] one. Per iteration: 8 dots of [64, 64] x [64, 64] (4.2 MFLOP at K = 128). Register use
 is the limit of this kernel: compiled for sm_90 (Triton 3.6, bf16, K = 128) the 4-warp program
-reloads some values from local memory every iteration (360 B of stack in the forward), the
-8-warp one almost nothing (56 B) but repeats the score dots on both warpgroups; the autotuner
+reloads some values from local memory every iteration (352 B of stack in the forward), the
+8-warp one almost nothing (48 B) but repeats the score dots on both warpgroups; the autotuner
 chooses between them on the GPU.
 """
 
