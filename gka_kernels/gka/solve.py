@@ -47,9 +47,9 @@ as two column halves [BT, BK/2] (``_l``/``_h``) so that each half of ``H_t y_t``
 its update before the other half is formed: one [BT, BK/2] fp32 accumulator is live instead of
 a [BT, BK] one. Per iteration: 8 dots of [64, 64] x [64, 64] (4.2 MFLOP at K = 128). Register use
 is the limit of this kernel: compiled for sm_90 (Triton 3.6, bf16, K = 128) the 4-warp program
-reloads some values from local memory every iteration (208 B of stack in the forward, 31
-local loads per iteration), the 8-warp one almost nothing (48 B) but repeats the score dots on both warpgroups; the autotuner
-chooses between them on the GPU.
+reloads some values from local memory every iteration (208 B of stack in the forward, 31 local
+loads per iteration), the 8-warp one almost nothing (48 B) but repeats the score dots on both
+warpgroups; the autotuner chooses between them on the GPU.
 """
 
 from __future__ import annotations
@@ -142,8 +142,10 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
     w = tl.full([], 2.0, ACC)
     for _ in range(num_iter):
         b_sd = (_scores(b_dl, b_dh, b_kl, b_kh, ACC, PREC) * b_md.to(ACC)).to(DT)
-        b_rl = _residual_half(b_rl, b_dl, b_dh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, b_inv, ridge, b_dl, ACC, PREC)
-        b_rh = _residual_half(b_rh, b_dl, b_dh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, b_inv, ridge, b_dh, ACC, PREC)
+        b_rl = _residual_half(b_rl, b_dl, b_dh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, b_inv, ridge, b_dl,
+                              ACC, PREC)
+        b_rh = _residual_half(b_rh, b_dl, b_dh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, b_inv, ridge, b_dh,
+                              ACC, PREC)
         w = 1.0 / (1.0 - c4 * w)
         b_dl = ((w - 1.0) * b_dl.to(ACC) + (step * w) * b_rl).to(DT)
         b_dh = ((w - 1.0) * b_dh.to(ACC) + (step * w) * b_rh).to(DT)
