@@ -179,6 +179,22 @@ def _store_rows(p, o_c, m_t, b, K: tl.constexpr):
     tl.store(p[:, None] + o_c[None, :], b.to(p.dtype.element_ty), mask=m_t[:, None] & (o_c[None, :] < K))
 
 
+@triton.jit
+def _adjoint_half(b_s, p_row, o_c, m_t, b_a, x, q, dqm, dq, dqs, K: tl.constexpr, ACC: tl.constexpr):
+    """One column half of the adjoint solution ``b_s``: stores it as ``dqs`` and the total
+    ``dq = dqs + (1 - alpha) dqm``; returns the row dots ``x . dqs``, ``q . dqs`` and
+    ``(x - q) . dqm`` over the half."""
+    _store_rows(dqs + p_row, o_c, m_t, b_s, K)
+    b_x = _load_rows(x + p_row, o_c, m_t, K, ACC)
+    b_q = _load_rows(q + p_row, o_c, m_t, K, ACC)
+    b_sx = tl.sum(b_x * b_s, axis=1)
+    b_sq = tl.sum(b_q * b_s, axis=1)
+    b_g = _load_rows(dqm + p_row, o_c, m_t, K, ACC)
+    b_da = tl.sum((b_x - b_q) * b_g, axis=1)
+    _store_rows(dq + p_row, o_c, m_t, b_s + (1.0 - b_a[:, None]) * b_g, K)
+    return b_sx, b_sq, b_da
+
+
 # 4 warps = one warpgroup per 64-row chunk (every dot on one warpgroup, some register spills);
 # 8 warps split the column halves over two warpgroups (few spills, but Triton replicates the
 # score dots over both). Which wins is measured by the autotuner on the GPU.
@@ -284,19 +300,20 @@ def gka_solve_bwd_kernel(
     b_rh = _load_rows(dqm + p_row, o_h, m_t, K, ACC) * b_a[:, None]
     b_sl, b_sh = _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl,
                             b_ht_hh, ridge, step, c4, num_iter, ACC, DT, PREC)
-    b_sl = b_sl * b_inv[:, None]
-    b_sh = b_sh * b_inv[:, None]
-    _store_rows(dqs + p_row, o_l, m_t, b_sl, K)
-    _store_rows(dqs + p_row, o_h, m_t, b_sh, K)
-
+    if HAS_ALPHA:  # reloaded (as G below): not kept live through the solve
+        b_a = tl.load(alpha + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    # Per column half: dqs, the total dq = dqs + (1 - alpha) dqm, and the row dots x . dqs,
+    # q . dqs and (x - q) . dqm (one half's tiles are dead before the other's are loaded).
+    b_sx, b_sq, b_da = _adjoint_half(b_sl * b_inv[:, None], p_row, o_l, m_t, b_a, x, q, dqm, dq, dqs,
+                                     K, ACC)
+    b_sx2, b_sq2, b_da2 = _adjoint_half(b_sh * b_inv[:, None], p_row, o_h, m_t, b_a, x, q, dqm, dq,
+                                        dqs, K, ACC)
+    b_sx += b_sx2
+    b_sq += b_sq2
+    if HAS_ALPHA:
+        tl.store(dalpha + tok * H + i_h, (b_da + b_da2).to(dalpha.dtype.element_ty), mask=m_t)
     # Per-row scalars. x_t is treated as the exact solution of A_t x = q_t (SPEC 5), so
     # H_t x_t = q_t - lam_t x_t (0 where H_t = 0): no product with H_t is formed here.
-    b_xl = _load_rows(x + p_row, o_l, m_t, K, ACC)
-    b_xh = _load_rows(x + p_row, o_h, m_t, K, ACC)
-    b_qvl = _load_rows(q + p_row, o_l, m_t, K, ACC)
-    b_qvh = _load_rows(q + p_row, o_h, m_t, K, ACC)
-    b_sx = tl.sum(b_xl * b_sl, axis=1) + tl.sum(b_xh * b_sh, axis=1)
-    b_sq = tl.sum(b_qvl * b_sl, axis=1) + tl.sum(b_qvh * b_sh, axis=1)
     b_shx = tl.where(b_fro > 0, b_sq - ridge * b_fro * b_sx, 0.0)
     b_c = bp_coef * b_sx * b_inv
     b_dgp = -b_shx - b_c * b_fro * b_fro
@@ -306,16 +323,6 @@ def gka_solve_bwd_kernel(
     b_e = tl.exp(tl.where(m_st, 2.0 * b_g[None, :] - b_g[:, None], float("-inf")))
     b_beta = tl.sum(b_e * b_c[None, :], axis=1)
 
-    # Total dq = dqs + (1 - alpha) dqm and dalpha = (x - q) . dqm.
-    if HAS_ALPHA:  # reloaded, as G above: not kept live through the solve
-        b_a = tl.load(alpha + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    b_dql = _load_rows(dqm + p_row, o_l, m_t, K, ACC)
-    b_dqh = _load_rows(dqm + p_row, o_h, m_t, K, ACC)
-    if HAS_ALPHA:
-        b_da = tl.sum((b_xl - b_qvl) * b_dql, axis=1) + tl.sum((b_xh - b_qvh) * b_dqh, axis=1)
-        tl.store(dalpha + tok * H + i_h, b_da.to(dalpha.dtype.element_ty), mask=m_t)
-    _store_rows(dq + p_row, o_l, m_t, b_sl + (1.0 - b_a[:, None]) * b_dql, K)
-    _store_rows(dq + p_row, o_h, m_t, b_sh + (1.0 - b_a[:, None]) * b_dqh, K)
     o_s = tok * H + i_h
     tl.store(lam_c + o_s, b_c.to(lam_c.dtype.element_ty), mask=m_t)
     tl.store(beta + o_s, b_beta.to(beta.dtype.element_ty), mask=m_t)
