@@ -206,7 +206,7 @@ def test_bf16x3_mode_runs_exact_in_interpreter():
 @pytest.mark.interpreter
 @pytest.mark.parametrize("mode", ["bf16x3", BF16_HILO])
 def test_mixed_dtypes_internal_path(mode):
-    """``ChunkSimpleGLAFunction`` as the GKA readout calls it: float32 q, k (holding bf16 values)
+    """``ChunkSimpleGLAFunction`` with mixed dtypes: float32 q, k (holding bf16 values)
     and bf16 v (the upstream gradient of o arrives in bf16). o and dv come out in bf16, dq and dk in
     float32; the values match the float64 reference on the same inputs. The interpreter runs both
     modes on exact float32 products (it multiplies bf16 tiles wrongly), so this checks the

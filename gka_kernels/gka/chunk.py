@@ -15,25 +15,27 @@ backward (implicit differentiation, SPEC 5)
   3. reverse pass over chunks carrying the adjoint of ``H`` (:mod:`gka_kernels.gka.chunk_dh`);
   4. per chunk key gradients and decay gradients (:mod:`gka_kernels.gka.chunk_dk`);
   5. ``dgk`` = reverse cumulative sum of the per-token decay gradient over each sequence.
-  The readout's gradients (``dqm``, ``dk``, ``dv``, ``dg``, ``dh0_kv``) come from the GLA op.
+  The readout's gradients (``dqm``, ``dk``, ``dv``, ``dg``, ``dh0_kv``) come from the GLA
+  backward (``gla_backward``, run first: ``dqm`` is the solve's output gradient). Solve and
+  readout are one autograd node (:class:`ChunkGkaFunction`): both read ``k`` as given, and their
+  key gradients are summed in float32 with the group sum over query heads (``group_sum``).
 
 Saved for backward by the solve (beyond the inputs ``q, k, gk, alpha`` and ``h_kk``'s initial and
 final states): ``x`` (``K`` values) and ``fro`` per token and query head, plus the cumsum ``G``,
 all float32 (float64 for float64 inputs) — ``4K + 8`` bytes per token and head (520 B at K = 128).
-For 16-bit inputs the solve also keeps its 16-bit copy of ``k`` (``2K`` bytes per token and key head;
-the input it receives is the float32 copy described below). Chunk states are recomputed, never
-saved. The GLA readout saves its own inputs (float32 ``qm`` and ``k``, and ``v`` as given).
+Chunk states are recomputed, never saved. The readout keeps ``qm`` (float32, ``4K`` bytes per
+token and head), the cumsum of ``g`` and ``v`` as given.
 
 Precision: the readout ``U^T qm`` cancels heavily (``|x|`` is ~20x ``|q|`` at ridge_ratio 0.02),
 so rounding ``qm`` to bf16 alone costs ~1e-2 relative error in ``o``. For 16-bit inputs the solve
 therefore writes ``x``/``qm`` in float32, the chunk states ``H_c`` are float32, the solve's dot
 operands are float16 on normalized quantities (``_common.solve_dot_dtype``), and the readout runs
-the GLA op on float32 ``qm`` and ``k``: for bf16 inputs ``qm``, the states and the scores enter
+the GLA kernels on float32 ``qm``: for bf16 inputs ``qm``, the states and the scores enter
 its dots as bf16 hi + lo (about 16 significant bits: ~2^-16 relative error per product, ~3e-4 in
 ``o`` after the ~20x cancellation) and the exact bf16 keys, values and output gradient once
 (``gla.chunk.BF16_HILO``); fp16 inputs use 3xBF16 dots (every operand split: fp16 values are not
-exact in bf16). ``v`` is read in its own dtype and ``o`` is written in it
-(``ChunkSimpleGLAFunction`` mixes dtypes). With
+exact in bf16). ``k`` and ``v`` are read in their own dtype and ``o`` is written in ``v``'s
+(the GLA kernels convert every load). With
 near-low-rank states most of ``x`` is orthogonal to the keys, so wherever ``x``, the adjoint
 solution or the scores ``(x . k) M`` are later projected onto keys they enter the dot as fp16
 hi + lo (``_common.split_hi_lo``), and the solve's and the readout's key gradients (which cancel
@@ -51,13 +53,14 @@ from gka_kernels.common.checks import (
     check_gate, check_head_dim, check_positive_int, check_qkv, check_scale, check_state,
 )
 from gka_kernels.common.cumsum import chunk_local_cumsum
+from gka_kernels.common.group_sum import group_sum
 from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
 from gka_kernels.gka._common import CHUNK, MAX_K, state_dtype as chunk_state_dtype
 from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
 from gka_kernels.gka.solve import gka_solve_bwd, gka_solve_fwd
-from gka_kernels.gla.chunk import BF16_HILO, ChunkSimpleGLAFunction
+from gka_kernels.gla.chunk import BF16_HILO, gla_backward, gla_forward, make_plan
 
 #: Largest ``num_iter`` accepted.
 MAX_NUM_ITER = 64
@@ -97,63 +100,137 @@ def check_gka_inputs(q, k, v, g, gk, alpha, scale, ridge_ratio, num_iter, bp_lam
     return dims, scale
 
 
-class ChunkGkaSolveFunction(torch.autograd.Function):
-    """``(q, k, gk, alpha, h0_kk) -> (qm, h_kk final)``: the ridge-solve half of GKA.
+def solve_forward(q, k, gk, alpha, h0, ridge_ratio, num_iter, output_final_state, cu_seqlens):
+    """The ridge-solve half of GKA: ``qm`` ``[B,T,H,K]`` (float32 for 16-bit inputs), the final
+    ``h_kk`` (or None) and the tensors :func:`solve_backward` needs. ``k`` is read in ``q``'s
+    dtype."""
+    k = k.to(q.dtype)
+    B, T, H, _ = q.shape
+    if cu_seqlens is not None:
+        chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK)
+        chunk_offsets = prepare_chunk_offsets(cu_seqlens, CHUNK)
+        num_seqs, n_slots = cu_seqlens.numel() - 1, chunk_indices.shape[0]
+    else:
+        chunk_indices = chunk_offsets = None
+        num_seqs, n_slots = B, B * triton.cdiv(T, CHUNK)
+    gcum = chunk_local_cumsum(gk, CHUNK, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    h, ht = chunk_gka_fwd_h(k, gcum, H, num_seqs, n_slots, h0, output_final_state, cu_seqlens,
+                            chunk_offsets, chunk_state_dtype(q.dtype))
+    x, qm, fro = gka_solve_fwd(q, k, gcum, h, alpha, ridge_ratio, num_iter, cu_seqlens, chunk_indices)
+    return qm, ht, (q, k, gcum, alpha, h0, x, fro, ht, cu_seqlens, chunk_indices, chunk_offsets)
 
-    ``k`` may be a float32 copy of 16-bit keys (``chunk_gka`` passes one): the kernels read it in
-    ``q``'s dtype and its gradient is returned in float32."""
+
+def solve_backward(saved, dqm, dht, ridge_ratio, num_iter, bp_lambda, need_dh0):
+    """Gradients of :func:`solve_forward` (``saved`` is its third output) for the output
+    gradients ``dqm`` and ``dht`` (or None): ``dq`` (q's dtype), the key gradient per *query* head
+    ``[B,T,H,K]`` (float32/64; the caller sums each key head's group), ``dgk [B,T,H]`` (float32/64),
+    ``dalpha`` (float32/64 or None) and the gradient of the initial ``h_kk`` (or None)."""
+    q, k, gcum, alpha, h0, x, fro, ht, cu_seqlens, chunk_indices, chunk_offsets = saved
+    B, T, H, _ = q.shape
+    num_seqs = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    n_slots = B * triton.cdiv(T, CHUNK) if cu_seqlens is None else chunk_indices.shape[0]
+    h, _ = chunk_gka_fwd_h(k, gcum, H, num_seqs, n_slots, h0, False, cu_seqlens, chunk_offsets,
+                           chunk_state_dtype(q.dtype))
+    dq, dqs, dalpha, lam_c, beta, dgp = gka_solve_bwd(
+        q, k, gcum, h, alpha, x, fro, dqm.contiguous(), ridge_ratio, num_iter, bp_lambda,
+        cu_seqlens, chunk_indices)
+    if dht is not None:
+        dht = dht.contiguous()
+    dh, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, num_seqs, need_dh0, cu_seqlens,
+                               chunk_offsets)
+    dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, cu_seqlens, chunk_indices)
+    dgk = _reverse_cumsum(dgc, cu_seqlens)
+    if dht is not None:
+        # <dht, H_T> belongs to the decay gradient of every token of the sequence.
+        final_term = (dht.to(ht.dtype) * ht).sum((-2, -1))            # [N, H]
+        if cu_seqlens is None:
+            dgk = dgk + final_term[:, None, :]
+        else:
+            lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+            dgk = dgk + torch.repeat_interleave(final_term, lens, dim=0)[None]
+    return dq, dk_h, dgk, dalpha, dh0
+
+
+def _group_key_grad(dk_h: torch.Tensor, HKV: int, base: torch.Tensor | None,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """``dk_h [B,T,H,K]`` summed over the query heads of each key head (plus ``base``), in ``dtype``."""
+    B, T, H, K = dk_h.shape
+    return group_sum(dk_h.view(B, T, HKV, H // HKV, K), base, dtype)
+
+
+class ChunkGkaSolveFunction(torch.autograd.Function):
+    """``(q, k, gk, alpha, h0_kk) -> (qm, h_kk final)``: the ridge-solve half of GKA alone (the
+    tests check it against the solve reference; :class:`ChunkGkaFunction` is the whole layer)."""
 
     @staticmethod
     def forward(ctx, q, k, gk, alpha, h0, ridge_ratio, num_iter, bp_lambda, output_final_state,
                 cu_seqlens):
-        ctx.k_dtype = k.dtype
-        k = k.to(q.dtype)
-        B, T, H, _ = q.shape
-        if cu_seqlens is not None:
-            chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK)
-            chunk_offsets = prepare_chunk_offsets(cu_seqlens, CHUNK)
-            num_seqs, n_slots = cu_seqlens.numel() - 1, chunk_indices.shape[0]
-        else:
-            chunk_indices = chunk_offsets = None
-            num_seqs, n_slots = B, B * triton.cdiv(T, CHUNK)
-        gcum = chunk_local_cumsum(gk, CHUNK, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-        state_dtype = chunk_state_dtype(q.dtype)
-        h, ht = chunk_gka_fwd_h(k, gcum, H, num_seqs, n_slots, h0, output_final_state, cu_seqlens,
-                                chunk_offsets, state_dtype)
-        x, qm, fro = gka_solve_fwd(q, k, gcum, h, alpha, ridge_ratio, num_iter, cu_seqlens, chunk_indices)
-        ctx.save_for_backward(q, k, gcum, alpha, h0, x, fro, ht, cu_seqlens, chunk_indices, chunk_offsets)
-        ctx.meta = (ridge_ratio, num_iter, bp_lambda, num_seqs, n_slots, state_dtype, gk.dtype)
+        qm, ht, saved = solve_forward(q, k, gk, alpha, h0, ridge_ratio, num_iter, output_final_state,
+                                      cu_seqlens)
+        ctx.save_for_backward(*saved)
+        ctx.meta = (ridge_ratio, num_iter, bp_lambda, k.dtype, gk.dtype)
         return qm, ht
 
     @staticmethod
     def backward(ctx, dqm, dht):
-        q, k, gcum, alpha, h0, x, fro, ht, cu_seqlens, chunk_indices, chunk_offsets = ctx.saved_tensors
-        ridge_ratio, num_iter, bp_lambda, num_seqs, n_slots, state_dtype, gk_dtype = ctx.meta
-        B, T, H, K = q.shape
-        HKV = k.shape[2]
-        h, _ = chunk_gka_fwd_h(k, gcum, H, num_seqs, n_slots, h0, False, cu_seqlens, chunk_offsets,
-                               state_dtype)
-        dq, dqs, dalpha, lam_c, beta, dgp = gka_solve_bwd(
-            q, k, gcum, h, alpha, x, fro, dqm.contiguous(), ridge_ratio, num_iter, bp_lambda,
-            cu_seqlens, chunk_indices)
-        if dht is not None:
-            dht = dht.contiguous()
-        dh, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, num_seqs,
-                                   ctx.needs_input_grad[4], cu_seqlens, chunk_offsets)
-        dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, cu_seqlens, chunk_indices)
-        dk = dk_h.view(B, T, HKV, H // HKV, K).sum(3).to(ctx.k_dtype)
-        dgk = _reverse_cumsum(dgc, cu_seqlens)
-        if dht is not None:
-            # <dht, H_T> belongs to the decay gradient of every token of the sequence.
-            final_term = (dht.to(ht.dtype) * ht).sum((-2, -1))            # [N, H]
-            if cu_seqlens is None:
-                dgk = dgk + final_term[:, None, :]
-            else:
-                lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-                dgk = dgk + torch.repeat_interleave(final_term, lens, dim=0)[None]
-        dalpha = dalpha.to(alpha.dtype) if alpha is not None else None
-        dh0 = dh0.to(h0.dtype) if dh0 is not None else None
-        return dq, dk, dgk.to(gk_dtype), dalpha, dh0, None, None, None, None, None
+        ridge_ratio, num_iter, bp_lambda, k_dtype, gk_dtype = ctx.meta
+        dq, dk_h, dgk, dalpha, dh0 = solve_backward(ctx.saved_tensors, dqm, dht, ridge_ratio, num_iter,
+                                                    bp_lambda, ctx.needs_input_grad[4])
+        alpha, h0 = ctx.saved_tensors[3], ctx.saved_tensors[4]
+        dk = _group_key_grad(dk_h, ctx.saved_tensors[1].shape[2], None, k_dtype)
+        return (dq, dk, dgk.to(gk_dtype), dalpha.to(alpha.dtype) if alpha is not None else None,
+                dh0.to(h0.dtype) if dh0 is not None else None, None, None, None, None, None)
+
+
+class ChunkGkaFunction(torch.autograd.Function):
+    """``(q, k, v, g, gk, alpha, h0_kk, h0_kv) -> (o, h_kk final, h_kv final)``: the ridge solve
+    followed by the GLA readout of ``qm``, one autograd node.
+
+    Both halves read ``k`` as given (no float32 copy); their key gradients (float32, they cancel
+    heavily) are summed before the one rounding to ``k``'s dtype. With ``gk`` None the decay
+    gradients of the readout and of the solve are summed in float32 as well."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, gk, alpha, h0_kk, h0_kv, scale, ridge_ratio, num_iter, bp_lambda,
+                output_final_state, cu_seqlens):
+        qm, ht_kk, saved = solve_forward(q, k, g if gk is None else gk, alpha, h0_kk, ridge_ratio,
+                                         num_iter, output_final_state, cu_seqlens)
+        # qm is float32 for 16-bit inputs (see the module docstring): read out from float32
+        # queries. k and v stay in their dtype (o and dv come out in v's). bf16 inputs: k, v and do
+        # hold bf16 values, so only qm, the states and the scores need hi + lo (BF16_HILO); fp16
+        # values are not exact in bf16 (3xBF16 splits everything); float32 inputs keep 3xTF32.
+        mode = {torch.bfloat16: BF16_HILO, torch.float16: "bf16x3"}.get(q.dtype, "tf32x3")
+        plan = make_plan(q.shape[0], q.shape[1], cu_seqlens)
+        o, ht_kv, gc, _ = gla_forward(qm, k, v, g.to(qm.dtype), scale=scale, initial_state=h0_kv,
+                                      output_final_state=output_final_state, plan=plan,
+                                      fp32_precision=mode)
+        ctx.save_for_backward(*saved, qm, v, gc, h0_kv)
+        ctx.meta = (scale, ridge_ratio, num_iter, bp_lambda, mode, plan, g.dtype,
+                    None if gk is None else gk.dtype)
+        return o, ht_kk, ht_kv
+
+    @staticmethod
+    def backward(ctx, do, dht_kk, dht_kv):
+        scale, ridge_ratio, num_iter, bp_lambda, mode, plan, g_dtype, gk_dtype = ctx.meta
+        *saved, qm, v, gc, h0_kv = ctx.saved_tensors
+        k, alpha, h0_kk = saved[1], saved[3], saved[4]
+        acc_dtype = qm.dtype
+        readout = gla_backward(qm, k, v, gc, do.contiguous(),
+                               dht=dht_kv.contiguous() if dht_kv is not None else None, scale=scale,
+                               initial_state=h0_kv, plan=plan, fp32_precision=mode, dk_dtype=acc_dtype)
+        dq, dk_h, dgk, dalpha, dh0_kk = solve_backward(saved, readout["dq"], dht_kk, ridge_ratio,
+                                                       num_iter, bp_lambda, ctx.needs_input_grad[6])
+        dk = _group_key_grad(dk_h, k.shape[2], readout["dk"], ctx.saved_tensors[1].dtype)
+        dg = readout["dg"]
+        if gk_dtype is None:
+            dg, dgk = dg + dgk, None
+        else:
+            dgk = dgk.to(gk_dtype)
+        return (dq, dk, readout["dv"], dg.to(g_dtype), dgk,
+                dalpha.to(alpha.dtype) if alpha is not None else None,
+                dh0_kk.to(h0_kk.dtype) if dh0_kk is not None else None,
+                readout["dh0"].to(h0_kv.dtype) if h0_kv is not None else None,
+                None, None, None, None, None, None)
 
 
 def _reverse_cumsum(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
@@ -237,22 +314,10 @@ def chunk_gka_unchecked(
     """:func:`chunk_gka` after its input checks (``T > 0``, ``scale`` resolved). Called directly only
     by tests that run the 16-bit path in the interpreter, which the public op refuses on CPU."""
     h0_kk, h0_kv = initial_state if initial_state is not None else (None, None)
-    gk = g if gk is None else gk
-    # One float32 (float64) copy of k feeds both the solve and the readout, so that their key
-    # gradients are summed before any rounding to k's dtype: they cancel heavily (on GKA layer
-    # inputs each part was ~7x the sum; rounding both to bf16 first gave 2e-2 error in dk).
-    k_read = k.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
-    qm, ht_kk = ChunkGkaSolveFunction.apply(
-        q.contiguous(), k_read, gk.contiguous(),
-        alpha.contiguous() if alpha is not None else None,
+    o, ht_kk, ht_kv = ChunkGkaFunction.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(),
+        gk.contiguous() if gk is not None else None, alpha.contiguous() if alpha is not None else None,
         h0_kk.contiguous() if h0_kk is not None else None,
-        ridge_ratio, num_iter, bp_lambda, output_final_state, cu_seqlens)
-    # qm is float32 for 16-bit inputs (see the module docstring): read out from float32 queries.
-    # v stays in its dtype (o and dv come out in that dtype). bf16 inputs: k, v and do hold bf16
-    # values, so only qm, the states and the scores need hi + lo (BF16_HILO); fp16 values are not
-    # exact in bf16 (3xBF16 splits everything); float32 inputs keep 3xTF32.
-    mode = {torch.bfloat16: BF16_HILO, torch.float16: "bf16x3"}.get(q.dtype, "tf32x3")
-    o, ht_kv = ChunkSimpleGLAFunction.apply(
-        qm, k_read, v.contiguous(), g.to(k_read.dtype).contiguous(), scale,
-        h0_kv.contiguous() if h0_kv is not None else None, output_final_state, cu_seqlens, mode)
+        h0_kv.contiguous() if h0_kv is not None else None,
+        scale, ridge_ratio, num_iter, bp_lambda, output_final_state, cu_seqlens)
     return o, ((ht_kk, ht_kv) if output_final_state else None)

@@ -328,9 +328,10 @@ def chunk_bwd_dqkg(
     dot_dtype,
     precision: str,
     split: bool = False,
+    dk_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``dq`` (q's shape and dtype), ``dk`` (k's), ``dg [B,T,H]`` float32 (float64 under
-    gradcheck)."""
+    """Returns ``dq`` (q's shape and dtype), ``dk`` (k's shape; ``dk_dtype``, default k's dtype),
+    ``dg [B,T,H]`` float32 (float64 under gradcheck)."""
     Bsz, T, HQ, K = q.shape
     H = gc.shape[2]
     HK, HV, V = k.shape[2], v.shape[2], v.shape[3]
@@ -341,7 +342,9 @@ def chunk_bwd_dqkg(
     # A gradient not reduced in registers goes per head to a buffer, then is summed over the
     # heads of its group (float32, fixed order) unless every head has its own.
     dq = torch.empty_like(q) if q_acc else q.new_empty(Bsz, T, H, K, dtype=q.dtype if gq == 1 else fdt)
-    dk = torch.empty_like(k) if k_acc else k.new_empty(Bsz, T, H, K, dtype=k.dtype if gk == 1 else fdt)
+    dk_dtype = dk_dtype or k.dtype
+    dk = torch.empty_like(k, dtype=dk_dtype) if k_acc else \
+        k.new_empty(Bsz, T, H, K, dtype=dk_dtype if gk == 1 else fdt)
     BK = min(64, max(16, triton.next_power_of_2(K)))
     NK = triton.cdiv(K, BK)
     dg = q.new_empty(NK, Bsz, T, H, dtype=fdt)
@@ -355,7 +358,7 @@ def chunk_bwd_dqkg(
     if not q_acc and gq > 1:
         dq = dq.view(Bsz, T, HQ, gq, K).sum(3).to(q.dtype)
     if not k_acc and gk > 1:
-        dk = dk.view(Bsz, T, HK, gk, K).sum(3).to(k.dtype)
+        dk = dk.view(Bsz, T, HK, gk, K).sum(3).to(dk_dtype)
     dG = dg.sum(0) if NK > 1 else dg[0]
     return dq, dk, chunk_local_cumsum(dG, BT, reverse=True, cu_seqlens=cu_seqlens,
                                       chunk_indices=chunk_indices)

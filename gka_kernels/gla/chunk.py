@@ -43,7 +43,7 @@ MAX_HEAD_DIM = 256
 #: float32) or 3xBF16 (each operand split into bf16 hi + lo, three bf16 products: ~1e-5 relative
 #: operand error, about twice the tensor-core rate of 3xTF32).
 FP32_PRECISIONS = ("tf32x3", "bf16x3")
-#: Internal mode of the GKA readout (``ChunkSimpleGLAFunction`` only): float32 queries, states and
+#: Internal mode of the GKA readout (not offered by ``chunk_simple_gla``): float32 queries, states and
 #: scores enter the dots as bf16 hi + lo, keys, values and the output gradient once as bf16, so
 #: those three must hold bf16 values whatever their storage dtype. A product with one exact side
 #: costs two bf16 dots instead of 3xBF16's three.
@@ -152,11 +152,13 @@ def gla_backward(
     v_scale: torch.Tensor | None = None,
     D: torch.Tensor | None = None,
     fp32_precision: str = "tf32x3",
+    dk_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Backward of ``gla_forward`` (without the ``z`` gate: ``do`` is the gradient of the
     pre-gate output). Returns a dict with ``dq, dk, dv, dg`` (float32 [B,T,H], gradient of the
     raw ``g``), ``dh0`` (when ``initial_state`` is given), ``dvs`` (with ``v_scale``) and
-    ``dD`` (with ``D``)."""
+    ``dD`` (with ``D``). ``dk`` is in ``dk_dtype`` (default: k's dtype; the GKA readout asks for
+    float32 so that it can add the solve's key gradient before rounding)."""
     p = precision_for(q.dtype, fp32_precision)
     cu = plan.cu_seqlens
     common = dict(BT=BT, cu_seqlens=cu, acc=p.acc, dot_dtype=p.dot, precision=p.prec, split=p.split)
@@ -173,16 +175,17 @@ def gla_backward(
         chunk_indices=plan.chunk_indices, **common)
     dq, dk, dg = chunk_bwd_dqkg(
         q, k, v, gc, hs, dhs, do, scale=scale, num_chunks=plan.num_chunks, v_scale=v_scale,
-        chunk_indices=plan.chunk_indices, **common)
+        chunk_indices=plan.chunk_indices, dk_dtype=dk_dtype, **common)
     return {"dq": dq, "dk": dk, "dv": dv, "dg": dg, "dh0": dh0, "dvs": dvs, "dD": dD}
 
 
 class ChunkSimpleGLAFunction(torch.autograd.Function):
     """Autograd wrapper of ``gla_forward`` / ``gla_backward`` (inputs already validated).
 
-    The kernels convert every load, so internal callers may mix dtypes: the GKA readout passes
-    float32 ``q, k`` with 16-bit ``v``; ``o`` and ``dv`` then take ``v``'s dtype, the kernels' dot
-    precision follows ``q``'s dtype (``precision_for``)."""
+    The kernels convert every load, so callers may mix dtypes (float32 ``q, k`` with 16-bit ``v``:
+    ``o`` and ``dv`` then take ``v``'s dtype); the kernels' dot precision follows ``q``'s dtype
+    (``precision_for``). The GKA readout calls ``gla_forward`` / ``gla_backward`` directly (float32
+    ``q``, ``k`` and ``v`` as given, float32 ``dk``) inside its own autograd node."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, fp32_precision):
