@@ -22,9 +22,10 @@ row scale ``exp(G) ||H_c||_F``), the right-hand side is scaled per row to norm `
 (so ``||y_t|| <~ 1024``; the solve is linear, the scale is undone at the end), keys are unit-norm
 (beta-scaled). This is SPEC 5's iteration on ``[lam_t, lam_t + fro_t]`` rescaled, with
 the data-independent schedule ``w_i = 1 / (1 - c4 w_{i-1})``, ``w_0 = 2``, written in residual form
-(:func:`_chebyshev`): the operator is applied to the increment ``d``, rounded once to ``DT``, and
-that same rounded increment is added to ``y`` and subtracted (times ``A``) from the residual, so
-the rounding only perturbs the step and later steps correct it. Applying ``A`` to ``y`` instead
+(:func:`_chebyshev`): the operator is applied to the increment ``d``, which is held and updated
+in ``DT`` (float16 arithmetic for 16-bit inputs), and that same ``DT`` increment is added to ``y``
+and subtracted (times ``A``) from the residual (both float32), so ``r`` stays the residual of ``y``:
+the rounding of ``d`` only perturbs the step, and later steps correct it. Applying ``A`` to ``y`` instead
 needs ``y`` as hi + lo (two dots per product): ``y`` is mostly orthogonal to the keys (up to
 ``1 / a`` times its key-space part), so one rounding of ``y`` puts ``u |y|`` into ``k . y``.
 
@@ -47,8 +48,8 @@ as two column halves [BT, BK/2] (``_l``/``_h``) so that each half of ``H_t y_t``
 its update before the other half is formed: one [BT, BK/2] fp32 accumulator is live instead of
 a [BT, BK] one. Per iteration: 8 dots of [64, 64] x [64, 64] (4.2 MFLOP at K = 128). Register use
 is the limit of this kernel: compiled for sm_90 (Triton 3.6, bf16, K = 128) the 4-warp program
-reloads some values from local memory every iteration (208 B of stack in the forward, 31 local
-loads per iteration), the 8-warp one almost nothing (48 B) but repeats the score dots on both
+reloads some values from local memory every iteration (200 B of stack in the forward, 29 local
+loads in a loop of 737 instructions per warp), the 8-warp one almost nothing (48 B) but repeats the score dots on both
 warpgroups; the autotuner chooses between them on the GPU.
 """
 
@@ -105,16 +106,19 @@ def _scores(b_al, b_ah, b_bl, b_bh, ACC: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _residual_half(b_r, b_dl, b_dh, b_ht_l, b_ht_h, b_sd, b_kc, b_eg, b_inv, ridge, b_dc, ACC: tl.constexpr,
-                   PREC: tl.constexpr):
-    """One column half of ``r - A d`` for the rows ``d`` (column halves in the dot dtype):
-    ``A d = (b_eg * (d @ Hs^T[:, half]) + S @ K[:, half]) / fro + a d[:, half]`` with
-    ``Hs = H_c / ||H_c||``, ``b_eg = exp(G) ||H_c||``, ``S = (d @ K^T) * M`` in the dot dtype and
-    ``b_dc`` = ``d[:, half]``; written as two multiply-subtracts per element."""
+def _step_half(b_r, b_dl, b_dh, b_ht_l, b_ht_h, b_sd, b_kc, b_eg, b_inv, ridge, b_dc, w, step,
+               ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One column half of a Chebyshev step for the rows ``d`` (column halves in the dot dtype):
+    the residual ``r - A d`` with ``A d = (b_eg * (d @ Hs^T[:, half]) + S @ K[:, half]) / fro +
+    a d[:, half]`` (``Hs = H_c / ||H_c||``, ``b_eg = exp(G) ||H_c||``, ``S = (d @ K^T) * M`` in the
+    dot dtype, ``b_dc`` = ``d[:, half]``; two multiply-subtracts per element), and the half's next
+    increment ``(w - 1) d + step w r`` computed in the dot dtype from ``r`` rounded to it (packed
+    float16 arithmetic for 16-bit inputs; ``d`` is only a step direction, see :func:`_chebyshev`)."""
     b_p = tl.dot(b_dl, b_ht_l, input_precision=PREC, out_dtype=ACC)
     b_p = tl.dot(b_dh, b_ht_h, b_p, input_precision=PREC, out_dtype=ACC) * b_eg[:, None]
     b_p = tl.dot(b_sd, b_kc, b_p, input_precision=PREC, out_dtype=ACC)
-    return b_r - b_p * b_inv[:, None] - ridge * b_dc.to(ACC)
+    b_r = b_r - b_p * b_inv[:, None] - ridge * b_dc.to(ACC)
+    return b_r, (w - 1.0).to(DT) * b_dc + (step * w).to(DT) * b_r.to(DT)
 
 
 @triton.jit
@@ -125,8 +129,12 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
 
     Residual form of ``d_i = (w_i - 1) d_{i-1} + step w_i r_{i-1}``, ``y_i = y_{i-1} + d_i``,
     ``r_i = r_{i-1} - A d_i`` from ``d_0 = y_0 = step rhs``, ``r_{-1} = rhs``: ``d`` is carried
-    in the dot dtype (every use, ``y`` included, sees the same rounded value), ``y`` and ``r`` in
-    the accumulation dtype. Each column half of ``A d`` updates its half of ``r`` before the other
+    and updated in the dot dtype (every use, ``y`` included, sees the same rounded value), ``y``
+    and ``r`` in the accumulation dtype. Rounding ``d`` (or its coefficients) changes only the
+    step taken: ``y`` and ``r`` accumulate the same ``d``, so ``r = rhs - A y`` holds up to the
+    float32 accumulation and later steps correct the perturbation (CPU, fp16 operands on bf16
+    inputs: the same 5e-5 error against the float64 Chebyshev reference as the float32 update).
+    Each column half of ``A d`` updates its half of ``r`` (and its next ``d``) before the other
     half is formed (one [BT, BK/2] accumulator live). The right-hand side is first scaled per row
     to norm ``min(1, 1024 a)`` (float16 range of the iterates, see the module docstring); ``y`` is
     scaled back on return."""
@@ -142,15 +150,14 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
     w = tl.full([], 2.0, ACC)
     for _ in range(num_iter):
         b_sd = (_scores(b_dl, b_dh, b_kl, b_kh, ACC, PREC) * b_md.to(ACC)).to(DT)
-        b_rl = _residual_half(b_rl, b_dl, b_dh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, b_inv, ridge, b_dl,
-                              ACC, PREC)
-        b_rh = _residual_half(b_rh, b_dl, b_dh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, b_inv, ridge, b_dh,
-                              ACC, PREC)
         w = 1.0 / (1.0 - c4 * w)
-        b_dl = ((w - 1.0) * b_dl.to(ACC) + (step * w) * b_rl).to(DT)
-        b_dh = ((w - 1.0) * b_dh.to(ACC) + (step * w) * b_rh).to(DT)
-        b_yl += b_dl.to(ACC)
+        b_rl, b_nl = _step_half(b_rl, b_dl, b_dh, b_ht_ll, b_ht_hl, b_sd, b_kl, b_eg, b_inv, ridge, b_dl,
+                                w, step, ACC, DT, PREC)
+        b_yl += b_nl.to(ACC)
+        b_rh, b_dh = _step_half(b_rh, b_dl, b_dh, b_ht_lh, b_ht_hh, b_sd, b_kh, b_eg, b_inv, ridge, b_dh,
+                                w, step, ACC, DT, PREC)
         b_yh += b_dh.to(ACC)
+        b_dl = b_nl
     return b_yl * b_rs[:, None], b_yh * b_rs[:, None]
 
 
