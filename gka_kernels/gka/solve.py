@@ -65,37 +65,45 @@ from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_coords, do
 
 
 @triton.jit
-def _load_chunk(k, gcum, h, hn_inv, bos, i_t, rows, i_s, i_h, i_hk,
+def _load_chunk(k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk,
                 H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
                 ACC: tl.constexpr, DT: tl.constexpr):
-    """Chunk operands: token offsets, row mask, G [BT], M [BT, BT] and, in the dot dtype, the key
-    chunk's column halves [BT, BH] and the four [BH, BH] blocks of (hn_inv H_c)^T
-    (``ht_xy[i, j] = hn_inv H_c[y j, x i]``, so that rows(Y @ H_c^T) = (H_c y_t)^T / hn_inv)."""
+    """Chunk operands: token offsets, row mask, G [BT], M [BT, BT], ``||H_c||_F^2`` and, in the dot
+    dtype, the key chunk's column halves [BT, BH] and the four [BH, BH] blocks of
+    ``(H_c / ||H_c||_F)^T`` (``ht_xy[i, j] = H_c[y j, x i] / ||H_c||``, so that
+    rows(Y @ H_c^T) = (H_c y_t)^T / ||H_c||). ``H_c`` is read once: the norm comes from the four
+    float32 blocks before they are scaled and rounded."""
     o_t = tl.arange(0, BT)
     o_l = tl.arange(0, BH)
     o_h = BH + o_l
     m_t = o_t < rows
     tok = bos + i_t * BT + o_t
+    p_h = h + (i_s * H + i_h) * K * K
+    b_ll = _load_block_t(p_h, o_l, o_l, K, ACC)
+    b_lh = _load_block_t(p_h, o_l, o_h, K, ACC)
+    b_hl = _load_block_t(p_h, o_h, o_l, K, ACC)
+    b_hh = _load_block_t(p_h, o_h, o_h, K, ACC)
+    hn2 = tl.sum(tl.sum(b_ll * b_ll + b_lh * b_lh + b_hl * b_hl + b_hh * b_hh, axis=1), axis=0)
+    hn = tl.sqrt(hn2)
+    hn_inv = 1.0 / tl.where(hn > 0, hn, 1.0)
+    b_ht_ll = (b_ll * hn_inv).to(DT)
+    b_ht_lh = (b_lh * hn_inv).to(DT)
+    b_ht_hl = (b_hl * hn_inv).to(DT)
+    b_ht_hh = (b_hh * hn_inv).to(DT)
     b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
     m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
     b_m = tl.exp(tl.where(m_tt, b_g[:, None] - b_g[None, :], float("-inf")))
     p_k = k + (tok * HKV + i_hk)[:, None] * K
     b_kl = tl.load(p_k + o_l[None, :], mask=m_t[:, None] & (o_l[None, :] < K), other=0).to(ACC).to(DT)
     b_kh = tl.load(p_k + o_h[None, :], mask=m_t[:, None] & (o_h[None, :] < K), other=0).to(ACC).to(DT)
-    p_h = h + (i_s * H + i_h) * K * K
-    b_ht_ll = _load_block_t(p_h, hn_inv, o_l, o_l, K, ACC, DT)
-    b_ht_lh = _load_block_t(p_h, hn_inv, o_l, o_h, K, ACC, DT)
-    b_ht_hl = _load_block_t(p_h, hn_inv, o_h, o_l, K, ACC, DT)
-    b_ht_hh = _load_block_t(p_h, hn_inv, o_h, o_h, K, ACC, DT)
-    return tok, m_t, b_g, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh
+    return tok, m_t, b_g, b_m, hn2, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh
 
 
 @triton.jit
-def _load_block_t(p_h, hn_inv, o_i, o_j, K: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr):
-    """``b[i, j] = hn_inv H_c[o_j[j], o_i[i]]`` (a block of the scaled H_c^T) in the dot dtype."""
-    b = tl.load(p_h + o_i[:, None] + o_j[None, :] * K,
-                mask=(o_i[:, None] < K) & (o_j[None, :] < K), other=0).to(ACC)
-    return (b * hn_inv).to(DT)
+def _load_block_t(p_h, o_i, o_j, K: tl.constexpr, ACC: tl.constexpr):
+    """``b[i, j] = H_c[o_j[j], o_i[i]]`` (a block of H_c^T) in ``ACC``."""
+    return tl.load(p_h + o_i[:, None] + o_j[None, :] * K,
+                   mask=(o_i[:, None] < K) & (o_j[None, :] < K), other=0).to(ACC)
 
 
 @triton.jit
@@ -165,20 +173,6 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
 
 
 @triton.jit
-def _frobenius_sq(h, i_s, i_h, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
-    """||H_c||_F^2 of the stored chunk state: squares of [16, BK] row blocks summed elementwise, one
-    reduction at the end (the blocks' loads do not wait on each other's reductions)."""
-    o_k = tl.arange(0, BK)
-    acc = tl.zeros([16, BK], dtype=ACC)
-    for r0 in tl.static_range(0, BK, 16):
-        o_r = r0 + tl.arange(0, 16)
-        b = tl.load(h + (i_s * H + i_h) * K * K + o_r[:, None] * K + o_k[None, :],
-                    mask=(o_r[:, None] < K) & (o_k[None, :] < K), other=0).to(ACC)
-        acc += b * b
-    return tl.sum(tl.sum(acc, axis=1), axis=0)
-
-
-@triton.jit
 def _load_rows(p, o_c, m_t, K: tl.constexpr, ACC: tl.constexpr):
     """Rows ``p[t]`` (row pointers), columns ``o_c``, as ``ACC``."""
     return tl.load(p[:, None] + o_c[None, :], mask=m_t[:, None] & (o_c[None, :] < K), other=0).to(ACC)
@@ -229,11 +223,9 @@ def gka_solve_fwd_kernel(
     i_h = i_bh % H
     i_hk = i_h // (H // HKV)
     bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    hn2 = _frobenius_sq(h, i_s, i_h, H, K, BK, ACC)
+    tok, m_t, b_g, b_m, hn2, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
+        k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
     hn = tl.sqrt(hn2)
-    hn_inv = 1.0 / tl.where(hn > 0, hn, 1.0)
-    tok, m_t, b_g, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
-        k, gcum, h, hn_inv, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
     b_eg = tl.exp(b_g)
 
     # ||H_t||_F^2 = exp(2G) ||H_c||^2 + 2 exp(G) (M @ diag(K H_c K^T)) + rowsum((M @ (K K^T)^2) * M).
@@ -291,10 +283,9 @@ def gka_solve_bwd_kernel(
     i_h = i_bh % H
     i_hk = i_h // (H // HKV)
     bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    hn = tl.sqrt(_frobenius_sq(h, i_s, i_h, H, K, BK, ACC))
-    tok, m_t, b_g, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
-        k, gcum, h, 1.0 / tl.where(hn > 0, hn, 1.0), bos, i_t, rows, i_s, i_h, i_hk,
-        H, HKV, K, BT, BH, ACC, DT)
+    tok, m_t, b_g, b_m, hn2, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
+        k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
+    hn = tl.sqrt(hn2)
     b_eg = tl.exp(b_g) * hn
     b_fro = tl.load(fro + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
