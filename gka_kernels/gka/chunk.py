@@ -100,7 +100,11 @@ def check_gka_inputs(q, k, v, g, gk, alpha, scale, ridge_ratio, num_iter, bp_lam
     return dims, scale
 
 
-def solve_forward(q, k, gk, alpha, h0, ridge_ratio, num_iter, output_final_state, cu_seqlens):
+def solve_forward(
+    q: torch.Tensor, k: torch.Tensor, gk: torch.Tensor, alpha: torch.Tensor | None,
+    h0: torch.Tensor | None, ridge_ratio: float, num_iter: int, output_final_state: bool,
+    cu_seqlens: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
     """The ridge-solve half of GKA: ``qm`` ``[B,T,H,K]`` (float32 for 16-bit inputs), the final
     ``h_kk`` (or None) and the tensors :func:`solve_backward` needs. ``k`` is read in ``q``'s
     dtype."""
@@ -120,7 +124,10 @@ def solve_forward(q, k, gk, alpha, h0, ridge_ratio, num_iter, output_final_state
     return qm, ht, (q, k, gcum, alpha, h0, x, fro, ht, cu_seqlens, chunk_indices, chunk_offsets)
 
 
-def solve_backward(saved, dqm, dht, ridge_ratio, num_iter, bp_lambda, need_dh0):
+def solve_backward(
+    saved: tuple, dqm: torch.Tensor, dht: torch.Tensor | None, ridge_ratio: float, num_iter: int,
+    bp_lambda: bool, need_dh0: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`solve_forward` (``saved`` is its third output) for the output
     gradients ``dqm`` and ``dht`` (or None): ``dq`` (q's dtype), the key gradient per *query* head
     ``[B,T,H,K]`` (float32/64; the caller sums each key head's group), ``dgk [B,T,H]`` (float32/64),
