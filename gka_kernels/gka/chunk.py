@@ -47,20 +47,21 @@ the CPU).
 from __future__ import annotations
 
 import torch
-import triton
 
 from gka_kernels.common.checks import (
     check_gate, check_head_dim, check_positive_int, check_qkv, check_scale, check_state,
 )
 from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.group_sum import group_sum
-from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
 from gka_kernels.gka._common import CHUNK, MAX_K, state_dtype as chunk_state_dtype
 from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
 from gka_kernels.gka.solve import gka_solve_bwd, gka_solve_fwd
-from gka_kernels.gla.chunk import BF16_HILO, gla_backward, gla_forward, make_plan
+from gka_kernels.gla.chunk import BT as GLA_CHUNK, BF16_HILO, ChunkPlan, gla_backward, gla_forward, make_plan
+
+# The solve and the readout share one chunk plan (``make_plan``): their chunks must be the same.
+assert CHUNK == GLA_CHUNK, "GKA solve and GLA readout chunk lengths differ"
 
 #: Largest ``num_iter`` accepted.
 MAX_NUM_ITER = 64
@@ -103,48 +104,39 @@ def check_gka_inputs(q, k, v, g, gk, alpha, scale, ridge_ratio, num_iter, bp_lam
 def solve_forward(
     q: torch.Tensor, k: torch.Tensor, gk: torch.Tensor, alpha: torch.Tensor | None,
     h0: torch.Tensor | None, ridge_ratio: float, num_iter: int, output_final_state: bool,
-    cu_seqlens: torch.Tensor | None,
+    plan: ChunkPlan,
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
-    """The ridge-solve half of GKA: ``qm`` ``[B,T,H,K]`` (float32 for 16-bit inputs), the final
-    ``h_kk`` (or None) and the tensors :func:`solve_backward` needs. ``k`` is read in ``q``'s
-    dtype."""
+    """The ridge-solve half of GKA on the chunks of ``plan`` (``make_plan``; its 64-token chunks
+    are the solve's): ``qm`` ``[B,T,H,K]`` (float32 for 16-bit inputs), the final ``h_kk`` (or
+    None) and the tensors :func:`solve_backward` needs. ``k`` is read in ``q``'s dtype."""
     k = k.to(q.dtype)
-    B, T, H, _ = q.shape
-    if cu_seqlens is not None:
-        chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK)
-        chunk_offsets = prepare_chunk_offsets(cu_seqlens, CHUNK)
-        num_seqs, n_slots = cu_seqlens.numel() - 1, chunk_indices.shape[0]
-    else:
-        chunk_indices = chunk_offsets = None
-        num_seqs, n_slots = B, B * triton.cdiv(T, CHUNK)
-    gcum = chunk_local_cumsum(gk, CHUNK, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
-    h, ht = chunk_gka_fwd_h(k, gcum, H, num_seqs, n_slots, h0, output_final_state, cu_seqlens,
-                            chunk_offsets, chunk_state_dtype(q.dtype))
-    x, qm, fro = gka_solve_fwd(q, k, gcum, h, alpha, ridge_ratio, num_iter, cu_seqlens, chunk_indices)
-    return qm, ht, (q, k, gcum, alpha, h0, x, fro, ht, cu_seqlens, chunk_indices, chunk_offsets)
+    gcum = chunk_local_cumsum(gk, CHUNK, cu_seqlens=plan.cu_seqlens, chunk_indices=plan.chunk_indices)
+    h, ht = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0, output_final_state,
+                            plan.cu_seqlens, plan.chunk_offsets, chunk_state_dtype(q.dtype))
+    x, qm, fro = gka_solve_fwd(q, k, gcum, h, alpha, ridge_ratio, num_iter, plan.cu_seqlens,
+                               plan.chunk_indices)
+    return qm, ht, (q, k, gcum, alpha, h0, x, fro, ht)
 
 
 def solve_backward(
-    saved: tuple, dqm: torch.Tensor, dht: torch.Tensor | None, ridge_ratio: float, num_iter: int,
-    bp_lambda: bool, need_dh0: bool,
+    saved: tuple, plan: ChunkPlan, dqm: torch.Tensor, dht: torch.Tensor | None, ridge_ratio: float,
+    num_iter: int, bp_lambda: bool, need_dh0: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of :func:`solve_forward` (``saved`` is its third output) for the output
-    gradients ``dqm`` and ``dht`` (or None): ``dq`` (q's dtype), the key gradient per *query* head
-    ``[B,T,H,K]`` (float32/64; the caller sums each key head's group), ``dgk [B,T,H]`` (float32/64),
-    ``dalpha`` (float32/64 or None) and the gradient of the initial ``h_kk`` (or None)."""
-    q, k, gcum, alpha, h0, x, fro, ht, cu_seqlens, chunk_indices, chunk_offsets = saved
-    B, T, H, _ = q.shape
-    num_seqs = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    n_slots = B * triton.cdiv(T, CHUNK) if cu_seqlens is None else chunk_indices.shape[0]
-    h, _ = chunk_gka_fwd_h(k, gcum, H, num_seqs, n_slots, h0, False, cu_seqlens, chunk_offsets,
-                           chunk_state_dtype(q.dtype))
+    """Gradients of :func:`solve_forward` (``saved`` is its third output, ``plan`` the same) for the
+    output gradients ``dqm`` and ``dht`` (or None): ``dq`` (q's dtype), the key gradient per *query*
+    head ``[B,T,H,K]`` (float32/64; the caller sums each key head's group), ``dgk [B,T,H]``
+    (float32/64), ``dalpha`` (float32/64 or None) and the gradient of the initial ``h_kk`` (or None)."""
+    q, k, gcum, alpha, h0, x, fro, ht = saved
+    cu_seqlens, chunk_indices, chunk_offsets = plan.cu_seqlens, plan.chunk_indices, plan.chunk_offsets
+    h, _ = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0, False, cu_seqlens,
+                           chunk_offsets, chunk_state_dtype(q.dtype))
     dq, dqs, dalpha, lam_c, beta, dgp = gka_solve_bwd(
         q, k, gcum, h, alpha, x, fro, dqm.contiguous(), ridge_ratio, num_iter, bp_lambda,
         cu_seqlens, chunk_indices)
     if dht is not None:
         dht = dht.contiguous()
-    dh, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, num_seqs, need_dh0, cu_seqlens,
-                               chunk_offsets)
+    dh, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, plan.num_seqs, need_dh0,
+                               cu_seqlens, chunk_offsets)
     dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, cu_seqlens, chunk_indices)
     dgk = _reverse_cumsum(dgc, cu_seqlens)
     if dht is not None:
@@ -172,19 +164,20 @@ class ChunkGkaSolveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, gk, alpha, h0, ridge_ratio, num_iter, bp_lambda, output_final_state,
                 cu_seqlens):
-        qm, ht, saved = solve_forward(q, k, gk, alpha, h0, ridge_ratio, num_iter, output_final_state,
-                                      cu_seqlens)
+        plan = make_plan(q.shape[0], q.shape[1], cu_seqlens)
+        qm, ht, saved = solve_forward(q, k, gk, alpha, h0, ridge_ratio, num_iter, output_final_state, plan)
         ctx.save_for_backward(*saved)
-        ctx.meta = (ridge_ratio, num_iter, bp_lambda, k.dtype, gk.dtype)
+        ctx.meta = (ridge_ratio, num_iter, bp_lambda, plan, k.dtype, gk.dtype)
         return qm, ht
 
     @staticmethod
     def backward(ctx, dqm, dht):
-        ridge_ratio, num_iter, bp_lambda, k_dtype, gk_dtype = ctx.meta
-        dq, dk_h, dgk, dalpha, dh0 = solve_backward(ctx.saved_tensors, dqm, dht, ridge_ratio, num_iter,
+        ridge_ratio, num_iter, bp_lambda, plan, k_dtype, gk_dtype = ctx.meta
+        saved = ctx.saved_tensors
+        dq, dk_h, dgk, dalpha, dh0 = solve_backward(saved, plan, dqm, dht, ridge_ratio, num_iter,
                                                     bp_lambda, ctx.needs_input_grad[4])
-        alpha, h0 = ctx.saved_tensors[3], ctx.saved_tensors[4]
-        dk = _group_key_grad(dk_h, ctx.saved_tensors[1].shape[2], None, k_dtype)
+        k, alpha, h0 = saved[1], saved[3], saved[4]
+        dk = _group_key_grad(dk_h, k.shape[2], None, k_dtype)
         return (dq, dk, dgk.to(gk_dtype), dalpha.to(alpha.dtype) if alpha is not None else None,
                 dh0.to(h0.dtype) if dh0 is not None else None, None, None, None, None, None)
 
@@ -200,14 +193,14 @@ class ChunkGkaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, gk, alpha, h0_kk, h0_kv, scale, ridge_ratio, num_iter, bp_lambda,
                 output_final_state, cu_seqlens):
+        plan = make_plan(q.shape[0], q.shape[1], cu_seqlens)
         qm, ht_kk, saved = solve_forward(q, k, g if gk is None else gk, alpha, h0_kk, ridge_ratio,
-                                         num_iter, output_final_state, cu_seqlens)
+                                         num_iter, output_final_state, plan)
         # qm is float32 for 16-bit inputs (see the module docstring): read out from float32
         # queries. k and v stay in their dtype (o and dv come out in v's). bf16 inputs: k, v and do
         # hold bf16 values, so only qm, the states and the scores need hi + lo (BF16_HILO); fp16
         # values are not exact in bf16 (3xBF16 splits everything); float32 inputs keep 3xTF32.
         mode = {torch.bfloat16: BF16_HILO, torch.float16: "bf16x3"}.get(q.dtype, "tf32x3")
-        plan = make_plan(q.shape[0], q.shape[1], cu_seqlens)
         o, ht_kv, gc, _ = gla_forward(qm, k, v, g.to(qm.dtype), scale=scale, initial_state=h0_kv,
                                       output_final_state=output_final_state, plan=plan,
                                       fp32_precision=mode)
@@ -221,13 +214,12 @@ class ChunkGkaFunction(torch.autograd.Function):
         scale, ridge_ratio, num_iter, bp_lambda, mode, plan, g_dtype, gk_dtype = ctx.meta
         *saved, qm, v, gc, h0_kv = ctx.saved_tensors
         k, alpha, h0_kk = saved[1], saved[3], saved[4]
-        acc_dtype = qm.dtype
         readout = gla_backward(qm, k, v, gc, do.contiguous(),
                                dht=dht_kv.contiguous() if dht_kv is not None else None, scale=scale,
-                               initial_state=h0_kv, plan=plan, fp32_precision=mode, dk_dtype=acc_dtype)
-        dq, dk_h, dgk, dalpha, dh0_kk = solve_backward(saved, readout["dq"], dht_kk, ridge_ratio,
+                               initial_state=h0_kv, plan=plan, fp32_precision=mode, dk_dtype=qm.dtype)
+        dq, dk_h, dgk, dalpha, dh0_kk = solve_backward(saved, plan, readout["dq"], dht_kk, ridge_ratio,
                                                        num_iter, bp_lambda, ctx.needs_input_grad[6])
-        dk = _group_key_grad(dk_h, k.shape[2], readout["dk"], ctx.saved_tensors[1].dtype)
+        dk = _group_key_grad(dk_h, k.shape[2], readout["dk"], k.dtype)
         dg = readout["dg"]
         if gk_dtype is None:
             dg, dgk = dg + dgk, None

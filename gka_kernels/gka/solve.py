@@ -25,8 +25,8 @@ the data-independent schedule ``w_i = 1 / (1 - c4 w_{i-1})``, ``w_0 = 2``, writt
 (:func:`_chebyshev`): the operator is applied to the increment ``d``, which is held and updated
 in ``DT`` (float16 arithmetic for 16-bit inputs), and that same ``DT`` increment is added to ``y``
 and subtracted (times ``A``) from the residual (both float32), so ``r`` stays the residual of ``y``:
-the rounding of ``d`` only perturbs the step, and later steps correct it. Applying ``A`` to ``y`` instead
-needs ``y`` as hi + lo (two dots per product): ``y`` is mostly orthogonal to the keys (up to
+the rounding of ``d`` only perturbs the step, and later steps correct it. Applying ``A`` to ``y``
+instead needs ``y`` as hi + lo (two dots per product): ``y`` is mostly orthogonal to the keys (up to
 ``1 / a`` times its key-space part), so one rounding of ``y`` puts ``u |y|`` into ``k . y``.
 
 Forward kernel: fro, ``x = A^{-1} q`` and ``qm = q + alpha (x - q)``.
@@ -48,9 +48,9 @@ as two column halves [BT, BK/2] (``_l``/``_h``) so that each half of ``H_t y_t``
 its update before the other half is formed: one [BT, BK/2] fp32 accumulator is live instead of
 a [BT, BK] one. Per iteration: 8 dots of [64, 64] x [64, 64] (4.2 MFLOP at K = 128). Register use
 is the limit of this kernel: compiled for sm_90 (Triton 3.6, bf16, K = 128) the 4-warp program
-reloads some values from local memory every iteration (160 B of stack in the forward, 10 local
-loads in a loop of 698 instructions per warp), the 8-warp one almost nothing (48 B) but repeats the score dots on both
-warpgroups; the autotuner chooses between them on the GPU.
+reloads some values from local memory every iteration (136 B of stack in the forward, 10 local
+loads in a loop of 698 instructions per warp), the 8-warp one nothing (0 B) but repeats the
+score dots on both warpgroups; the autotuner chooses between them on the GPU.
 """
 
 from __future__ import annotations
