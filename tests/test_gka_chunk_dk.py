@@ -1,28 +1,52 @@
-"""``chunk_gka_bwd_dk`` at head dim 128, where the kernel splits the output columns and the chunk
-states into several [64, 64] blocks (the op-level tests run head dim <= 32: one block), against a
-float64 loop over the per-token formula of :mod:`gka_kernels.gka.chunk_dk`."""
+"""The backward's reverse state pass (``chunk_gka_bwd_dh``) and key-gradient kernel
+(``chunk_gka_bwd_dk``) at head dim 128, where the state pass splits the state columns over several
+programs and the key kernel splits its output columns (the op-level tests run head dim <= 32: one
+block), against float64 loops over the chunk recurrence of the adjoint ``D`` and the per-token
+formula of :mod:`gka_kernels.gka.chunk_dk`."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from gka_kernels.common.varlen import prepare_chunk_indices
+from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
 from gka_kernels.gka._common import CHUNK
+from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from tests.helpers import CPU_GRAD, assert_close
 
 
-def dk_reference(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, starts):
-    """Per-token loops over ``dk_t`` and ``dGc_t`` (module docstring of ``chunk_dk``) for one
-    sequence (``B == 1``); ``starts``: first token of every chunk, ``h``/``dh`` one slot per chunk."""
-    _, T, H, K = x.shape
+def adjoint_reference(k, x, dqs, gcum, lam_c, beta, h, dht, seqs):
+    """``D_c`` (the adjoint of ``H`` after chunk ``c``, one per chunk slot) and ``D_0`` per sequence,
+    by the chunk recurrence ``D_{c-1} = exp(G_last) D_c - (exp(G) dQs)^T X - b0 H_c - (beta K)^T K``
+    (module docstring of ``chunk_dh``). ``seqs``: per sequence, the chunk slots ``(slot, t0, t1)``."""
+    H, K = x.shape[2], x.shape[3]
+    group = H // k.shape[2]
+    dh = torch.zeros(h.shape, dtype=x.dtype)
+    dh0 = torch.zeros(len(seqs), H, K, K, dtype=x.dtype)
+    for n, chunks in enumerate(seqs):
+        for i_h in range(H):
+            d = dht[n, i_h].clone()
+            for slot, t0, t1 in reversed(chunks):
+                dh[slot, i_h] = d
+                g = gcum[0, t0:t1, i_h]
+                kk = k[0, t0:t1, i_h // group]
+                b0 = (lam_c[0, t0:t1, i_h] * torch.exp(2 * g)).sum()
+                d = (torch.exp(g[-1]) * d - (torch.exp(g)[:, None] * dqs[0, t0:t1, i_h]).T @ x[0, t0:t1, i_h]
+                     - b0 * h[slot, i_h] - (beta[0, t0:t1, i_h, None] * kk).T @ kk)
+            dh0[n, i_h] = d
+    return dh, dh0
+
+
+def dk_reference(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, chunks):
+    """Per-token loops over ``dk_t`` and ``dGc_t`` (module docstring of ``chunk_dk``);
+    ``chunks``: ``(slot, t0, t1)`` of every chunk, ``h``/``dh`` one state per slot."""
+    H = x.shape[2]
     group = H // k.shape[2]
     dk = torch.zeros_like(x)
     dgc = torch.zeros_like(gcum)
-    ends = starts[1:] + [T]
     for i_h in range(H):
-        for c, (t0, t1) in enumerate(zip(starts, ends)):
+        for c, t0, t1 in chunks:
             g = gcum[0, t0:t1, i_h]
             cc = lam_c[0, t0:t1, i_h]
             kk = k[0, t0:t1, i_h // group]
@@ -47,29 +71,40 @@ def dk_reference(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, starts):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_chunk_dk_head_dim_128(varlen):
+def test_state_pass_and_dk_head_dim_128(varlen):
     torch.manual_seed(0)
-    T, H, HKV, K = 100, 2, 1, 128
+    T, H, HKV, K = 150, 2, 1, 128
     f64 = dict(dtype=torch.float64)
     k = torch.nn.functional.normalize(torch.randn(1, T, HKV, K, **f64), dim=-1)
     x = torch.randn(1, T, H, K, **f64) * 3
     dqs = torch.randn(1, T, H, K, **f64)
     lam_c, beta, dgp = (torch.randn(1, T, H, **f64) for _ in range(3))
-    cu_seqlens = torch.tensor([0, 70, T], dtype=torch.int32) if varlen else None
     if varlen:
+        cu_seqlens = torch.tensor([0, 70, T], dtype=torch.int32)
         chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK)
-        starts = [int(cu_seqlens[s]) + int(c) * CHUNK for s, c in chunk_indices.tolist()]
+        chunk_offsets = prepare_chunk_offsets(cu_seqlens, CHUNK)
+        bounds = [(0, 70), (70, T)]
     else:
-        chunk_indices = None
-        starts = list(range(0, T, CHUNK))
+        cu_seqlens = chunk_indices = chunk_offsets = None
+        bounds = [(0, T)]
+    chunks, seqs = [], []
+    for bos, eos in bounds:
+        seqs.append([(len(chunks) + i, t0, min(t0 + CHUNK, eos))
+                     for i, t0 in enumerate(range(bos, eos, CHUNK))])
+        chunks += seqs[-1]
     gk = -torch.rand(1, T, H, **f64) * 0.3
     gcum = torch.zeros_like(gk)
-    for t0, t1 in zip(starts, starts[1:] + [T]):
+    for _, t0, t1 in chunks:
         gcum[:, t0:t1] = gk[:, t0:t1].cumsum(1)
-    a = torch.randn(len(starts), H, K, K, **f64)
-    h = a @ a.transpose(-1, -2)                     # chunk-start states: symmetric
-    dh = torch.randn(len(starts), H, K, K, **f64)   # their adjoints: not symmetric
-    dk, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, cu_seqlens, chunk_indices)
-    dk_r, dgc_r = dk_reference(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, starts)
+    a = torch.randn(len(chunks), H, K, K, **f64)
+    h = a @ a.transpose(-1, -2) / K                  # chunk-start states: symmetric
+    dht = torch.randn(len(seqs), H, K, K, **f64)     # gradient of the final state: not symmetric
+
+    dks, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, len(seqs), True, cu_seqlens,
+                                chunk_offsets, chunk_indices)
+    dk, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, dgp, dks, cu_seqlens, chunk_indices)
+    dh_r, dh0_r = adjoint_reference(k, x, dqs, gcum, lam_c, beta, h, dht, seqs)
+    dk_r, dgc_r = dk_reference(k, x, dqs, gcum, lam_c, beta, dgp, h, dh_r, chunks)
     assert_close("dk", dk, dk_r, CPU_GRAD)
     assert_close("dgc", dgc, dgc_r, CPU_GRAD)
+    assert_close("dh0", dh0, dh0_r, CPU_GRAD)

@@ -114,3 +114,11 @@ def tile_scale(a):
     """Largest ``|a|`` over a 2-D tile (1 for a zero tile): ``a / tile_scale(a)`` fits float16."""
     m = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
     return tl.where(m > 0, m, 1.0)
+
+
+@triton.jit
+def column_scale(a):
+    """Largest ``|a|`` of each column of a 2-D tile (1 for a zero column): ``a / column_scale(a)``
+    fits float16; a dot ``b @ a`` gets it back by multiplying its output columns."""
+    m = tl.max(tl.abs(a), axis=0)
+    return tl.where(m > 0, m, 1.0)

@@ -12,8 +12,9 @@ forward
 backward (implicit differentiation, SPEC 5)
   1. recompute ``H_c``;
   2. adjoint solve ``dqs = A^{-1} alpha dqm`` and per-row scalars (solve backward kernel);
-  3. reverse pass over chunks carrying the adjoint of ``H`` (:mod:`gka_kernels.gka.chunk_dh`);
-  4. per chunk key gradients and decay gradients (:mod:`gka_kernels.gka.chunk_dk`);
+  3. reverse pass over chunks carrying the symmetric part of the adjoint of ``H``; it writes the
+     part of the key gradients that needs the ``[K, K]`` states (:mod:`gka_kernels.gka.chunk_dh`);
+  4. per chunk: the rest of the key gradients, and the decay gradients (:mod:`gka_kernels.gka.chunk_dk`);
   5. ``dgk`` = reverse cumulative sum of the per-token decay gradient over each sequence.
   The readout's gradients (``dqm``, ``dk``, ``dv``, ``dg``, ``dh0_kv``) come from the GLA
   backward (``gla_backward``, run first: ``dqm`` is the solve's output gradient). Solve and
@@ -135,9 +136,9 @@ def solve_backward(
         cu_seqlens, chunk_indices)
     if dht is not None:
         dht = dht.contiguous()
-    dh, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, plan.num_seqs, need_dh0,
-                               cu_seqlens, chunk_offsets)
-    dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, dgp, h, dh, cu_seqlens, chunk_indices)
+    dks, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, plan.num_seqs, need_dh0,
+                                cu_seqlens, chunk_offsets, chunk_indices)
+    dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, dgp, dks, cu_seqlens, chunk_indices)
     dgk = _reverse_cumsum(dgc, cu_seqlens)
     if dht is not None:
         # <dht, H_T> belongs to the decay gradient of every token of the sequence.

@@ -11,37 +11,27 @@ the reverse state pass, ``H_c`` the chunk-start state, ``G`` the chunk-local cum
     Mw[t, j] = exp((G_m - G_t) + (G_m - G_j)) b'_m,  m = max(t, j),
     b'_m = sum_{s >= m} c_s exp(2 (G_s - G_m))
 
-(every exponent is <= 0). The log-decay gradient w.r.t. the global cumsum ``Gc_t`` is
+(every exponent is <= 0). The reverse state pass (:mod:`gka_kernels.gka.chunk_dh`) already wrote
+the two terms that need the ``[K, K]`` states (the first and ``beta_t (H_c + H_c^T) k_t``) into
+``dk``; this kernel adds the chunk's own tokens. The log-decay gradient w.r.t. the global cumsum
+``Gc_t`` is
 
     dGc_t = <dH_t, H_t> - k_t^T D_t k_t = dgp_t - 0.5 k_t . dk_t
 
 and ``dgk`` is its reverse cumulative sum over the sequence (done by the caller).
 
-Tiles: grid (chunks, B*H); [BT, K] rows, [BT, BT] masks; the two [K, K] states are read in
-[BJ, BJ] sub-tiles (``dh`` and its transpose, ``h`` once), and dk is produced in [BT, BJ] column
-blocks by a (not unrolled) loop. Register budget (sm_90, K = 128, BJ = 64): only the three [BT, BT]
-weight tiles stay live across that loop; ``x``, ``dqs`` and ``k`` column blocks are re-read (L1/L2
-hits) instead of held; the prologue forms each weight tile right after loading what it needs.
-
-``H_c`` enters as ``2 H_c`` (one load), not ``H_c + H_c^T``: ``H`` is symmetric by contract (the
-initial ``h_kk`` is; the backward already treats ``A_t = H_t + lam_t I`` as symmetric, e.g.
-``dqs = A^{-1} dqm``), and the stored ``h`` (:mod:`gka_kernels.gka.chunk_h`) differs from its
-transpose only by rounding: entry ``(a, b)`` sums ``round(e_t k_ta) k_tb`` where ``(b, a)`` sums
-``round(e_t k_tb) k_ta`` (``e_t = exp(G_last - G_t)``, rounding to the dot dtype ``u``: float16
-``2^-11`` for 16-bit inputs, tf32x3 / float64 otherwise), so ``|H_ab - H_ba| <= 2u sqrt(H_aa H_bb)
-<= 2u max|H_c|`` -- the size of the error ``h`` already carries relative to the exact state (and
-that the forward solve used), and of the float16 rounding of the state tile below.
+Tiles: grid (chunks, B*H); [BT, K] rows, [BT, BT] masks, and dk is produced in [BT, BJ] column
+blocks by a (not unrolled) loop. Only the three [BT, BT] weight tiles stay live across that loop;
+``x``, ``dqs`` and ``k`` column blocks are re-read (L1/L2 hits) instead of held; the prologue forms
+each weight tile right after loading what it needs.
 
 Precision: ``x`` is ~20x ``q`` and its terms cancel in ``dGc``; with bf16 dot operands ``dgk`` was
 off by 2-4e-2 (rounding ``x`` dominated). Every dot therefore takes ``DX`` operands (float16 for
 16-bit inputs, :func:`gka_kernels.gka._common.solve_dot_dtype`) on normalized data: ``x`` and
-``dqs`` rows are divided by their norms (folded into the fp32 weights), and each weight or state
-tile is divided by its largest magnitude (:func:`tile_scale`), multiplied back after the dot.
+``dqs`` rows are divided by their norms (folded into the fp32 weights), and each weight tile is
+divided by its largest magnitude (:func:`tile_scale`), multiplied back after the dot.
 ``k . x``, ``k . dqs`` and the ``x`` rows of the ``(k . dqs) x`` term take hi + lo operands
 (:func:`split_hi_lo`): each is later projected onto keys.
-The state sub-tiles are scaled one by one (a finer scale than one per column block), and the
-decay ``exp(G_last - G_t)`` and ``beta_t`` multiply the fp32 dot results by row, never a 16-bit
-operand.
 """
 
 from __future__ import annotations
@@ -63,19 +53,19 @@ from gka_kernels.gka._common import (
 )
 @triton.jit
 def chunk_gka_bwd_dk_kernel(
-    k, x, dqs, gcum, lam_c, beta, dgp, h, dh, dk, dgc, cu_seqlens, chunk_indices, T, NT,
+    k, x, dqs, gcum, lam_c, dgp, dk, dgc, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BJ: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DX: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (chunks, B*H): dk (per query head) and dGc of one chunk. The [BT, BT] weight matrices
-    are formed once; the output columns are produced in blocks of BJ, each from [BJ, BJ] state
-    sub-tiles, to bound register use."""
+    """Grid (chunks, B*H): dk (per query head, in place: holds the state pass's part on entry) and
+    dGc of one chunk. The [BT, BT] weight matrices are formed once; the output columns are
+    produced in blocks of BJ to bound register use."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     i_hk = i_h // (H // HKV)
-    bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, i_t, rows, _ = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_t = o_t < rows
@@ -87,7 +77,6 @@ def chunk_gka_bwd_dk_kernel(
     p_k = (tok * HKV + i_hk) * K
 
     b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    g_last = tl.load(gcum + (bos + i_t * BT + rows - 1) * H + i_h).to(ACC)
     b_c = tl.load(lam_c + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_kd = tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC).to(DX)
     # Symmetric lambda-path weights 2 Mw[t, j] (k_t . k_j) (formed first: they need only k).
@@ -123,31 +112,13 @@ def chunk_gka_bwd_dk_kernel(
     s_a2 = tile_scale(b_a2)
     b_a2 = (b_a2 / s_a2).to(DX)
 
-    b_el = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
-    b_beta2 = 2.0 * tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    p_state = (i_s * H + i_h) * K * K
     b_dgc = tl.load(dgp + tok * H + i_h, mask=m_t, other=0).to(ACC)
     for j0 in tl.range(0, BK, BJ, num_stages=1):
         o_j = j0 + tl.arange(0, BJ)
         m_j = o_j < K
         m_tj = m_t[:, None] & m_j[None, :]
-        # Later chunks and the H_c part of the lambda path, by [BJ, BJ] state sub-tiles.
-        b_dk = tl.zeros([BT, BJ], dtype=ACC)
-        for i0 in tl.static_range(0, BK, BJ):
-            o_i = i0 + tl.arange(0, BJ)
-            m_i = o_i < K
-            m_ij = m_i[:, None] & m_j[None, :]
-            b_ki = tl.load(k + p_k[:, None] + o_i[None, :], mask=m_t[:, None] & m_i[None, :],
-                           other=0).to(ACC).to(DX)
-            b_ds = (tl.load(dh + p_state + o_i[:, None] * K + o_j[None, :], mask=m_ij, other=0).to(ACC)
-                    + tl.load(dh + p_state + o_i[:, None] + o_j[None, :] * K, mask=m_ij, other=0).to(ACC))
-            s_ds = tile_scale(b_ds)
-            b_dk += (b_el * s_ds)[:, None] * tl.dot(b_ki, (b_ds / s_ds).to(DX), input_precision=PREC,
-                                                    out_dtype=ACC)
-            b_hs = tl.load(h + p_state + o_i[:, None] * K + o_j[None, :], mask=m_ij, other=0).to(ACC)
-            s_hs = tile_scale(b_hs)
-            b_dk -= (b_beta2 * s_hs)[:, None] * tl.dot(b_ki, (b_hs / s_hs).to(DX), input_precision=PREC,
-                                                       out_dtype=ACC)
+        # The later chunks' and H_c's part, from the reverse state pass.
+        b_dk = tl.load(dk + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
         # This chunk's tokens.
         b_dqj = tl.load(dqs + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
         b_dk -= s_a1 * tl.dot(b_a1, (b_dqj * b_dr[:, None]).to(DX), input_precision=PREC, out_dtype=ACC)
@@ -173,28 +144,27 @@ def chunk_gka_bwd_dk(
     dqs: torch.Tensor,
     gcum: torch.Tensor,
     lam_c: torch.Tensor,
-    beta: torch.Tensor,
     dgp: torch.Tensor,
-    h: torch.Tensor,
-    dh: torch.Tensor,
+    dks: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
     chunk_indices: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-query-head key gradient ``[B,T,H,K]`` and ``dGc [B,T,H]`` of the solve path (both
-    float32/64). Shapes as in :func:`gka_kernels.gka.chunk_dh.chunk_gka_bwd_dh`."""
+    float32/64). ``dks``: the state pass's part of the key gradient
+    (:func:`gka_kernels.gka.chunk_dh.chunk_gka_bwd_dh`), completed in place and returned as the key
+    gradient. Other shapes as there."""
     B, T, HKV, K = k.shape
     H = x.shape[2]
     NT = triton.cdiv(T, CHUNK)
-    dk = torch.empty_like(dqs)
     dgc = torch.empty_like(lam_c)
     grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
     chunk_gka_bwd_dk_kernel[grid](
-        k, x, dqs, gcum, lam_c, beta, dgp, h, dh, dk, dgc, cu_seqlens, chunk_indices, T, NT,
+        k, x, dqs, gcum, lam_c, dgp, dks, dgc, cu_seqlens, chunk_indices, T, NT,
         H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), BJ=min(64, next_power_of_2(K)),
         IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
-    return dk, dgc
+    return dks, dgc
 
 
 for _w in (4, 8):
@@ -202,8 +172,8 @@ for _w in (4, 8):
         name=f"gka.chunk_bwd_dk[bf16,k128,w{_w}]",
         kernel=chunk_gka_bwd_dk_kernel,
         types={"k": "*bf16", "x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
-               "beta": "*fp32", "dgp": "*fp32", "h": "*fp32", "dh": "*fp32", "dk": "*fp32",
-               "dgc": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "T": "i32", "NT": "i32"},
+               "dgp": "*fp32", "dk": "*fp32", "dgc": "*fp32", "cu_seqlens": "*i32",
+               "chunk_indices": "*i32", "T": "i32", "NT": "i32"},
         constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 64, "IS_VARLEN": False,
                     "ACC": tl.float32, "DX": tl.float16, "PREC": "ieee"},
         num_warps=_w, num_stages=1,
