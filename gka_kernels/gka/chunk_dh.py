@@ -27,6 +27,11 @@ stored per chunk. The antisymmetric part ``W = D - D^T`` (``W_{c-1} = exp(G_last
 X^T P``) is carried only when the gradient of the initial state ``D_0 = (S_0 + W_0) / 2`` is
 needed.
 
+The cross-term operands (the unit rows of ``x``, and ``P`` times the row norms of ``x`` divided by
+its largest magnitude ``s_p``) are formed once per chunk by a parallel kernel (``chunk_gka_bwd_dh_operands_kernel``) and stored in the dot dtype (as hi + lo for
+16-bit inputs: the same bytes as ``x`` and ``dqs`` in float32), so that the sequential pass, which
+re-reads them once per column block, loads them into its dot tiles without converting them.
+
 Precision: the dots take ``solve_dot_dtype`` operands (float16 for 16-bit inputs; bf16 operands
 put 1.6e-2 of error into ``dgk``). ``x`` rows at unit norm, their norms folded into the ``P``
 tile, which is divided by its largest magnitude and multiplied back; both enter the cross terms as
@@ -151,7 +156,13 @@ def chunk_gka_bwd_dh_kernel(
         b0 = tl.sum(b_c * tl.exp(2.0 * b_g), axis=0)
         p_row = (tok * H + i_h) * K
         p_k = (tok * HKV + i_hk) * K
-        b_kd = tl.load(k + p_k[:, None] + o_i[None, :], mask=m_ti, other=0).to(DX)
+        # The keys reach their dot tiles through a float32 multiply by the row mask (an exact no-op)
+        # for every input dtype. The versions that loaded float16 keys straight into the dot tiles
+        # hit an illegal address twice in the float16 GPU tests (H200, Triton 3.6; bf16 passed); it
+        # did not reproduce in isolation and the cause is unknown. This form passed.
+        b_one = tl.where(m_t, 1.0, 0.0)[:, None]
+        b_k = tl.load(k + p_k[:, None] + o_i[None, :], mask=m_ti, other=0).to(ACC)
+        b_kd = (b_k * b_one).to(DX)
         b_hc = tl.load(h + ((boh + i_t) * H + i_h) * K * K + o_ij, mask=m_ij, other=0).to(ACC)
         # Key-gradient part with S_c (the adjoint after this chunk) and H_c:
         #   dks[t, j] = exp(G_last - G_t) (k_t S_c)[j] - 2 beta_t (k_t H_c)[j]
@@ -190,9 +201,9 @@ def chunk_gka_bwd_dh_kernel(
             b_w += s_p * b_cr
         b_s = b_s * tl.exp(g_last) - (2.0 * b0) * b_hc - s_p * b_cr
         # - 2 (beta K)^T K, accumulated into S (the sign on the operand).
-        b_kb = tl.load(k + p_k[:, None] + o_i[None, :], mask=m_ti, other=0).to(ACC) * (-2.0 * b_beta)[:, None]
-        b_kj = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_tj, other=0).to(DX)
-        b_s = tl.dot(tl.trans(b_kb.to(DX)), b_kj, b_s, input_precision=PREC, out_dtype=ACC)
+        b_kj = (tl.load(k + p_k[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC) * b_one).to(DX)
+        b_s = tl.dot(tl.trans((b_k * (-2.0 * b_beta)[:, None]).to(DX)), b_kj, b_s, input_precision=PREC,
+                     out_dtype=ACC)
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * K + o_ij, (0.5 * (b_s + b_w)).to(dh0.dtype.element_ty),
                  mask=m_ij)
@@ -221,6 +232,7 @@ def chunk_gka_bwd_dh(
         gcum: chunk-local cumsum of ``gk`` ``[B,T,H]``; lam_c, beta: ``[B,T,H]`` from the solve backward.
         h: ``[n_slots, H, K, K]`` chunk-start states of ``H``.
         dht: gradient of the final ``h_kk`` ``[N,H,K,K]`` or None.
+        cu_seqlens, chunk_offsets, chunk_indices: varlen bookkeeping (``gla.chunk.ChunkPlan``) or None.
 
     Returns:
         ``dks [B,T,H,K]`` (float32/64: ``exp(G_last - G_t) (D_c + D_c^T) k_t - 2 beta_t H_c k_t``
