@@ -21,11 +21,19 @@ The key gradient needs only the symmetric part ``S = D + D^T`` (``dk_t`` contain
     S_{c-1} = exp(G_last) S_c - P^T X - X^T P - 2 b0 H_c - 2 (beta * K)^T K,   P = exp(G) * dQs
 
 and, walking chunk ``c``, emits the part of ``dk`` that needs the states,
-``dks_t = exp(G_last - G_t) S_c k_t - 2 beta_t H_c k_t`` (``H`` is symmetric), which
+``dks_t = exp(G_last - G_t) S_c k_t - 2 beta_t H_c k_t`` (``H`` is symmetric, below), which
 :mod:`gka_kernels.gka.chunk_dk` completes with the chunk's own tokens. No ``[K, K]`` adjoint is
 stored per chunk. The antisymmetric part ``W = D - D^T`` (``W_{c-1} = exp(G_last) W_c - P^T X +
 X^T P``) is carried only when the gradient of the initial state ``D_0 = (S_0 + W_0) / 2`` is
 needed.
+
+``H_c`` enters as ``2 H_c`` (one load), not ``H_c + H_c^T``: ``H`` is symmetric by contract (the
+initial ``h_kk`` is; the backward already treats ``A_t = H_t + lam_t I`` as symmetric, e.g.
+``dqs = A^{-1} dqm``), and the stored ``h`` (:mod:`gka_kernels.gka.chunk_h`) differs from its
+transpose only by rounding: entry ``(a, b)`` sums ``round(e_t k_ta) k_tb`` where ``(b, a)`` sums
+``round(e_t k_tb) k_ta`` (``e_t = exp(G_last - G_t)``, rounding to the dot dtype ``u``: float16
+``2^-11`` for 16-bit inputs, tf32x3 / float64 otherwise), so ``|H_ab - H_ba| <= 2u max|H_c|``,
+the size of the error ``h`` already carries and of the float16 rounding of the state columns.
 
 The cross-term operands (the unit rows of ``x``, and ``P`` times the row norms of ``x`` divided by
 its largest magnitude ``s_p``) are formed once per chunk by a parallel kernel (``chunk_gka_bwd_dh_operands_kernel``) and stored in the dot dtype (as hi + lo for
