@@ -1,8 +1,7 @@
-"""The backward's reverse state pass (``chunk_gka_bwd_dh``) and key-gradient kernel
-(``chunk_gka_bwd_dk``) at head dim 128, where the state pass splits the state columns over several
-programs and the key kernel splits its output columns (the op-level tests run head dim <= 32: one
-block), against float64 loops over the chunk recurrence of the adjoint ``D`` and the per-token
-formula of :mod:`gka_kernels.gka.chunk_dk`."""
+"""The backward's chunk-parallel key-gradient kernel (``chunk_gka_bwd_dk``) and reverse scan
+(``chunk_gka_bwd_dh``) at head dim 128, where both split the state / output columns into several
+blocks (the op-level tests run head dim <= 32: one block), against float64 loops over the chunk
+recurrence of the adjoint ``D`` and the per-token formula of :mod:`gka_kernels.gka.chunk_dk`."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import torch
 
 from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
 from gka_kernels.gka._common import CHUNK
-from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh
+from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh, chunk_gka_bwd_ds
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from tests.helpers import CPU_GRAD, assert_close
 
@@ -100,9 +99,9 @@ def test_state_pass_and_dk_head_dim_128(varlen):
     h = a @ a.transpose(-1, -2) / K                  # chunk-start states: symmetric
     dht = torch.randn(len(seqs), H, K, K, **f64)     # gradient of the final state: not symmetric
 
-    dks, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, len(seqs), True, cu_seqlens,
-                                chunk_offsets, chunk_indices)
-    dk, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, dgp, dks, cu_seqlens, chunk_indices)
+    ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, h, True, cu_seqlens, chunk_indices)
+    dk, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, h, dgp, cu_seqlens, chunk_indices)
+    dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk, dgc, dht, len(seqs), cu_seqlens, chunk_offsets)
     dh_r, dh0_r = adjoint_reference(k, x, dqs, gcum, lam_c, beta, h, dht, seqs)
     dk_r, dgc_r = dk_reference(k, x, dqs, gcum, lam_c, beta, dgp, h, dh_r, chunks)
     assert_close("dk", dk, dk_r, CPU_GRAD)

@@ -12,9 +12,10 @@ forward
 backward (implicit differentiation, SPEC 5)
   1. recompute ``H_c``;
   2. adjoint solve ``dqs = A^{-1} alpha dqm`` and per-row scalars (solve backward kernel);
-  3. reverse pass over chunks carrying the symmetric part of the adjoint of ``H``; it writes the
-     part of the key gradients that needs the ``[K, K]`` states (:mod:`gka_kernels.gka.chunk_dh`);
-  4. per chunk: the rest of the key gradients, and the decay gradients (:mod:`gka_kernels.gka.chunk_dk`);
+  3. per chunk (parallel): the key and decay gradients of the chunk's own tokens and start state,
+     and the chunk's contribution to the adjoint of ``H`` (:mod:`gka_kernels.gka.chunk_dk`);
+  4. reverse scan over chunks carrying the symmetric part of that adjoint; it adds the later
+     chunks' part of the key and decay gradients (:mod:`gka_kernels.gka.chunk_dh`);
   5. ``dgk`` = reverse cumulative sum of the per-token decay gradient over each sequence.
   The readout's gradients (``dqm``, ``dk``, ``dv``, ``dg``, ``dh0_kv``) come from the GLA
   backward (``gla_backward``, run first: ``dqm`` is the solve's output gradient). Solve and
@@ -55,7 +56,7 @@ from gka_kernels.common.checks import (
 from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.group_sum import group_sum
 from gka_kernels.gka._common import CHUNK, MAX_K, state_dtype as chunk_state_dtype
-from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh
+from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh, chunk_gka_bwd_ds
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
 from gka_kernels.gka.solve import gka_solve_bwd, gka_solve_fwd
@@ -136,9 +137,9 @@ def solve_backward(
         cu_seqlens, chunk_indices)
     if dht is not None:
         dht = dht.contiguous()
-    dks, dh0 = chunk_gka_bwd_dh(k, x, dqs, gcum, lam_c, beta, h, dht, plan.num_seqs, need_dh0,
-                                cu_seqlens, chunk_offsets, chunk_indices)
-    dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, dgp, dks, cu_seqlens, chunk_indices)
+    ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, h, need_dh0, cu_seqlens, chunk_indices)
+    dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, h, dgp, cu_seqlens, chunk_indices)
+    dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk_h, dgc, dht, plan.num_seqs, cu_seqlens, chunk_offsets)
     dgk = _reverse_cumsum(dgc, cu_seqlens)
     if dht is not None:
         # <dht, H_T> belongs to the decay gradient of every token of the sequence.

@@ -1,31 +1,28 @@
-"""Reverse pass over chunks carrying the adjoint of the key covariance ``H`` (backward).
+"""The adjoint of the key covariance ``H`` (backward): each chunk's contribution, then a reverse
+scan over chunks.
 
 With the per-token direct gradient (implicit differentiation, ``c_t`` from the solve backward)
 
     dH_t = -dqs_t x_t^T - c_t H_t
 
 the adjoint of ``H_t`` through its recurrence is ``D_t = sum_{s >= t} exp(Gc_s - Gc_t) dH_s``.
-Chunk-wise, with ``D_c`` the part coming from tokens after chunk ``c`` (taken at its last token)
-and the chunk-local cumsum ``G``:
+The key gradient needs only the symmetric part ``S = D + D^T`` (``dk_t`` contains
+``(D_t + D_t^T) k_t``). Chunk-wise, with ``S_c`` the part coming from tokens after chunk ``c``
+(taken at its last token) and the chunk-local cumsum ``G``:
 
-    D_{c-1} = exp(G_last) D_c + sum_{s in c} exp(G_s) dH_s
-            = exp(G_last) D_c - (exp(G) * dQs)^T X - b0 H_c - (beta * K)^T K
+    S_{c-1} = exp(G_last) S_c + dS_c
+    dS_c = -(P^T X + X^T P) - 2 b0 H_c - 2 (beta * K)^T K,        P = exp(G) * dQs
 
 where ``sum_s exp(G_s) c_s H_s = b0 H_c + sum_j beta_j k_j k_j^T`` with
-``b0 = sum_s c_s exp(2 G_s)`` and ``beta`` from the solve backward. Like a linear-attention
-backward state pass with "v = k" plus the lambda path.
+``b0 = sum_s c_s exp(2 G_s)`` and ``beta`` from the solve backward. The antisymmetric part
+``W = D - D^T`` (``W_{c-1} = exp(G_last) W_c + dW_c``, ``dW_c = X^T P - P^T X``) is carried only
+when the gradient of the initial state ``D_0 = (S_0 + W_0) / 2`` is needed.
 
-The key gradient needs only the symmetric part ``S = D + D^T`` (``dk_t`` contains
-``(D_t + D_t^T) k_t``), so the pass carries ``S``:
-
-    S_{c-1} = exp(G_last) S_c - P^T X - X^T P - 2 b0 H_c - 2 (beta * K)^T K,   P = exp(G) * dQs
-
-and, walking chunk ``c``, emits the part of ``dk`` that needs the states,
-``dks_t = exp(G_last - G_t) S_c k_t - 2 beta_t H_c k_t`` (``H`` is symmetric, below), which
-:mod:`gka_kernels.gka.chunk_dk` completes with the chunk's own tokens. No ``[K, K]`` adjoint is
-stored per chunk. The antisymmetric part ``W = D - D^T`` (``W_{c-1} = exp(G_last) W_c - P^T X +
-X^T P``) is carried only when the gradient of the initial state ``D_0 = (S_0 + W_0) / 2`` is
-needed.
+``chunk_gka_bwd_ds_kernel`` forms every chunk's ``dS_c`` (and ``dW_c``) in parallel. The scan
+(``chunk_gka_bwd_dh_kernel``) is then elementwise in ``S``: walking chunk ``c`` it adds the
+later chunks' part of the key gradient, ``exp(G_last - G_t) S_c k_t``, to ``dk`` (which
+:mod:`gka_kernels.gka.chunk_dk` wrote with the chunk's own terms) and ``-0.5 k_t .`` that to
+``dGc`` (through per-column-block partial sums: no atomics).
 
 ``H_c`` enters as ``2 H_c`` (one load), not ``H_c + H_c^T``: ``H`` is symmetric by contract (the
 initial ``h_kk`` is; the backward already treats ``A_t = H_t + lam_t I`` as symmetric, e.g.
@@ -35,16 +32,12 @@ transpose only by rounding: entry ``(a, b)`` sums ``round(e_t k_ta) k_tb`` where
 ``2^-11`` for 16-bit inputs, tf32x3 / float64 otherwise), so ``|H_ab - H_ba| <= 2u max|H_c|``,
 the size of the error ``h`` already carries and of the float16 rounding of the state columns.
 
-The cross-term operands (the unit rows of ``x``, and ``P`` times the row norms of ``x`` divided by
-its largest magnitude ``s_p``) are formed once per chunk by a parallel kernel (``chunk_gka_bwd_dh_operands_kernel``) and stored in the dot dtype (as hi + lo for
-16-bit inputs: the same bytes as ``x`` and ``dqs`` in float32), so that the sequential pass, which
-re-reads them once per column block, loads them into its dot tiles without converting them.
-
 Precision: the dots take ``solve_dot_dtype`` operands (float16 for 16-bit inputs; bf16 operands
-put 1.6e-2 of error into ``dgk``). ``x`` rows at unit norm, their norms folded into the ``P``
-tile, which is divided by its largest magnitude and multiplied back; both enter the cross terms as
-hi + lo. ``S_c`` and ``H_c`` enter the key contraction as float16 columns divided by their largest
-magnitude, multiplied back on the output columns.
+put 1.6e-2 of error into ``dgk``). In ``dS`` the rows of ``x`` enter at unit norm, their norms
+folded into ``P``, which is divided by its largest magnitude ``s_p`` and multiplied back; both
+enter the cross terms as hi + lo (each is later projected onto keys). In the scan ``S_c`` enters
+the key contraction as float16 columns divided by their largest magnitude (``column_scale``),
+multiplied back on the output columns.
 """
 
 from __future__ import annotations
@@ -60,71 +53,137 @@ from gka_kernels.gka._common import (
     split_hi_lo, tile_scale,
 )
 
+#: Narrowest column block of the scan (the partial sums of dGc have ``cdiv(K, BKJ_MIN)`` rows).
+BKJ_MIN = 16
+
+
 
 @autotune(
-    configs=[triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)],
-    key=["K", "H", "IS_VARLEN"],
+    configs=[triton.Config({"BJ": bj}, num_warps=w, num_stages=1) for bj, w in ((32, 8), (64, 8), (32, 4))],
+    key=["K", "H", "IS_VARLEN", "STORE_DW"],
 )
 @triton.jit
-def chunk_gka_bwd_dh_operands_kernel(
-    x, dqs, gcum, xh, xl, ph, pl, sp, cu_seqlens, chunk_indices, T, NT,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ACC: tl.constexpr, DX: tl.constexpr,
+def chunk_gka_bwd_ds_kernel(
+    k, x, dqs, gcum, lam_c, beta, h, ds, dw, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BJ: tl.constexpr, STORE_DW: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+    DX: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (chunks, B*H): the cross-term operands of one chunk in the dot dtype, so that the
-    sequential pass loads them straight into its dot tiles:
-        X = x / |x| (rows),  P = exp(G) |x| dqs / s_p,  s_p = max |exp(G) |x| dqs| over the chunk,
-    each as hi + lo for a 16-bit DX (``split_hi_lo``; only hi otherwise). Tiles [BT, BK]."""
+    """Grid (chunks, B*H): one chunk's contribution to the scan, in [BK, BJ] column blocks:
+        dS = -s_p (P^T X + X^T P) - 2 b0 H_c - 2 (beta K)^T K,   dW = s_p (X^T P - P^T X)
+    with X the unit rows of x and P = exp(G) |x| dqs / s_p (s_p its largest magnitude), both
+    [BT, BK] full rows as hi + lo (their column blocks formed from the same row factors)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
+    i_hk = i_h // (H // HKV)
     bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_t = o_t < rows
-    m_tk = m_t[:, None] & (o_k < K)[None, :]
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
     tok = bos + i_t * BT + o_t
-    p_tile = ((tok * H + i_h) * K)[:, None] + o_k[None, :]
-    b_x = tl.load(x + p_tile, mask=m_tk, other=0).to(ACC)
+    p_row = (tok * H + i_h) * K
+    p_k = (tok * HKV + i_hk) * K
+    p_state = (i_s * H + i_h) * K * K
+
+    b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    b_c = tl.load(lam_c + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    b0 = tl.sum(b_c * tl.exp(2.0 * b_g), axis=0)
+    b_x = tl.load(x + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
     b_xn, b_xr = row_norms(b_x)
     b_xhi, b_xlo = split_hi_lo(b_x * b_xr[:, None], DX)
-    tl.store(xh + p_tile, b_xhi, mask=m_tk)
-    b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    b_p = tl.load(dqs + p_tile, mask=m_tk, other=0).to(ACC) * (tl.exp(b_g) * b_xn)[:, None]
+    b_pr = tl.exp(b_g) * b_xn
+    b_p = tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC) * b_pr[:, None]
     s_p = tile_scale(b_p)
+    b_pr = b_pr / s_p
     b_phi, b_plo = split_hi_lo(b_p / s_p, DX)
-    tl.store(ph + p_tile, b_phi, mask=m_tk)
-    if DX.primitive_bitwidth == 16:
-        tl.store(xl + p_tile, b_xlo, mask=m_tk)
-        tl.store(pl + p_tile, b_plo, mask=m_tk)
-    tl.store(sp + i_s * H + i_h, s_p.to(sp.dtype.element_ty))
+    b_kb = (tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
+            * (-2.0 * b_beta)[:, None]).to(DX)
+    for j0 in tl.range(0, BK, BJ, num_stages=1):
+        o_j = j0 + tl.arange(0, BJ)
+        m_j = o_j < K
+        m_tj = m_t[:, None] & m_j[None, :]
+        m_kj = m_k[:, None] & m_j[None, :]
+        b_xjh, b_xjl = split_hi_lo(
+            tl.load(x + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC) * b_xr[:, None], DX)
+        b_pjh, b_pjl = split_hi_lo(
+            tl.load(dqs + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC) * b_pr[:, None], DX)
+        b_cr = tl.dot(tl.trans(b_phi), b_xjh, input_precision=PREC, out_dtype=ACC)      # P^T X
+        if DX.primitive_bitwidth == 16:
+            b_cr = tl.dot(tl.trans(b_phi), b_xjl, b_cr, input_precision=PREC, out_dtype=ACC)
+            b_cr = tl.dot(tl.trans(b_plo), b_xjh, b_cr, input_precision=PREC, out_dtype=ACC)
+        if STORE_DW:
+            b_px = b_cr
+        b_cr = tl.dot(tl.trans(b_xhi), b_pjh, b_cr, input_precision=PREC, out_dtype=ACC)  # + X^T P
+        if DX.primitive_bitwidth == 16:
+            b_cr = tl.dot(tl.trans(b_xhi), b_pjl, b_cr, input_precision=PREC, out_dtype=ACC)
+            b_cr = tl.dot(tl.trans(b_xlo), b_pjh, b_cr, input_precision=PREC, out_dtype=ACC)
+        if STORE_DW:  # X^T P - P^T X = (P^T X + X^T P) - 2 P^T X
+            tl.store(dw + p_state + o_k[:, None] * K + o_j[None, :],
+                     (s_p * (b_cr - 2.0 * b_px)).to(dw.dtype.element_ty), mask=m_kj)
+        b_hc = tl.load(h + p_state + o_k[:, None] * K + o_j[None, :], mask=m_kj, other=0).to(ACC)
+        b_kj = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC).to(DX)
+        b_ds = tl.dot(tl.trans(b_kb), b_kj, -s_p * b_cr - (2.0 * b0) * b_hc, input_precision=PREC,
+                      out_dtype=ACC)
+        tl.store(ds + p_state + o_k[:, None] * K + o_j[None, :], b_ds.to(ds.dtype.element_ty), mask=m_kj)
 
 
-# One program holds a [K, BKJ] column block of S for all K rows, so that it can contract the
-# chunk's keys with it (the key-gradient part) without other programs' rows. Narrower blocks give
-# more programs to hide the sequential chunk loop but re-read the chunk's full x, dqs and k rows
-# (L2 hits while a head's programs advance together). The autotuner measures.
+@triton.jit
+def _chunk_operands(k, gcum, ds, dk, i_t, i_h, i_hk, bos, seq_len, boh, o_t, o_i, o_j, m_i, m_j,
+                    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                    ACC: tl.constexpr, DX: tl.constexpr):
+    """What the scan reads for chunk ``i_t`` (nothing when ``i_t < 0``): keys [BT, BK] in the dot
+    dtype DX and their column block [BT, BKJ] as given, G [BT], G_last, the dS block [BK, BKJ] and
+    the dk block [BT, BKJ] (all but the first in ACC).
+
+    The keys reach DX through an ACC multiply by the row mask (an exact no-op) for every input
+    dtype: versions of the earlier state pass that loaded float16 keys straight into their dot
+    tiles hit an illegal address twice in the float16 GPU tests (H200, Triton 3.6; bf16 passed;
+    not reproduced in isolation, cause unknown), and this form passed."""
+    rows = tl.where(i_t >= 0, tl.minimum(seq_len - i_t * BT, BT), 0)
+    m_t = o_t < rows
+    m_tj = m_t[:, None] & m_j[None, :]
+    tok = bos + i_t * BT + o_t
+    p_k = ((tok * HKV + i_hk) * K)[:, None]
+    b_k = tl.load(k + p_k + o_i[None, :], mask=m_t[:, None] & m_i[None, :], other=0).to(ACC)
+    b_k = (b_k * tl.where(m_t, 1.0, 0.0)[:, None]).to(DX)
+    b_kj = tl.load(k + p_k + o_j[None, :], mask=m_tj, other=0).to(ACC)
+    b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    g_last = tl.load(gcum + (bos + i_t * BT + rows - 1) * H + i_h, mask=rows > 0, other=0).to(ACC)
+    b_ds = tl.load(ds + ((boh + i_t) * H + i_h) * K * K + o_i[:, None] * K + o_j[None, :],
+                   mask=(m_i[:, None] & m_j[None, :]) & (rows > 0), other=0).to(ACC)
+    b_dk = tl.load(dk + ((tok * H + i_h) * K)[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
+    return b_k, b_kj, b_g, g_last, b_ds, b_dk
+
+
+# The scan: one program per [K, BKJ] column block of one head's S (all K rows, so that it can
+# contract the chunk's keys with it); per chunk one [BT, BK] x [BK, BKJ] dot and elementwise work.
+# The next chunk's operands are loaded before this chunk's dot (carried across the iteration) so
+# that the sequential loop does not wait on memory. Narrow blocks give more programs when there are
+# few sequences and heads; every program reads the chunk's full key rows (L2 hits).
 @autotune(
     configs=[
-        triton.Config({"BKJ": bkj}, num_warps=w, num_stages=s)
-        for bkj, w in ((32, 4), (32, 8), (64, 4), (64, 8))
-        for s in (1, 2)
+        triton.Config({"BKJ": bkj}, num_warps=w, num_stages=1)
+        for bkj, w in ((16, 4), (32, 4), (32, 8), (64, 8))
     ],
     key=["K", "H", "IS_VARLEN", "STORE_DH0", "nh_bucket"],
 )
 @triton.jit
 def chunk_gka_bwd_dh_kernel(
-    k, xh, xl, ph, pl, sp, gcum, lam_c, beta, h, dks, dht, dh0, cu_seqlens, chunk_offsets, T, NT,
-    nh_bucket,
+    k, gcum, ds, dw, dk, dgc_part, dht, dh0, cu_seqlens, chunk_offsets, T, NT, part_stride, nh_bucket,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BKJ: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DX: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (cdiv(K, BKJ), N*H): columns [j0, j0 + BKJ) of one head's S = D + D^T ([BK, BKJ] tile,
-    all rows), walking the chunks backwards. Per chunk: two [BT, BK] x [BK, BKJ] dots emit the
-    key-gradient part, then [BK, BT] x [BT, BKJ] dots (three per cross term, one for the keys)
-    update S (and W = D - D^T when the initial state's gradient is stored). ``nh_bucket``
+    all rows), walking the chunks backwards:
+        dk[t, j] += e_t (k_t S_c)[j],  dgc_part[i_j, t] = -0.5 sum_j k_t[j] e_t (k_t S_c)[j],
+        S <- exp(G_last) S + dS_c,      e_t = exp(G_last - G_t)
+    (and W <- exp(G_last) W + dW_c when the initial state's gradient is stored). ``nh_bucket``
     (``grid_bucket(N * H)``, an autotune key, not read here): few sequences want narrower blocks."""
     i_j = tl.program_id(0)
     i_nh = tl.program_id(1)
@@ -150,74 +209,33 @@ def chunk_gka_bwd_dh_kernel(
         b_s = b_dt + b_dtt
         if STORE_DH0:
             b_w = b_dt - b_dtt
+    b_k, b_kj, b_g, g_last, b_ds, b_dk = _chunk_operands(k, gcum, ds, dk, n_chunks - 1, i_h, i_hk, bos, seq_len,
+                                                   boh, o_t, o_i, o_j, m_i, m_j, H, HKV, K, BT, ACC, DX)
     for i_r in range(n_chunks):
         i_t = n_chunks - 1 - i_r
+        # Prefetch the previous chunk's operands; this chunk's were loaded one iteration ago.
+        n_k, n_kj, n_g, n_glast, n_ds, n_dk = _chunk_operands(k, gcum, ds, dk, i_t - 1, i_h, i_hk, bos, seq_len,
+                                                        boh, o_t, o_i, o_j, m_i, m_j, H, HKV, K, BT, ACC, DX)
         rows = tl.minimum(seq_len - i_t * BT, BT)
         m_t = o_t < rows
-        m_ti = m_t[:, None] & m_i[None, :]
-        m_tj = m_t[:, None] & m_j[None, :]
         tok = bos + i_t * BT + o_t
-        b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
-        g_last = tl.load(gcum + (bos + i_t * BT + rows - 1) * H + i_h).to(ACC)
-        b_c = tl.load(lam_c + tok * H + i_h, mask=m_t, other=0).to(ACC)
-        b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
-        b0 = tl.sum(b_c * tl.exp(2.0 * b_g), axis=0)
-        p_row = (tok * H + i_h) * K
-        p_k = (tok * HKV + i_hk) * K
-        # The keys reach their dot tiles through a float32 multiply by the row mask (an exact no-op)
-        # for every input dtype. The versions that loaded float16 keys straight into the dot tiles
-        # hit an illegal address twice in the float16 GPU tests (H200, Triton 3.6; bf16 passed); it
-        # did not reproduce in isolation and the cause is unknown. This form passed.
-        b_one = tl.where(m_t, 1.0, 0.0)[:, None]
-        b_k = tl.load(k + p_k[:, None] + o_i[None, :], mask=m_ti, other=0).to(ACC)
-        b_kd = (b_k * b_one).to(DX)
-        b_hc = tl.load(h + ((boh + i_t) * H + i_h) * K * K + o_ij, mask=m_ij, other=0).to(ACC)
-        # Key-gradient part with S_c (the adjoint after this chunk) and H_c:
-        #   dks[t, j] = exp(G_last - G_t) (k_t S_c)[j] - 2 beta_t (k_t H_c)[j]
-        # S_c and H_c enter as float16 columns divided by their largest magnitude (column_scale).
         s_sc = column_scale(b_s)
-        s_hc = column_scale(b_hc)
-        b_ks = tl.dot(b_kd, (b_s / s_sc[None, :]).to(DX), input_precision=PREC, out_dtype=ACC)
-        b_kh = tl.dot(b_kd, (b_hc / s_hc[None, :]).to(DX), input_precision=PREC, out_dtype=ACC)
-        b_el = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
-        b_dks = b_el[:, None] * (b_ks * s_sc[None, :]) - (2.0 * b_beta)[:, None] * (b_kh * s_hc[None, :])
-        tl.store(dks + p_row[:, None] + o_j[None, :], b_dks.to(dks.dtype.element_ty), mask=m_tj)
-        # S gets s_p (P^T X + X^T P) (operands from chunk_gka_bwd_dh_operands_kernel); both are
-        # later projected onto keys: for 16-bit DX every operand enters as hi + lo (the lo x lo
-        # term is below fp32 rounding).
-        s_p = tl.load(sp + (boh + i_t) * H + i_h)
-        b_phi = tl.load(ph + p_row[:, None] + o_i[None, :], mask=m_ti, other=0)
-        b_xhi = tl.load(xh + p_row[:, None] + o_i[None, :], mask=m_ti, other=0)
-        b_xjhi = tl.load(xh + p_row[:, None] + o_j[None, :], mask=m_tj, other=0)
-        b_pjhi = tl.load(ph + p_row[:, None] + o_j[None, :], mask=m_tj, other=0)
-        if DX.primitive_bitwidth == 16:
-            b_plo = tl.load(pl + p_row[:, None] + o_i[None, :], mask=m_ti, other=0)
-            b_xlo = tl.load(xl + p_row[:, None] + o_i[None, :], mask=m_ti, other=0)
-            b_xjlo = tl.load(xl + p_row[:, None] + o_j[None, :], mask=m_tj, other=0)
-            b_pjlo = tl.load(pl + p_row[:, None] + o_j[None, :], mask=m_tj, other=0)
-        b_cr = tl.dot(tl.trans(b_phi), b_xjhi, input_precision=PREC, out_dtype=ACC)
-        if DX.primitive_bitwidth == 16:
-            b_cr = tl.dot(tl.trans(b_phi), b_xjlo, b_cr, input_precision=PREC, out_dtype=ACC)
-            b_cr = tl.dot(tl.trans(b_plo), b_xjhi, b_cr, input_precision=PREC, out_dtype=ACC)
-        if STORE_DH0:  # W gets -(P^T X - X^T P) = -2 P^T X + (P^T X + X^T P)
-            b_w = b_w * tl.exp(g_last) - (2.0 * s_p) * b_cr
-        b_cr = tl.dot(tl.trans(b_xhi), b_pjhi, b_cr, input_precision=PREC, out_dtype=ACC)
-        if DX.primitive_bitwidth == 16:
-            b_cr = tl.dot(tl.trans(b_xhi), b_pjlo, b_cr, input_precision=PREC, out_dtype=ACC)
-            b_cr = tl.dot(tl.trans(b_xlo), b_pjhi, b_cr, input_precision=PREC, out_dtype=ACC)
+        b_ks = tl.dot(b_k, (b_s / s_sc[None, :]).to(DX), input_precision=PREC, out_dtype=ACC)
+        b_dks = tl.where(m_t, tl.exp(g_last - b_g), 0.0)[:, None] * (b_ks * s_sc[None, :])
+        tl.store(dk + ((tok * H + i_h) * K)[:, None] + o_j[None, :], (b_dk + b_dks).to(dk.dtype.element_ty),
+                 mask=m_t[:, None] & m_j[None, :])
+        tl.store(dgc_part + i_j * part_stride + tok * H + i_h, -0.5 * tl.sum(b_kj * b_dks, axis=1), mask=m_t)
+        b_s = b_s * tl.exp(g_last) + b_ds
         if STORE_DH0:
-            b_w += s_p * b_cr
-        b_s = b_s * tl.exp(g_last) - (2.0 * b0) * b_hc - s_p * b_cr
-        # - 2 (beta K)^T K, accumulated into S (the sign on the operand).
-        b_kj = (tl.load(k + p_k[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC) * b_one).to(DX)
-        b_s = tl.dot(tl.trans((b_k * (-2.0 * b_beta)[:, None]).to(DX)), b_kj, b_s, input_precision=PREC,
-                     out_dtype=ACC)
+            b_w = b_w * tl.exp(g_last) + tl.load(dw + ((boh + i_t) * H + i_h) * K * K + o_ij, mask=m_ij,
+                                                 other=0).to(ACC)
+        b_k, b_kj, b_g, g_last, b_ds, b_dk = n_k, n_kj, n_g, n_glast, n_ds, n_dk
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * K + o_ij, (0.5 * (b_s + b_w)).to(dh0.dtype.element_ty),
                  mask=m_ij)
 
 
-def chunk_gka_bwd_dh(
+def chunk_gka_bwd_ds(
     k: torch.Tensor,
     x: torch.Tensor,
     dqs: torch.Tensor,
@@ -225,77 +243,94 @@ def chunk_gka_bwd_dh(
     lam_c: torch.Tensor,
     beta: torch.Tensor,
     h: torch.Tensor,
-    dht: torch.Tensor | None,
-    num_seqs: int,
-    need_dh0: bool,
+    need_dw: bool,
     cu_seqlens: torch.Tensor | None,
-    chunk_offsets: torch.Tensor | None,
     chunk_indices: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The reverse pass: the key-gradient part of the later chunks and of ``H_c`` per token, and
-    the gradient of the initial state.
+    """Each chunk's contribution to the reverse scan: ``dS`` and (``need_dw``: for the gradient of
+    the initial state) ``dW``, ``[n_slots, H, K, K]`` float32/64.
 
     Args:
         k: ``[B,T,HKV,K]``; x: ``[B,T,H,K]`` forward solution; dqs: ``[B,T,H,K]`` adjoint solution.
         gcum: chunk-local cumsum of ``gk`` ``[B,T,H]``; lam_c, beta: ``[B,T,H]`` from the solve backward.
         h: ``[n_slots, H, K, K]`` chunk-start states of ``H``.
-        dht: gradient of the final ``h_kk`` ``[N,H,K,K]`` or None.
-        cu_seqlens, chunk_offsets, chunk_indices: varlen bookkeeping (``gla.chunk.ChunkPlan``) or None.
-
-    Returns:
-        ``dks [B,T,H,K]`` (float32/64: ``exp(G_last - G_t) (D_c + D_c^T) k_t - 2 beta_t H_c k_t``
-        per query head, the part of ``dk`` that :func:`gka_kernels.gka.chunk_dk.chunk_gka_bwd_dk`
-        completes) and the gradient of the initial ``h_kk`` ``[N,H,K,K]`` (or None).
+        cu_seqlens, chunk_indices: varlen bookkeeping (``gla.chunk.ChunkPlan``) or None.
     """
     B, T, HKV, K = k.shape
     H = x.shape[2]
     NT = triton.cdiv(T, CHUNK)
-    acc_dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
-    DX = solve_dot_dtype(k.dtype)
-    operand_dtype = {tl.float16: torch.float16, tl.float32: torch.float32, tl.float64: torch.float64}[DX]
-    xh, ph = (torch.empty(x.shape, dtype=operand_dtype, device=x.device) for _ in range(2))
-    xl, pl = (torch.empty_like(xh) for _ in range(2)) if DX.primitive_bitwidth == 16 else (xh, ph)
-    sp = torch.empty(h.shape[:2], dtype=acc_dtype, device=x.device)
+    ds = torch.empty(h.shape, dtype=x.dtype, device=x.device)
+    dw = torch.empty_like(ds) if need_dw else None
     grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
-    chunk_gka_bwd_dh_operands_kernel[grid](
-        x, dqs, gcum, xh, xl, ph, pl, sp, cu_seqlens, chunk_indices, T, NT,
-        H=H, K=K, BT=CHUNK, BK=next_power_of_2(K), IS_VARLEN=cu_seqlens is not None,
-        ACC=compute_dtype(k.dtype), DX=DX,
+    chunk_gka_bwd_ds_kernel[grid](
+        k, x, dqs, gcum, lam_c, beta, h, ds, dw, cu_seqlens, chunk_indices, T, NT,
+        H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), STORE_DW=need_dw,
+        IS_VARLEN=cu_seqlens is not None,
+        ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
-    dks = x.new_empty(x.shape, dtype=acc_dtype)
-    dh0 = k.new_empty(num_seqs, H, K, K, dtype=acc_dtype) if need_dh0 else None
+    return ds, dw
+
+
+def chunk_gka_bwd_dh(
+    k: torch.Tensor,
+    gcum: torch.Tensor,
+    ds: torch.Tensor,
+    dw: torch.Tensor | None,
+    dk: torch.Tensor,
+    dgc: torch.Tensor,
+    dht: torch.Tensor | None,
+    num_seqs: int,
+    cu_seqlens: torch.Tensor | None,
+    chunk_offsets: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """The reverse scan: adds the later chunks' part of the key and decay gradients to ``dk`` and
+    ``dgc`` (in place) and returns the gradient of the initial ``h_kk`` (None unless ``dw`` is given).
+
+    Args:
+        k: ``[B,T,HKV,K]``; gcum: chunk-local cumsum of ``gk`` ``[B,T,H]``.
+        ds, dw: the chunks' contributions ``[n_slots, H, K, K]`` from
+            :func:`gka_kernels.gka.chunk_dk.chunk_gka_bwd_dk` (``dw`` None: no initial-state gradient).
+        dk: ``[B,T,H,K]``, dgc: ``[B,T,H]`` (float32/64) from the same call, completed in place.
+        dht: gradient of the final ``h_kk`` ``[N,H,K,K]`` or None.
+        cu_seqlens, chunk_offsets: varlen bookkeeping (``gla.chunk.ChunkPlan``) or None.
+    """
+    B, T, HKV, K = k.shape
+    H = dk.shape[2]
+    NT = triton.cdiv(T, CHUNK)
+    need_dh0 = dw is not None
+    dgc_part = dgc.new_zeros((triton.cdiv(K, BKJ_MIN),) + tuple(dgc.shape))
+    dh0 = dk.new_empty(num_seqs, H, K, K) if need_dh0 else None
     def grid(meta):
         return (triton.cdiv(K, meta["BKJ"]), num_seqs * H)
     chunk_gka_bwd_dh_kernel[grid](
-        k, xh, xl, ph, pl, sp, gcum, lam_c, beta, h, dks, dht, dh0, cu_seqlens, chunk_offsets, T, NT,
+        k, gcum, ds, dw, dk, dgc_part, dht, dh0, cu_seqlens, chunk_offsets, T, NT, dgc.numel(),
         grid_bucket(num_seqs * H), H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K),
         USE_DHT=dht is not None, STORE_DH0=need_dh0, IS_VARLEN=cu_seqlens is not None,
-        ACC=compute_dtype(k.dtype), DX=DX, PREC=dot_precision(k.dtype),
+        ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
-    return dks, dh0
+    dgc += dgc_part.sum(0)
+    return dh0
 
 
-for _bkj, _w in ((64, 8), (32, 4)):
+for _bkj, _w in ((16, 4), (64, 8)):
     register_aot(AotSpec(
         name=f"gka.chunk_bwd_dh[bf16,k128,varlen,{_bkj},w{_w}]",
         kernel=chunk_gka_bwd_dh_kernel,
-        types={"k": "*bf16", "xh": "*fp16", "xl": "*fp16", "ph": "*fp16", "pl": "*fp16", "sp": "*fp32",
-               "gcum": "*fp32", "lam_c": "*fp32", "beta": "*fp32", "h": "*fp32", "dks": "*fp32",
-               "dht": "*fp32", "dh0": "*fp32",
-               "cu_seqlens": "*i32", "chunk_offsets": "*i64", "T": "i32", "NT": "i32",
-               "nh_bucket": "i32"},
+        types={"k": "*bf16", "gcum": "*fp32", "ds": "*fp32", "dw": "*fp32", "dk": "*fp32",
+               "dgc_part": "*fp32", "dht": "*fp32", "dh0": "*fp32", "cu_seqlens": "*i32",
+               "chunk_offsets": "*i64", "T": "i32", "NT": "i32", "part_stride": "i32", "nh_bucket": "i32"},
         constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BKJ": _bkj, "USE_DHT": True,
                     "STORE_DH0": True, "IS_VARLEN": True, "ACC": tl.float32, "DX": tl.float16,
                     "PREC": "ieee"},
-        num_warps=_w, num_stages=2,
+        num_warps=_w, num_stages=1,
     ))
 register_aot(AotSpec(
-    name="gka.chunk_bwd_dh_operands[bf16,k128]",
-    kernel=chunk_gka_bwd_dh_operands_kernel,
-    types={"x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "xh": "*fp16", "xl": "*fp16", "ph": "*fp16",
-           "pl": "*fp16", "sp": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32", "T": "i32",
-           "NT": "i32"},
-    constexprs={"H": 32, "K": 128, "BT": CHUNK, "BK": 128, "IS_VARLEN": False, "ACC": tl.float32,
-                "DX": tl.float16},
-    num_warps=4, num_stages=1,
+    name="gka.chunk_bwd_ds[bf16,k128]",
+    kernel=chunk_gka_bwd_ds_kernel,
+    types={"k": "*bf16", "x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32", "beta": "*fp32",
+           "h": "*fp32", "ds": "*fp32", "dw": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32",
+           "T": "i32", "NT": "i32"},
+    constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 32, "STORE_DW": False,
+                "IS_VARLEN": False, "ACC": tl.float32, "DX": tl.float16, "PREC": "ieee"},
+    num_warps=8, num_stages=1,
 ))
