@@ -51,10 +51,11 @@ from gka_kernels.gka._common import (
 )
 
 
-# Not offered: BJ 32 with 8 warps. Triton 3.6 compiles it (sm_90) into an out-of-bounds shared
-# memory read in the [BT, BT] x [BT, BJ] dots (compute-sanitizer on an H200: illegal address).
+# Not offered: BJ 32. With 8 warps Triton 3.6 compiles it (sm_90) into an out-of-bounds shared
+# memory read in the [BT, BT] x [BT, BJ] dots (compute-sanitizer on an H200: illegal address); with
+# 4 warps the GPU config sweep got a wrong dk (relative error 2.8). BJ 64 passes both.
 @autotune(
-    configs=[triton.Config({"BJ": bj}, num_warps=w, num_stages=1) for bj, w in ((64, 8), (64, 4), (32, 4))],
+    configs=[triton.Config({"BJ": 64}, num_warps=w, num_stages=1) for w in (8, 4)],
     key=["K", "H", "IS_VARLEN"],
 )
 @triton.jit
@@ -190,7 +191,7 @@ def chunk_gka_bwd_dk(
     return dk, dgc
 
 
-for _bj, _w in ((64, 8), (32, 4)):
+for _bj, _w in ((64, 8), (64, 4)):
     register_aot(AotSpec(
         name=f"gka.chunk_bwd_dk[bf16,k128,{_bj},w{_w}]",
         kernel=chunk_gka_bwd_dk_kernel,
