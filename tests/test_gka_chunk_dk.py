@@ -1,5 +1,5 @@
-"""The backward's chunk-parallel kernels (``chunk_gka_bwd_ds``, ``chunk_gka_bwd_dk``) and reverse
-scan (``chunk_gka_bwd_dh``) at head dim 128, where both split the state / output columns into several
+"""The backward's chunk-parallel key-gradient kernel (``chunk_gka_bwd_dk``) and reverse scan
+(``chunk_gka_bwd_dh``) at head dim 128, where both split the state / output columns into several
 blocks (the op-level tests run head dim <= 32: one block), against float64 loops over the chunk
 recurrence of the adjoint ``D`` and the per-token formula of :mod:`gka_kernels.gka.chunk_dk`."""
 
@@ -99,8 +99,8 @@ def test_state_pass_and_dk_head_dim_128(varlen):
     h = a @ a.transpose(-1, -2) / K                  # chunk-start states: symmetric
     dht = torch.randn(len(seqs), H, K, K, **f64)     # gradient of the final state: not symmetric
 
-    ds, dw, dk = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, h, True, cu_seqlens, chunk_indices)
-    dk, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, dgp, dk, cu_seqlens, chunk_indices)
+    ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, h, True, cu_seqlens, chunk_indices)
+    dk, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, h, dgp, cu_seqlens, chunk_indices)
     dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk, dgc, dht, len(seqs), cu_seqlens, chunk_offsets)
     dh_r, dh0_r = adjoint_reference(k, x, dqs, gcum, lam_c, beta, h, dht, seqs)
     dk_r, dgc_r = dk_reference(k, x, dqs, gcum, lam_c, beta, dgp, h, dh_r, chunks)

@@ -12,9 +12,8 @@ forward
 backward (implicit differentiation, SPEC 5)
   1. recompute ``H_c``;
   2. adjoint solve ``dqs = A^{-1} alpha dqm`` and per-row scalars (solve backward kernel);
-  3. per chunk (parallel): the chunk's contribution to the adjoint of ``H`` and its start state's
-     part of the key gradients (:mod:`gka_kernels.gka.chunk_dh`), then the key and decay
-     gradients of the chunk's own tokens (:mod:`gka_kernels.gka.chunk_dk`);
+  3. per chunk (parallel): the key and decay gradients of the chunk's own tokens and start state,
+     and the chunk's contribution to the adjoint of ``H`` (:mod:`gka_kernels.gka.chunk_dk`);
   4. reverse scan over chunks carrying the symmetric part of that adjoint; it adds the later
      chunks' part of the key and decay gradients (:mod:`gka_kernels.gka.chunk_dh`);
   5. ``dgk`` = reverse cumulative sum of the per-token decay gradient over each sequence.
@@ -138,8 +137,8 @@ def solve_backward(
         cu_seqlens, chunk_indices)
     if dht is not None:
         dht = dht.contiguous()
-    ds, dw, dk_h = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, h, need_dh0, cu_seqlens, chunk_indices)
-    dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, dgp, dk_h, cu_seqlens, chunk_indices)
+    ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, h, need_dh0, cu_seqlens, chunk_indices)
+    dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, h, dgp, cu_seqlens, chunk_indices)
     dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk_h, dgc, dht, plan.num_seqs, cu_seqlens, chunk_offsets)
     dgk = _reverse_cumsum(dgc, cu_seqlens)
     if dht is not None:

@@ -18,12 +18,11 @@ where ``sum_s exp(G_s) c_s H_s = b0 H_c + sum_j beta_j k_j k_j^T`` with
 ``W = D - D^T`` (``W_{c-1} = exp(G_last) W_c + dW_c``, ``dW_c = X^T P - P^T X``) is carried only
 when the gradient of the initial state ``D_0 = (S_0 + W_0) / 2`` is needed.
 
-``chunk_gka_bwd_ds_kernel`` forms every chunk's ``dS_c`` (and ``dW_c``) in parallel, and, as it
-reads ``H_c`` anyway, the start state's part of the key gradient ``-2 beta_t H_c k_t`` (which
-:mod:`gka_kernels.gka.chunk_dk` completes with the chunk's own tokens). The scan
+``chunk_gka_bwd_ds_kernel`` forms every chunk's ``dS_c`` (and ``dW_c``) in parallel. The scan
 (``chunk_gka_bwd_dh_kernel``) is then elementwise in ``S``: walking chunk ``c`` it adds the
-later chunks' part of the key gradient, ``exp(G_last - G_t) S_c k_t``, to ``dk`` and
-``-0.5 k_t .`` that to ``dGc`` (through per-column-block partial sums: no atomics).
+later chunks' part of the key gradient, ``exp(G_last - G_t) S_c k_t``, to ``dk`` (which
+:mod:`gka_kernels.gka.chunk_dk` wrote with the chunk's own terms) and ``-0.5 k_t .`` that to
+``dGc`` (through per-column-block partial sums: no atomics).
 
 ``H_c`` enters as ``2 H_c`` (one load), not ``H_c + H_c^T``: ``H`` is symmetric by contract (the
 initial ``h_kk`` is; the backward already treats ``A_t = H_t + lam_t I`` as symmetric, e.g.
@@ -38,7 +37,7 @@ put 1.6e-2 of error into ``dgk``). In ``dS`` the rows of ``x`` enter at unit nor
 folded into ``P``, which is divided by its largest magnitude ``s_p`` and multiplied back; both
 enter the cross terms as hi + lo (each is later projected onto keys). In the scan ``S_c`` enters
 the key contraction as float16 columns divided by their largest magnitude (``column_scale``),
-multiplied back on the output columns, and so does ``H_c`` in the start state's part of ``dk``.
+multiplied back on the output columns.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ BKJ_MIN = 16
 )
 @triton.jit
 def chunk_gka_bwd_ds_kernel(
-    k, x, dqs, gcum, lam_c, beta, h, ds, dw, dk, cu_seqlens, chunk_indices, T, NT,
+    k, x, dqs, gcum, lam_c, beta, h, ds, dw, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BJ: tl.constexpr, STORE_DW: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
     DX: tl.constexpr, PREC: tl.constexpr,
@@ -73,8 +72,7 @@ def chunk_gka_bwd_ds_kernel(
     """Grid (chunks, B*H): one chunk's contribution to the scan, in [BK, BJ] column blocks:
         dS = -s_p (P^T X + X^T P) - 2 b0 H_c - 2 (beta K)^T K,   dW = s_p (X^T P - P^T X)
     with X the unit rows of x and P = exp(G) |x| dqs / s_p (s_p its largest magnitude), both
-    [BT, BK] full rows as hi + lo (their column blocks formed from the same row factors); and the
-    start state's part of the key gradient, dk = -2 beta K H_c ([BT, BJ] blocks)."""
+    [BT, BK] full rows as hi + lo (their column blocks formed from the same row factors)."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -132,14 +130,6 @@ def chunk_gka_bwd_ds_kernel(
         b_ds = tl.dot(tl.trans(b_kb), b_kj, -s_p * b_cr - (2.0 * b0) * b_hc, input_precision=PREC,
                       out_dtype=ACC)
         tl.store(ds + p_state + o_k[:, None] * K + o_j[None, :], b_ds.to(ds.dtype.element_ty), mask=m_kj)
-        # The start state's part of dk, -2 beta_t (k_t H_c)[j] (H_c as float16 columns divided by
-        # their largest magnitude), as its transpose H_c[:, j]^T (-2 beta K)^T: the key operand in
-        # the same transposed form as in the dot above.
-        s_hc = column_scale(b_hc)
-        b_hk = tl.dot(tl.trans((b_hc / s_hc[None, :]).to(DX)), tl.trans(b_kb), input_precision=PREC,
-                      out_dtype=ACC)
-        tl.store(dk + p_row[None, :] + o_j[:, None], (b_hk * s_hc[:, None]).to(dk.dtype.element_ty),
-                 mask=tl.trans(m_tj))
 
 
 @triton.jit
@@ -258,11 +248,9 @@ def chunk_gka_bwd_ds(
     need_dw: bool,
     cu_seqlens: torch.Tensor | None,
     chunk_indices: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each chunk's contribution to the reverse scan: ``dS`` and (``need_dw``: for the gradient of
-    the initial state) ``dW``, ``[n_slots, H, K, K]`` float32/64; and the start states' part of
-    the key gradient, ``-2 beta_t H_c k_t`` per query head ``[B,T,H,K]`` float32/64, which
-    :func:`gka_kernels.gka.chunk_dk.chunk_gka_bwd_dk` completes.
+    the initial state) ``dW``, ``[n_slots, H, K, K]`` float32/64.
 
     Args:
         k: ``[B,T,HKV,K]``; x: ``[B,T,H,K]`` forward solution; dqs: ``[B,T,H,K]`` adjoint solution.
@@ -275,15 +263,14 @@ def chunk_gka_bwd_ds(
     NT = triton.cdiv(T, CHUNK)
     ds = torch.empty(h.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty_like(ds) if need_dw else None
-    dk = torch.empty_like(x)
     grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
     chunk_gka_bwd_ds_kernel[grid](
-        k, x, dqs, gcum, lam_c, beta, h, ds, dw, dk, cu_seqlens, chunk_indices, T, NT,
+        k, x, dqs, gcum, lam_c, beta, h, ds, dw, cu_seqlens, chunk_indices, T, NT,
         H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), STORE_DW=need_dw,
         IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
-    return ds, dw, dk
+    return ds, dw
 
 
 def chunk_gka_bwd_dh(
@@ -343,8 +330,7 @@ register_aot(AotSpec(
     name="gka.chunk_bwd_ds[bf16,k128]",
     kernel=chunk_gka_bwd_ds_kernel,
     types={"k": "*bf16", "x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32", "beta": "*fp32",
-           "h": "*fp32", "ds": "*fp32", "dw": "*fp32", "dk": "*fp32", "cu_seqlens": "*i32",
-           "chunk_indices": "*i32",
+           "h": "*fp32", "ds": "*fp32", "dw": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32",
            "T": "i32", "NT": "i32"},
     constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 32, "STORE_DW": False,
                 "IS_VARLEN": False, "ACC": tl.float32, "DX": tl.float16, "PREC": "ieee"},

@@ -13,26 +13,26 @@ chunk-start state, ``G`` the chunk-local cumsum):
     Mw[t, j] = exp((G_m - G_t) + (G_m - G_j)) b'_m,  m = max(t, j),
     b'_m = sum_{s >= m} c_s exp(2 (G_s - G_m))
 
-(every exponent is <= 0; ``H_c`` symmetric, see :mod:`gka_kernels.gka.chunk_dh`). The chunk's
-contribution kernel of :mod:`gka_kernels.gka.chunk_dh` writes the ``H_c`` term (it reads ``H_c``
-anyway), this kernel adds the chunk's own tokens, and the reverse scan over chunks adds the first
-term, all in place. The log-decay gradient w.r.t. the global cumsum ``Gc_t`` is
+(every exponent is <= 0; ``H_c`` symmetric, see :mod:`gka_kernels.gka.chunk_dh`). This kernel
+writes every term but the first, which the reverse scan over chunks adds in place
+(:mod:`gka_kernels.gka.chunk_dh`). The log-decay gradient w.r.t. the global cumsum ``Gc_t`` is
 
     dGc_t = <dH_t, H_t> - k_t^T D_t k_t = dgp_t - 0.5 k_t . dk_t
 
-(here with ``dk`` as this kernel leaves it; the scan adds the rest), and ``dgk`` is its reverse
+(here with this kernel's part of ``dk``; the scan adds the rest), and ``dgk`` is its reverse
 cumulative sum over the sequence (done by the caller).
 
 Tiles: grid (chunks, B*H); [BT, K] rows, [BT, BT] masks, and dk is produced in [BT, BJ] column
 blocks by a (not unrolled) loop. Only the three [BT, BT] weight tiles stay live across that loop;
-``x``, ``dqs`` and ``k`` column blocks are re-read (L1/L2 hits) instead of held; the prologue forms
-each weight tile right after loading what it needs.
+``x``, ``dqs``, ``k`` and ``H_c`` column blocks are read per block; the prologue forms each weight
+tile right after loading what it needs.
 
 Precision: ``x`` is ~20x ``q`` and its terms cancel in ``dGc``; with bf16 dot operands ``dgk`` was
 off by 2-4e-2 (rounding ``x`` dominated). Every dot therefore takes ``DX`` operands (float16 for
 16-bit inputs, :func:`gka_kernels.gka._common.solve_dot_dtype`) on normalized data: ``x`` and
 ``dqs`` rows are divided by their norms (folded into the fp32 weights), and each weight tile is
-divided by its largest magnitude (:func:`tile_scale`), multiplied back after the dot.
+divided by its largest magnitude (:func:`tile_scale`), multiplied back after the dot; ``H_c``
+enters as float16 columns divided by their largest magnitude (:func:`column_scale`).
 ``k . x``, ``k . dqs`` and the ``x`` rows of the ``(k . dqs) x`` term take hi + lo operands
 (:func:`split_hi_lo`): each is later projected onto keys.
 """
@@ -46,7 +46,8 @@ import triton.language as tl
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
 from gka_kernels.gka._common import (
-    CHUNK, chunk_coords, dot_precision, row_norms, solve_dot_dtype, split_hi_lo, tile_scale,
+    CHUNK, chunk_coords, column_scale, dot_precision, row_norms, solve_dot_dtype, split_hi_lo,
+    tile_scale,
 )
 
 
@@ -59,19 +60,19 @@ from gka_kernels.gka._common import (
 )
 @triton.jit
 def chunk_gka_bwd_dk_kernel(
-    k, x, dqs, gcum, lam_c, dgp, dk, dgc, cu_seqlens, chunk_indices, T, NT,
+    k, x, dqs, gcum, lam_c, beta, h, dgp, dk, dgc, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BJ: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DX: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (chunks, B*H): dk (per query head, in place: holds the start state's part on entry) and
-    dGc of one chunk's own tokens and start state. The [BT, BT] weight matrices are formed once; the output columns are
-    produced in blocks of BJ to bound register use."""
+    """Grid (chunks, B*H): dk and dGc of one chunk's own tokens and start state (per query head).
+    The [BT, BT] weight matrices are formed once; the output columns are produced in blocks of BJ
+    to bound register use."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
     i_h = i_bh % H
     i_hk = i_h // (H // HKV)
-    bos, i_t, rows, _ = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_t = o_t < rows
@@ -81,9 +82,11 @@ def chunk_gka_bwd_dk_kernel(
     tok = bos + i_t * BT + o_t
     p_row = (tok * H + i_h) * K
     p_k = (tok * HKV + i_hk) * K
+    p_state = (i_s * H + i_h) * K * K
 
     b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_c = tl.load(lam_c + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_kd = tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC).to(DX)
     # Symmetric lambda-path weights 2 Mw[t, j] (k_t . k_j) (formed first: they need only k).
     m_up = (o_t[None, :] >= o_t[:, None]) & m_tt
@@ -123,8 +126,13 @@ def chunk_gka_bwd_dk_kernel(
         o_j = j0 + tl.arange(0, BJ)
         m_j = o_j < K
         m_tj = m_t[:, None] & m_j[None, :]
-        # The start state's part, from chunk_gka_bwd_ds.
-        b_dk = tl.load(dk + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
+        # The start state's part, -2 beta_t (k_t H_c)[j]: H_c as float16 columns divided by their
+        # largest magnitude.
+        b_hc = tl.load(h + p_state + o_k[:, None] * K + o_j[None, :], mask=m_k[:, None] & m_j[None, :],
+                       other=0).to(ACC)
+        s_hc = column_scale(b_hc)
+        b_kh = tl.dot(b_kd, (b_hc / s_hc[None, :]).to(DX), input_precision=PREC, out_dtype=ACC)
+        b_dk = (-2.0 * b_beta)[:, None] * (b_kh * s_hc[None, :])
         # This chunk's tokens.
         b_dqj = tl.load(dqs + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
         b_dk -= s_a1 * tl.dot(b_a1, (b_dqj * b_dr[:, None]).to(DX), input_precision=PREC, out_dtype=ACC)
@@ -150,31 +158,33 @@ def chunk_gka_bwd_dk(
     dqs: torch.Tensor,
     gcum: torch.Tensor,
     lam_c: torch.Tensor,
+    beta: torch.Tensor,
+    h: torch.Tensor,
     dgp: torch.Tensor,
-    dk: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
     chunk_indices: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adds each chunk's own tokens to the key gradient and forms the decay gradient.
+    """The key and decay gradients of each chunk's own tokens and start state.
 
     Args:
         k: ``[B,T,HKV,K]``; x: ``[B,T,H,K]`` forward solution; dqs: ``[B,T,H,K]`` adjoint solution.
-        gcum: chunk-local cumsum of ``gk`` ``[B,T,H]``; lam_c, dgp: ``[B,T,H]`` from the solve backward.
-        dk: ``[B,T,H,K]`` float32/64, the start states' part
-            (:func:`gka_kernels.gka.chunk_dh.chunk_gka_bwd_ds`), completed in place.
+        gcum: chunk-local cumsum of ``gk`` ``[B,T,H]``; lam_c, beta, dgp: ``[B,T,H]`` from the
+            solve backward.
+        h: ``[n_slots, H, K, K]`` chunk-start states of ``H``.
         cu_seqlens, chunk_indices: varlen bookkeeping (``gla.chunk.ChunkPlan``) or None.
 
     Returns:
-        ``dk`` per query head and ``dGc [B,T,H]``, both without the later chunks' part, which
+        ``dk [B,T,H,K]`` per query head and ``dGc [B,T,H]`` without the later chunks' part, which
         :func:`gka_kernels.gka.chunk_dh.chunk_gka_bwd_dh` adds in place (float32/64).
     """
     B, T, HKV, K = k.shape
     H = x.shape[2]
     NT = triton.cdiv(T, CHUNK)
+    dk = torch.empty_like(x)
     dgc = torch.empty_like(lam_c)
     grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
     chunk_gka_bwd_dk_kernel[grid](
-        k, x, dqs, gcum, lam_c, dgp, dk, dgc, cu_seqlens, chunk_indices, T, NT,
+        k, x, dqs, gcum, lam_c, beta, h, dgp, dk, dgc, cu_seqlens, chunk_indices, T, NT,
         H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
@@ -186,7 +196,7 @@ for _bj, _w in ((64, 8), (64, 4)):
         name=f"gka.chunk_bwd_dk[bf16,k128,{_bj},w{_w}]",
         kernel=chunk_gka_bwd_dk_kernel,
         types={"k": "*bf16", "x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
-               "dgp": "*fp32", "dk": "*fp32", "dgc": "*fp32",
+               "beta": "*fp32", "h": "*fp32", "dgp": "*fp32", "dk": "*fp32", "dgc": "*fp32",
                "cu_seqlens": "*i32", "chunk_indices": "*i32", "T": "i32", "NT": "i32"},
         constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": _bj, "IS_VARLEN": False,
                     "ACC": tl.float32, "DX": tl.float16, "PREC": "ieee"},
