@@ -57,7 +57,6 @@ from gka_kernels.gka._common import (
 BKJ_MIN = 16
 
 
-
 @autotune(
     configs=[triton.Config({"BJ": bj}, num_warps=w, num_stages=1) for bj, w in ((32, 8), (64, 8), (32, 4))],
     key=["K", "H", "IS_VARLEN", "STORE_DW"],
@@ -211,13 +210,15 @@ def chunk_gka_bwd_dh_kernel(
         b_s = b_dt + b_dtt
         if STORE_DH0:
             b_w = b_dt - b_dtt
-    b_k, b_kj, b_g, g_last, b_ds, b_dk = _chunk_operands(k, gcum, ds, dk, n_chunks - 1, i_h, i_hk, bos, seq_len,
-                                                   boh, o_t, o_i, o_j, m_i, m_j, H, HKV, K, BT, ACC, DX)
+    b_k, b_kj, b_g, g_last, b_ds, b_dk = _chunk_operands(
+        k, gcum, ds, dk, n_chunks - 1, i_h, i_hk, bos, seq_len, boh, o_t, o_i, o_j, m_i, m_j,
+        H, HKV, K, BT, ACC, DX)
     for i_r in range(n_chunks):
         i_t = n_chunks - 1 - i_r
         # Prefetch the previous chunk's operands; this chunk's were loaded one iteration ago.
-        n_k, n_kj, n_g, n_glast, n_ds, n_dk = _chunk_operands(k, gcum, ds, dk, i_t - 1, i_h, i_hk, bos, seq_len,
-                                                        boh, o_t, o_i, o_j, m_i, m_j, H, HKV, K, BT, ACC, DX)
+        n_k, n_kj, n_g, n_glast, n_ds, n_dk = _chunk_operands(
+            k, gcum, ds, dk, i_t - 1, i_h, i_hk, bos, seq_len, boh, o_t, o_i, o_j, m_i, m_j,
+            H, HKV, K, BT, ACC, DX)
         rows = tl.minimum(seq_len - i_t * BT, BT)
         m_t = o_t < rows
         tok = bos + i_t * BT + o_t
@@ -226,7 +227,8 @@ def chunk_gka_bwd_dh_kernel(
         b_dks = tl.where(m_t, tl.exp(g_last - b_g), 0.0)[:, None] * (b_ks * s_sc[None, :])
         tl.store(dk + ((tok * H + i_h) * K)[:, None] + o_j[None, :], (b_dk + b_dks).to(dk.dtype.element_ty),
                  mask=m_t[:, None] & m_j[None, :])
-        tl.store(dgc_part + i_j * part_stride + tok * H + i_h, -0.5 * tl.sum(b_kj * b_dks, axis=1), mask=m_t)
+        tl.store(dgc_part + i_j.to(tl.int64) * part_stride + tok * H + i_h,
+                 -0.5 * tl.sum(b_kj * b_dks, axis=1), mask=m_t)
         b_s = b_s * tl.exp(g_last) + b_ds
         if STORE_DH0:
             b_w = b_w * tl.exp(g_last) + tl.load(dw + ((boh + i_t) * H + i_h) * K * K + o_ij, mask=m_ij,
@@ -290,9 +292,10 @@ def chunk_gka_bwd_dh(
 
     Args:
         k: ``[B,T,HKV,K]``; gcum: chunk-local cumsum of ``gk`` ``[B,T,H]``.
-        ds, dw: the chunks' contributions ``[n_slots, H, K, K]`` from
-            :func:`gka_kernels.gka.chunk_dk.chunk_gka_bwd_dk` (``dw`` None: no initial-state gradient).
-        dk: ``[B,T,H,K]``, dgc: ``[B,T,H]`` (float32/64) from the same call, completed in place.
+        ds, dw: the chunks' contributions ``[n_slots, H, K, K]`` from :func:`chunk_gka_bwd_ds`
+            (``dw`` None: no initial-state gradient).
+        dk: ``[B,T,H,K]``, dgc: ``[B,T,H]`` (float32/64) from
+            :func:`gka_kernels.gka.chunk_dk.chunk_gka_bwd_dk`, completed in place.
         dht: gradient of the final ``h_kk`` ``[N,H,K,K]`` or None.
         cu_seqlens, chunk_offsets: varlen bookkeeping (``gla.chunk.ChunkPlan``) or None.
     """
