@@ -1,7 +1,7 @@
-"""The backward's chunk-parallel key-gradient kernel (``chunk_gka_bwd_dk``) and reverse scan
-(``chunk_gka_bwd_dh``) at head dim 128, where both split the state / output columns into several
-blocks (the op-level tests run head dim <= 32: one block), against float64 loops over the chunk
-recurrence of the adjoint ``D`` and the per-token formula of :mod:`gka_kernels.gka.chunk_dk`."""
+"""The backward's chunk-parallel kernels (``chunk_gka_bwd_ds``, ``chunk_gka_bwd_dk``) and reverse
+scan (``chunk_gka_bwd_dh``) at head dim 128, where all three split the state / output columns into
+several blocks (the op-level tests run head dim <= 32: one block), against float64 loops over the
+chunk recurrence of the adjoint ``D`` and the per-token formula of :mod:`gka_kernels.gka.chunk_dk`."""
 
 from __future__ import annotations
 

@@ -12,8 +12,9 @@ forward
 backward (implicit differentiation, SPEC 5)
   1. recompute ``H_c``;
   2. adjoint solve ``dqs = A^{-1} alpha dqm`` and per-row scalars (solve backward kernel);
-  3. per chunk (parallel): the key and decay gradients of the chunk's own tokens and start state,
-     and the chunk's contribution to the adjoint of ``H`` (:mod:`gka_kernels.gka.chunk_dk`);
+  3. per chunk (parallel): the chunk's contribution to the adjoint of ``H``
+     (:mod:`gka_kernels.gka.chunk_dh`), and the key and decay gradients of the chunk's own tokens
+     and start state (:mod:`gka_kernels.gka.chunk_dk`);
   4. reverse scan over chunks carrying the symmetric part of that adjoint; it adds the later
      chunks' part of the key and decay gradients (:mod:`gka_kernels.gka.chunk_dh`);
   5. ``dgk`` = reverse cumulative sum of the per-token decay gradient over each sequence.
