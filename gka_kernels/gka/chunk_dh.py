@@ -21,8 +21,8 @@ when the gradient of the initial state ``D_0 = (S_0 + W_0) / 2`` is needed.
 ``chunk_gka_bwd_ds_kernel`` forms every chunk's ``dS_c`` (and ``dW_c``) in parallel. The scan
 (``chunk_gka_bwd_dh_kernel``) is then elementwise in ``S``: walking chunk ``c`` it adds the
 later chunks' part of the key gradient, ``exp(G_last - G_t) S_c k_t``, to ``dk`` (which
-:mod:`gka_kernels.gka.chunk_dk` wrote with the chunk's own terms) and ``-0.5 k_t .`` that to
-``dGc`` (through per-column-block partial sums: no atomics).
+:mod:`gka_kernels.gka.chunk_dk` wrote with the chunk's own tokens and start state) and
+``-0.5 k_t .`` that to ``dGc`` (through per-column-block partial sums: no atomics).
 
 ``H_c`` enters as ``2 H_c`` (one load), not ``H_c + H_c^T``: ``H`` is symmetric by contract (the
 initial ``h_kk`` is; the backward already treats ``A_t = H_t + lam_t I`` as symmetric, e.g.
