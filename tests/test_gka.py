@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from triton import cdiv as triton_cdiv
 
 from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.gka import chunk_gka, fused_recurrent_gka, solve
@@ -312,13 +313,46 @@ def test_solve_kernels_float16_operands_low_rank():
     q, k, g, alpha = inputs["q"].bfloat16(), inputs["k"].bfloat16(), inputs["g"], inputs["alpha"]
     dqm = torch.randn(1, 128, 2, 32)
     gcum = chunk_local_cumsum(g, CHUNK)
-    h, _ = chunk_gka_fwd_h(k, gcum, 2, 1, 2, None, False, None, None, torch.float32)
+    h, _ = chunk_gka_fwd_h(k, gcum, 2, 1, 2, None, False, None, None)
     x, _, fro = solve.gka_solve_fwd(q, k, gcum, h, alpha, 0.02, 30, None, None)
     dqs = solve.gka_solve_bwd(q, k, gcum, h, alpha, x, fro, dqm, 0.02, 30, True, None, None)[1]
     x_r, _ = gka_solve_ref(q.double(), k.double(), g.double(), 0.02, 30)
     dqs_r, _ = gka_solve_ref((alpha[..., None] * dqm).double(), k.double(), g.double(), 0.02, 30)
     assert_close("x", x.double(), x_r, 2.0 ** -11)
     assert_close("dqs", dqs.double(), dqs_r, 2.0 ** -11)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h0_scale,beta", [(1.0, 1.0), (1e6, 1.0), (1e-6, 1e-3), (0.0, 1e-3)],
+                         ids=["plain", "huge_h0", "tiny", "no_h0_tiny_keys"])
+def test_chunk_states_stored_scaled(dtype, h0_scale, beta):
+    """``chunk_gka_fwd_h`` stores ``H_c / s_c`` (float16 for 16-bit inputs) and ``s_c``: entries in
+    [-1, 1] whatever the magnitude of the state (float16 overflows at 65504, loses relative precision
+    below 6e-5), and ``h * s`` equal to the float64 chunk-start states of the recurrence on the same
+    (rounded) keys, per chunk and head within 2^-10 relative (float16 storage: 2^-11 per entry, plus
+    the float16 rounding of the decay-weighted keys in the chunk's dot)."""
+    torch.manual_seed(0)
+    T, H, K = 200, 2, 32
+    k = F.normalize(torch.randn(1, T, 1, K, dtype=torch.float64), dim=-1) * beta
+    gk = -torch.rand(1, T, H, dtype=torch.float64) * 0.2
+    a = torch.randn(1, H, K, K, dtype=torch.float64)
+    h0 = (a + a.transpose(-1, -2)) * h0_scale if h0_scale else None
+    k_in = k.to(dtype)
+    gcum = chunk_local_cumsum(gk.float(), CHUNK)
+    states, ht = chunk_gka_fwd_h(k_in, gcum, H, 1, triton_cdiv(T, CHUNK), None if h0 is None else h0.float(),
+                                 True, None, None)
+    assert states.h.dtype == (torch.float16 if dtype == torch.bfloat16 else torch.float32)
+    assert states.h.abs().max() <= 1
+    ref = torch.zeros(1, H, K, K, dtype=torch.float64) if h0 is None else h0.float().double()
+    kd = k_in.double()[0, :, 0]
+    for c, t0 in enumerate(range(0, T, CHUNK)):
+        got = states.h[c].double() * states.scale[c].double()[:, None, None]
+        err = (got - ref[0]).flatten(1).norm(dim=1) / ref[0].flatten(1).norm(dim=1).clamp_min(1e-300)
+        assert err.max() <= 2.0 ** -10, (c, err)
+        for t in range(t0, min(t0 + CHUNK, T)):
+            ref = torch.exp(gk[0, t].double())[None, :, None, None] * ref + torch.outer(kd[t], kd[t])
+    assert_close("final h_kk", ht.double(), ref, 2.0 ** -10)
 
 
 @pytest.mark.interpreter

@@ -12,6 +12,7 @@ from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offse
 from gka_kernels.gka._common import CHUNK
 from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh, chunk_gka_bwd_ds
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
+from gka_kernels.gka.chunk_h import ChunkStates
 from tests.helpers import CPU_GRAD, assert_close
 
 
@@ -99,8 +100,11 @@ def test_state_pass_and_dk_head_dim_128(varlen):
     h = a @ a.transpose(-1, -2) / K                  # chunk-start states: symmetric
     dht = torch.randn(len(seqs), H, K, K, **f64)     # gradient of the final state: not symmetric
 
-    ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, h, True, cu_seqlens, chunk_indices)
-    dk, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, h, dgp, cu_seqlens, chunk_indices)
+    # Stored as chunk_gka_fwd_h does: h / s with a scale per chunk and head (here >= max |h|).
+    scale = h.abs().amax((-2, -1)) * (1 + torch.rand(len(chunks), H, **f64))
+    states = ChunkStates(h / scale[..., None, None], scale)
+    ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, states, True, cu_seqlens, chunk_indices)
+    dk, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, states, dgp, cu_seqlens, chunk_indices)
     dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk, dgc, dht, len(seqs), cu_seqlens, chunk_offsets)
     dh_r, dh0_r = adjoint_reference(k, x, dqs, gcum, lam_c, beta, h, dht, seqs)
     dk_r, dgc_r = dk_reference(k, x, dqs, gcum, lam_c, beta, dgp, h, dh_r, chunks)

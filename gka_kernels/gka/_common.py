@@ -47,8 +47,10 @@ def solve_dot_dtype(torch_dtype: torch.dtype):
 
 
 def state_dtype(torch_dtype: torch.dtype) -> torch.dtype:
-    """Storage dtype of the chunk states ``H_c``: float64 for float64 inputs, else float32."""
-    return torch.float64 if torch_dtype == torch.float64 else torch.float32
+    """Storage dtype of the scaled chunk states ``H_c / s_c`` (:mod:`gka_kernels.gka.chunk_h`): the
+    torch dtype of :func:`solve_dot_dtype` (float16 for 16-bit inputs), so that the kernels load them
+    straight into their dot operands."""
+    return {torch.bfloat16: torch.float16, torch.float16: torch.float16}.get(torch_dtype, torch_dtype)
 
 
 def dot_precision(torch_dtype: torch.dtype) -> str:

@@ -31,8 +31,9 @@ token and head), the cumsum of ``g`` and ``v`` as given.
 
 Precision: the readout ``U^T qm`` cancels heavily (``|x|`` is ~20x ``|q|`` at ridge_ratio 0.02),
 so rounding ``qm`` to bf16 alone costs ~1e-2 relative error in ``o``. For 16-bit inputs the solve
-therefore writes ``x``/``qm`` in float32, the chunk states ``H_c`` are float32, the solve's dot
-operands are float16 on normalized quantities (``_common.solve_dot_dtype``), and the readout runs
+therefore writes ``x``/``qm`` in float32, the chunk states ``H_c`` accumulate in float32 and are
+stored as float16 ``H_c / s_c`` (the solve's operand rounding, :mod:`gka_kernels.gka.chunk_h`), the
+solve's dot operands are float16 on normalized quantities (``_common.solve_dot_dtype``), and the readout runs
 the GLA kernels on float32 ``qm``: for bf16 inputs ``qm``, the states and the scores enter
 its dots as bf16 hi + lo (about 16 significant bits: ~2^-16 relative error per product, ~3e-4 in
 ``o`` after the ~20x cancellation) and the exact bf16 keys, values and output gradient once
@@ -56,7 +57,7 @@ from gka_kernels.common.checks import (
 )
 from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.common.group_sum import group_sum
-from gka_kernels.gka._common import CHUNK, MAX_K, state_dtype as chunk_state_dtype
+from gka_kernels.gka._common import CHUNK, MAX_K
 from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh, chunk_gka_bwd_ds
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
@@ -114,9 +115,9 @@ def solve_forward(
     None) and the tensors :func:`solve_backward` needs. ``k`` is read in ``q``'s dtype."""
     k = k.to(q.dtype)
     gcum = chunk_local_cumsum(gk, CHUNK, cu_seqlens=plan.cu_seqlens, chunk_indices=plan.chunk_indices)
-    h, ht = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0, output_final_state,
-                            plan.cu_seqlens, plan.chunk_offsets, chunk_state_dtype(q.dtype))
-    x, qm, fro = gka_solve_fwd(q, k, gcum, h, alpha, ridge_ratio, num_iter, plan.cu_seqlens,
+    states, ht = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0,
+                                 output_final_state, plan.cu_seqlens, plan.chunk_offsets)
+    x, qm, fro = gka_solve_fwd(q, k, gcum, states, alpha, ridge_ratio, num_iter, plan.cu_seqlens,
                                plan.chunk_indices)
     return qm, ht, (q, k, gcum, alpha, h0, x, fro, ht)
 
@@ -131,15 +132,15 @@ def solve_backward(
     (float32/64), ``dalpha`` (float32/64 or None) and the gradient of the initial ``h_kk`` (or None)."""
     q, k, gcum, alpha, h0, x, fro, ht = saved
     cu_seqlens, chunk_indices, chunk_offsets = plan.cu_seqlens, plan.chunk_indices, plan.chunk_offsets
-    h, _ = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0, False, cu_seqlens,
-                           chunk_offsets, chunk_state_dtype(q.dtype))
+    states, _ = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0, False,
+                                cu_seqlens, chunk_offsets)
     dq, dqs, dalpha, lam_c, beta, dgp = gka_solve_bwd(
-        q, k, gcum, h, alpha, x, fro, dqm.contiguous(), ridge_ratio, num_iter, bp_lambda,
+        q, k, gcum, states, alpha, x, fro, dqm.contiguous(), ridge_ratio, num_iter, bp_lambda,
         cu_seqlens, chunk_indices)
     if dht is not None:
         dht = dht.contiguous()
-    ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, h, need_dh0, cu_seqlens, chunk_indices)
-    dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, h, dgp, cu_seqlens, chunk_indices)
+    ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, states, need_dh0, cu_seqlens, chunk_indices)
+    dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, states, dgp, cu_seqlens, chunk_indices)
     dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk_h, dgc, dht, plan.num_seqs, cu_seqlens, chunk_offsets)
     dgk = _reverse_cumsum(dgc, cu_seqlens)
     if dht is not None:

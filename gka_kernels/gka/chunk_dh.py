@@ -30,7 +30,8 @@ initial ``h_kk`` is; the backward already treats ``A_t = H_t + lam_t I`` as symm
 transpose only by rounding: entry ``(a, b)`` sums ``round(e_t k_ta) k_tb`` where ``(b, a)`` sums
 ``round(e_t k_tb) k_ta`` (``e_t = exp(G_last - G_t)``, rounding to the dot dtype ``u``: float16
 ``2^-11`` for 16-bit inputs, tf32x3 / float64 otherwise), so ``|H_ab - H_ba| <= 2u max|H_c|``,
-the size of the error ``h`` already carries and of the float16 rounding of the state columns.
+the size of the error ``h`` already carries and of its storage (``H_c / s_c`` rounded to the dot
+dtype, read here as ``s_c h``).
 
 Precision: the dots take ``solve_dot_dtype`` operands (float16 for 16-bit inputs; bf16 operands
 put 1.6e-2 of error into ``dgk``). In ``dS`` the rows of ``x`` enter at unit norm, their norms
@@ -52,6 +53,7 @@ from gka_kernels.gka._common import (
     CHUNK, chunk_coords, column_scale, dot_precision, row_norms, sequence_coords, solve_dot_dtype,
     split_hi_lo, tile_scale,
 )
+from gka_kernels.gka.chunk_h import ChunkStates
 
 #: Narrowest column block of the scan (the partial sums of dGc have ``cdiv(K, BKJ_MIN)`` rows).
 BKJ_MIN = 16
@@ -63,7 +65,7 @@ BKJ_MIN = 16
 )
 @triton.jit
 def chunk_gka_bwd_ds_kernel(
-    k, x, dqs, gcum, lam_c, beta, h, ds, dw, cu_seqlens, chunk_indices, T, NT,
+    k, x, dqs, gcum, lam_c, beta, h, h_scale, ds, dw, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BJ: tl.constexpr, STORE_DW: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
     DX: tl.constexpr, PREC: tl.constexpr,
@@ -91,7 +93,7 @@ def chunk_gka_bwd_ds_kernel(
     b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_c = tl.load(lam_c + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    b0 = tl.sum(b_c * tl.exp(2.0 * b_g), axis=0)
+    b0 = tl.sum(b_c * tl.exp(2.0 * b_g), axis=0) * tl.load(h_scale + i_s * H + i_h).to(ACC)
     b_x = tl.load(x + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
     b_xn, b_xr = row_norms(b_x)
     b_xhi, b_xlo = split_hi_lo(b_x * b_xr[:, None], DX)
@@ -246,7 +248,7 @@ def chunk_gka_bwd_ds(
     gcum: torch.Tensor,
     lam_c: torch.Tensor,
     beta: torch.Tensor,
-    h: torch.Tensor,
+    states: ChunkStates,
     need_dw: bool,
     cu_seqlens: torch.Tensor | None,
     chunk_indices: torch.Tensor | None,
@@ -257,17 +259,17 @@ def chunk_gka_bwd_ds(
     Args:
         k: ``[B,T,HKV,K]``; x: ``[B,T,H,K]`` forward solution; dqs: ``[B,T,H,K]`` adjoint solution.
         gcum: chunk-local cumsum of ``gk`` ``[B,T,H]``; lam_c, beta: ``[B,T,H]`` from the solve backward.
-        h: ``[n_slots, H, K, K]`` chunk-start states of ``H``.
+        states: the chunk-start states of ``H`` (:func:`gka_kernels.gka.chunk_h.chunk_gka_fwd_h`).
         cu_seqlens, chunk_indices: varlen bookkeeping (``gla.chunk.ChunkPlan``) or None.
     """
     B, T, HKV, K = k.shape
     H = x.shape[2]
     NT = triton.cdiv(T, CHUNK)
-    ds = torch.empty(h.shape, dtype=x.dtype, device=x.device)
+    ds = torch.empty(states.h.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty_like(ds) if need_dw else None
     grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
     chunk_gka_bwd_ds_kernel[grid](
-        k, x, dqs, gcum, lam_c, beta, h, ds, dw, cu_seqlens, chunk_indices, T, NT,
+        k, x, dqs, gcum, lam_c, beta, states.h, states.scale, ds, dw, cu_seqlens, chunk_indices, T, NT,
         H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), STORE_DW=need_dw,
         IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
@@ -333,7 +335,7 @@ register_aot(AotSpec(
     name="gka.chunk_bwd_ds[bf16,k128]",
     kernel=chunk_gka_bwd_ds_kernel,
     types={"k": "*bf16", "x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32", "beta": "*fp32",
-           "h": "*fp32", "ds": "*fp32", "dw": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32",
+           "h": "*fp16", "h_scale": "*fp32", "ds": "*fp32", "dw": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32",
            "T": "i32", "NT": "i32"},
     constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 32, "STORE_DW": False,
                 "IS_VARLEN": False, "ACC": tl.float32, "DX": tl.float16, "PREC": "ieee"},

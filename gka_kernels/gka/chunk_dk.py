@@ -32,7 +32,8 @@ off by 2-4e-2 (rounding ``x`` dominated). Every dot therefore takes ``DX`` opera
 16-bit inputs, :func:`gka_kernels.gka._common.solve_dot_dtype`) on normalized data: ``x`` and
 ``dqs`` rows are divided by their norms (folded into the fp32 weights), and each weight tile is
 divided by its largest magnitude (:func:`tile_scale`), multiplied back after the dot; ``H_c``
-enters as float16 columns divided by their largest magnitude (:func:`column_scale`).
+enters as stored (``H_c / s_c`` in the dot dtype, :mod:`gka_kernels.gka.chunk_h`), ``s_c`` folded
+into the row weights.
 ``k . x``, ``k . dqs`` and the ``x`` rows of the ``(k . dqs) x`` term take hi + lo operands
 (:func:`split_hi_lo`): each is later projected onto keys.
 """
@@ -46,9 +47,9 @@ import triton.language as tl
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
 from gka_kernels.gka._common import (
-    CHUNK, chunk_coords, column_scale, dot_precision, row_norms, solve_dot_dtype, split_hi_lo,
-    tile_scale,
+    CHUNK, chunk_coords, dot_precision, row_norms, solve_dot_dtype, split_hi_lo, tile_scale,
 )
+from gka_kernels.gka.chunk_h import ChunkStates
 
 
 # Not offered: BJ 32. With 8 warps Triton 3.6 compiles it (sm_90) into an out-of-bounds shared
@@ -60,7 +61,7 @@ from gka_kernels.gka._common import (
 )
 @triton.jit
 def chunk_gka_bwd_dk_kernel(
-    k, x, dqs, gcum, lam_c, beta, h, dgp, dk, dgc, cu_seqlens, chunk_indices, T, NT,
+    k, x, dqs, gcum, lam_c, beta, h, h_scale, dgp, dk, dgc, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BJ: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DX: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -87,6 +88,7 @@ def chunk_gka_bwd_dk_kernel(
     b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_c = tl.load(lam_c + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    b_hbeta = -2.0 * b_beta * tl.load(h_scale + i_s * H + i_h).to(ACC)
     b_kd = tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC).to(DX)
     # Symmetric lambda-path weights 2 Mw[t, j] (k_t . k_j) (formed first: they need only k).
     m_up = (o_t[None, :] >= o_t[:, None]) & m_tt
@@ -126,13 +128,10 @@ def chunk_gka_bwd_dk_kernel(
         o_j = j0 + tl.arange(0, BJ)
         m_j = o_j < K
         m_tj = m_t[:, None] & m_j[None, :]
-        # The start state's part, -2 beta_t (k_t H_c)[j]: H_c as float16 columns divided by their
-        # largest magnitude.
+        # The start state's part, -2 beta_t (k_t H_c)[j]: the stored H_c / s_c straight into the dot.
         b_hc = tl.load(h + p_state + o_k[:, None] * K + o_j[None, :], mask=m_k[:, None] & m_j[None, :],
-                       other=0).to(ACC)
-        s_hc = column_scale(b_hc)
-        b_kh = tl.dot(b_kd, (b_hc / s_hc[None, :]).to(DX), input_precision=PREC, out_dtype=ACC)
-        b_dk = (-2.0 * b_beta)[:, None] * (b_kh * s_hc[None, :])
+                       other=0).to(DX)
+        b_dk = b_hbeta[:, None] * tl.dot(b_kd, b_hc, input_precision=PREC, out_dtype=ACC)
         # This chunk's tokens.
         b_dqj = tl.load(dqs + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
         b_dk -= s_a1 * tl.dot(b_a1, (b_dqj * b_dr[:, None]).to(DX), input_precision=PREC, out_dtype=ACC)
@@ -159,7 +158,7 @@ def chunk_gka_bwd_dk(
     gcum: torch.Tensor,
     lam_c: torch.Tensor,
     beta: torch.Tensor,
-    h: torch.Tensor,
+    states: ChunkStates,
     dgp: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
     chunk_indices: torch.Tensor | None,
@@ -170,7 +169,7 @@ def chunk_gka_bwd_dk(
         k: ``[B,T,HKV,K]``; x: ``[B,T,H,K]`` forward solution; dqs: ``[B,T,H,K]`` adjoint solution.
         gcum: chunk-local cumsum of ``gk`` ``[B,T,H]``; lam_c, beta, dgp: ``[B,T,H]`` from the
             solve backward.
-        h: ``[n_slots, H, K, K]`` chunk-start states of ``H``.
+        states: the chunk-start states of ``H`` (:func:`gka_kernels.gka.chunk_h.chunk_gka_fwd_h`).
         cu_seqlens, chunk_indices: varlen bookkeeping (``gla.chunk.ChunkPlan``) or None.
 
     Returns:
@@ -184,8 +183,8 @@ def chunk_gka_bwd_dk(
     dgc = torch.empty_like(lam_c)
     grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
     chunk_gka_bwd_dk_kernel[grid](
-        k, x, dqs, gcum, lam_c, beta, h, dgp, dk, dgc, cu_seqlens, chunk_indices, T, NT,
-        H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), IS_VARLEN=cu_seqlens is not None,
+        k, x, dqs, gcum, lam_c, beta, states.h, states.scale, dgp, dk, dgc, cu_seqlens, chunk_indices,
+        T, NT, H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
     return dk, dgc
@@ -196,7 +195,7 @@ for _bj, _w in ((64, 8), (64, 4)):
         name=f"gka.chunk_bwd_dk[bf16,k128,{_bj},w{_w}]",
         kernel=chunk_gka_bwd_dk_kernel,
         types={"k": "*bf16", "x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32",
-               "beta": "*fp32", "h": "*fp32", "dgp": "*fp32", "dk": "*fp32", "dgc": "*fp32",
+               "beta": "*fp32", "h": "*fp16", "h_scale": "*fp32", "dgp": "*fp32", "dk": "*fp32", "dgc": "*fp32",
                "cu_seqlens": "*i32", "chunk_indices": "*i32", "T": "i32", "NT": "i32"},
         constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": _bj, "IS_VARLEN": False,
                     "ACC": tl.float32, "DX": tl.float16, "PREC": "ieee"},

@@ -7,21 +7,35 @@ valid token, the state after a chunk is
 
     H_next = exp(G_last) H_c + sum_j exp(G_last - G_j) k_j k_j^T
 
-``h[slot(c)]`` stores ``H_c`` (the state *before* chunk ``c``), the only ``K x K`` matrices ever
-written. The recurrence accumulates in float32 registers (float64 for float64 inputs) and the
-stored copies are float32/64: the solve amplifies any error of ``H_c`` by the condition number.
-The decay-weighted keys enter the chunk's dot as float16 for 16-bit inputs (``solve_dot_dtype``).
+``H_c`` (the state *before* chunk ``c``) is stored as ``h[slot(c)] = H_c / s_c`` with one scale
+per chunk and head, ``scale[slot(c)] = s_c``; these are the only ``K x K`` matrices ever written.
+The recurrence accumulates in float32 registers (float64 for float64 inputs). The stored copy is
+in the dot dtype of its consumers (``solve_dot_dtype``: float16 for 16-bit inputs, float32 /
+float64 otherwise), which read it straight into their ``tl.dot`` operands: the solve used to
+round ``H_c / ||H_c||`` to float16 anyway, so storing one float16 rounding of ``H_c / s_c`` costs
+no precision there and halves the bytes every kernel moves.
+
+``s_c`` bounds every entry of ``H_c`` so that ``H_c / s_c`` stays in float16 range (``|.| <= 1``,
+no overflow on long undecayed sequences, no loss of relative precision on tiny states):
+
+    s_next = exp(G_last) s_c + sum_j exp(G_last - G_j) ||k_j||^2,     s_0 = max |h0|
+
+(the key part of ``H_c`` is positive semidefinite, so its entries are bounded by its trace, which
+this recurrence follows; the initial state's part by its largest entry, computed on the host).
+Every program of a head forms the same ``s_c`` from the full key rows; ``s_c = 0`` is stored as 1.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
-from gka_kernels.common.triton_utils import autotune, compute_dtype
-from gka_kernels.gka._common import CHUNK, dot_precision, sequence_coords, solve_dot_dtype
+from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
+from gka_kernels.gka._common import CHUNK, dot_precision, sequence_coords, solve_dot_dtype, state_dtype
 
 
 @autotune(
@@ -35,14 +49,15 @@ from gka_kernels.gka._common import CHUNK, dot_precision, sequence_coords, solve
 )
 @triton.jit
 def chunk_gka_fwd_h_kernel(
-    k, gcum, h, h0, ht, cu_seqlens, chunk_offsets, T, NT,
-    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+    k, gcum, h, h_scale, h0, h0_scale, ht, cu_seqlens, chunk_offsets, T, NT,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BKI: tl.constexpr, BKJ: tl.constexpr,
     USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """Grid (cdiv(K, BKI), cdiv(K, BKJ), N*H): each program owns a [BKI, BKJ] tile of one head's
-    state and walks the sequence chunk by chunk: per chunk one [BKI, BT] x [BT, BKJ] dot."""
+    state and walks the sequence chunk by chunk: per chunk it stores ``H_c / s_c``, then one
+    [BKI, BT] x [BT, BKJ] dot advances the tile and the [BT, BK] key rows advance ``s``."""
     i_i = tl.program_id(0)
     i_j = tl.program_id(1)
     i_nh = tl.program_id(2)
@@ -56,12 +71,19 @@ def chunk_gka_fwd_h_kernel(
     m_ij = (o_i[:, None] < K) & (o_j[None, :] < K)
     o_ij = o_i[:, None] * K + o_j[None, :]
     o_t = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    first_tile = (i_i == 0) & (i_j == 0)
 
     b_h = tl.zeros([BKI, BKJ], dtype=ACC)
+    s = tl.zeros([], dtype=ACC)
     if USE_H0:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * K + o_ij, mask=m_ij, other=0).to(ACC)
+        s += tl.load(h0_scale + i_nh).to(ACC)
     for i_t in range(n_chunks):
-        tl.store(h + ((boh + i_t) * H + i_h) * K * K + o_ij, b_h.to(h.dtype.element_ty), mask=m_ij)
+        s_c = tl.where(s > 0, s, 1.0)
+        slot = (boh + i_t) * H + i_h
+        tl.store(h + slot * K * K + o_ij, (b_h * (1.0 / s_c)).to(h.dtype.element_ty), mask=m_ij)
+        tl.store(h_scale + slot, s_c.to(h_scale.dtype.element_ty), mask=first_tile)
         rows = tl.minimum(seq_len - i_t * BT, BT)
         m_t = o_t < rows
         tok = bos + i_t * BT + o_t
@@ -70,11 +92,22 @@ def chunk_gka_fwd_h_kernel(
         p_k = k + (tok * HKV + i_hk) * K
         b_ki = tl.load(p_k[:, None] + o_i[None, :], mask=m_t[:, None] & (o_i[None, :] < K), other=0).to(ACC)
         b_kj = tl.load(p_k[:, None] + o_j[None, :], mask=m_t[:, None] & (o_j[None, :] < K), other=0).to(ACC)
-        b_ki = b_ki * tl.exp(g_last - b_g)[:, None]
+        b_e = tl.exp(g_last - b_g)
+        b_kr = tl.load(p_k[:, None] + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0).to(ACC)
+        s = s * tl.exp(g_last) + tl.sum(b_e * tl.sum(b_kr * b_kr, axis=1), axis=0)
+        b_ki = b_ki * b_e[:, None]
         b_h = b_h * tl.exp(g_last) + tl.dot(tl.trans(b_ki.to(DT)), b_kj.to(DT),
                                             input_precision=PREC, out_dtype=ACC)
     if STORE_FINAL:
         tl.store(ht + i_nh.to(tl.int64) * K * K + o_ij, b_h.to(ht.dtype.element_ty), mask=m_ij)
+
+
+class ChunkStates(NamedTuple):
+    """The chunk-start states of ``H`` as stored: ``h [n_slots, H, K, K] = H_c / scale`` in the
+    solve's dot dtype (float16 for 16-bit inputs) and ``scale [n_slots, H]`` (float32/64)."""
+
+    h: torch.Tensor
+    scale: torch.Tensor
 
 
 def chunk_gka_fwd_h(
@@ -87,46 +120,48 @@ def chunk_gka_fwd_h(
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
     chunk_offsets: torch.Tensor | None,
-    state_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[ChunkStates, torch.Tensor | None]:
     """Chunk-start states of ``H``.
 
     Args:
-        k: ``[B, T, HKV, K]`` keys (contiguous).
+        k: ``[B, T, HKV, K]`` keys (contiguous); their dtype sets the storage dtype.
         gcum: ``[B, T, H]`` chunk-local cumulative sum of ``gk`` (float32/64).
         num_heads: ``H``; ``num_seqs``: ``N``; ``n_slots``: ``B * NT`` or the total chunk count.
         initial_state: ``[N, H, K, K]`` or None.
-        state_dtype: dtype of the stored chunk states (``_common.state_dtype``).
 
     Returns:
-        ``h [n_slots, H, K, K]`` (state before each chunk) and the final state ``[N, H, K, K]``
+        the states before each chunk (:class:`ChunkStates`) and the final state ``[N, H, K, K]``
         (float32, float64 for float64 inputs) or None.
     """
     B, T, HKV, K = k.shape
     H = num_heads
     NT = triton.cdiv(T, CHUNK)
-    acc = compute_dtype(k.dtype)
-    h = k.new_empty(n_slots, H, K, K, dtype=state_dtype)
-    final_dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
-    ht = k.new_empty(num_seqs, H, K, K, dtype=final_dtype) if output_final_state else None
+    acc_dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
+    states = ChunkStates(k.new_empty(n_slots, H, K, K, dtype=state_dtype(k.dtype)),
+                         k.new_empty(n_slots, H, dtype=acc_dtype))
+    ht = k.new_empty(num_seqs, H, K, K, dtype=acc_dtype) if output_final_state else None
+    h0_scale = None
+    if initial_state is not None:
+        h0_scale = initial_state.abs().amax((-2, -1)).to(acc_dtype)
     def grid(meta):
         return (triton.cdiv(K, meta["BKI"]), triton.cdiv(K, meta["BKJ"]), num_seqs * H)
     chunk_gka_fwd_h_kernel[grid](
-        k, gcum, h, initial_state, ht, cu_seqlens, chunk_offsets, T, NT,
-        H=H, HKV=HKV, K=K, BT=CHUNK,
+        k, gcum, states.h, states.scale, initial_state, h0_scale, ht, cu_seqlens, chunk_offsets, T, NT,
+        H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K),
         USE_H0=initial_state is not None, STORE_FINAL=output_final_state,
-        IS_VARLEN=cu_seqlens is not None, ACC=acc, DT=solve_dot_dtype(k.dtype),
+        IS_VARLEN=cu_seqlens is not None, ACC=compute_dtype(k.dtype), DT=solve_dot_dtype(k.dtype),
         PREC=dot_precision(k.dtype),
     )
-    return h, ht
+    return states, ht
 
 
 register_aot(AotSpec(
     name="gka.chunk_fwd_h[bf16,k128,varlen]",
     kernel=chunk_gka_fwd_h_kernel,
-    types={"k": "*bf16", "gcum": "*fp32", "h": "*fp32", "h0": "*fp32", "ht": "*fp32",
-           "cu_seqlens": "*i32", "chunk_offsets": "*i64", "T": "i32", "NT": "i32"},
-    constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BKI": 64, "BKJ": 64, "USE_H0": True,
+    types={"k": "*bf16", "gcum": "*fp32", "h": "*fp16", "h_scale": "*fp32", "h0": "*fp32",
+           "h0_scale": "*fp32", "ht": "*fp32", "cu_seqlens": "*i32", "chunk_offsets": "*i64",
+           "T": "i32", "NT": "i32"},
+    constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BKI": 64, "BKJ": 64, "USE_H0": True,
                 "STORE_FINAL": True, "IS_VARLEN": True, "ACC": tl.float32, "DT": tl.float16, "PREC": "ieee"},
     num_warps=4, num_stages=2,
 ))

@@ -17,8 +17,9 @@ The iteration runs on the normalized system ``(H_t / fro_t + a I) y_t = rhs_t`` 
 ``[a, 1 + a]``), then ``x_t = y_t / fro_t``.
 
 Dot operands (``DT``; float16 for 16-bit inputs, see ``_common.solve_dot_dtype``) are kept in
-float16 range whatever the data: ``H_c`` enters as ``H_c / ||H_c||_F`` (the factor goes into the
-row scale ``exp(G) ||H_c||_F``), the right-hand side is scaled per row to norm ``min(1, 1024 a)``
+float16 range whatever the data: ``H_c`` enters as stored, ``H_c / s_c`` with entries in
+``[-1, 1]`` (:mod:`gka_kernels.gka.chunk_h`; the factor goes into the row scale ``exp(G) s_c``),
+the right-hand side is scaled per row to norm ``min(1, 1024 a)``
 (so ``||y_t|| <~ 1024``; the solve is linear, the scale is undone at the end), keys are unit-norm
 (beta-scaled). This is SPEC 5's iteration on ``[lam_t, lam_t + fro_t]`` rescaled, with
 the data-independent schedule ``w_i = 1 / (1 - c4 w_{i-1})``, ``w_0 = 2``, written in residual form
@@ -62,48 +63,51 @@ import triton.language as tl
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
 from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_coords, dot_precision, solve_dot_dtype
+from gka_kernels.gka.chunk_h import ChunkStates
 
 
 @triton.jit
-def _load_chunk(k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk,
+def _load_chunk(k, gcum, h, h_scale, bos, i_t, rows, i_s, i_h, i_hk,
                 H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
                 ACC: tl.constexpr, DT: tl.constexpr):
-    """Chunk operands: token offsets, row mask, G [BT], M [BT, BT], ``||H_c||_F^2`` and, in the dot
-    dtype, the key chunk's column halves [BT, BH] and the four [BH, BH] blocks of
-    ``(H_c / ||H_c||_F)^T`` (``ht_xy[i, j] = H_c[y j, x i] / ||H_c||``, so that
-    rows(Y @ H_c^T) = (H_c y_t)^T / ||H_c||). ``H_c`` is read once: the norm comes from the four
-    float32 blocks before they are scaled and rounded."""
+    """Chunk operands: token offsets, row mask, G [BT], M [BT, BT], ``||H_c||_F^2``, the state's
+    scale ``s_c`` and, in the dot dtype, the key chunk's column halves [BT, BH] and the four
+    [BH, BH] blocks of ``(H_c / s_c)^T`` as stored (``ht_xy[i, j] = H_c[y j, x i] / s_c``, so that
+    rows(Y @ H_c^T) = (H_c y_t)^T / s_c). The norm is that of the stored (rounded) state."""
     o_t = tl.arange(0, BT)
     o_l = tl.arange(0, BH)
     o_h = BH + o_l
     m_t = o_t < rows
     tok = bos + i_t * BT + o_t
     p_h = h + (i_s * H + i_h) * K * K
-    b_ll = _load_block_t(p_h, o_l, o_l, K, ACC)
-    b_lh = _load_block_t(p_h, o_l, o_h, K, ACC)
-    b_hl = _load_block_t(p_h, o_h, o_l, K, ACC)
-    b_hh = _load_block_t(p_h, o_h, o_h, K, ACC)
-    hn2 = tl.sum(tl.sum(b_ll * b_ll + b_lh * b_lh + b_hl * b_hl + b_hh * b_hh, axis=1), axis=0)
-    hn = tl.sqrt(hn2)
-    hn_inv = 1.0 / tl.where(hn > 0, hn, 1.0)
-    b_ht_ll = (b_ll * hn_inv).to(DT)
-    b_ht_lh = (b_lh * hn_inv).to(DT)
-    b_ht_hl = (b_hl * hn_inv).to(DT)
-    b_ht_hh = (b_hh * hn_inv).to(DT)
+    h_s = tl.load(h_scale + i_s * H + i_h).to(ACC)
+    b_ht_ll = _load_block_t(p_h, o_l, o_l, K, DT)
+    b_ht_lh = _load_block_t(p_h, o_l, o_h, K, DT)
+    b_ht_hl = _load_block_t(p_h, o_h, o_l, K, DT)
+    b_ht_hh = _load_block_t(p_h, o_h, o_h, K, DT)
+    hn2 = (_square_sum(b_ht_ll, ACC) + _square_sum(b_ht_lh, ACC) + _square_sum(b_ht_hl, ACC)
+           + _square_sum(b_ht_hh, ACC)) * (h_s * h_s)
     b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
     m_tt = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
     b_m = tl.exp(tl.where(m_tt, b_g[:, None] - b_g[None, :], float("-inf")))
     p_k = k + (tok * HKV + i_hk)[:, None] * K
     b_kl = tl.load(p_k + o_l[None, :], mask=m_t[:, None] & (o_l[None, :] < K), other=0).to(ACC).to(DT)
     b_kh = tl.load(p_k + o_h[None, :], mask=m_t[:, None] & (o_h[None, :] < K), other=0).to(ACC).to(DT)
-    return tok, m_t, b_g, b_m, hn2, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh
+    return tok, m_t, b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh
 
 
 @triton.jit
-def _load_block_t(p_h, o_i, o_j, K: tl.constexpr, ACC: tl.constexpr):
-    """``b[i, j] = H_c[o_j[j], o_i[i]]`` (a block of H_c^T) in ``ACC``."""
+def _load_block_t(p_h, o_i, o_j, K: tl.constexpr, DT: tl.constexpr):
+    """``b[i, j] = h[o_j[j], o_i[i]]`` (a block of the stored state's transpose) in ``DT``."""
     return tl.load(p_h + o_i[:, None] + o_j[None, :] * K,
-                   mask=(o_i[:, None] < K) & (o_j[None, :] < K), other=0).to(ACC)
+                   mask=(o_i[:, None] < K) & (o_j[None, :] < K), other=0).to(DT)
+
+
+@triton.jit
+def _square_sum(b, ACC: tl.constexpr):
+    """Sum of the squares of a 2-D tile, in ``ACC``."""
+    b = b.to(ACC)
+    return tl.sum(tl.sum(b * b, axis=1), axis=0)
 
 
 @triton.jit
@@ -118,7 +122,7 @@ def _step_half(b_r, b_dl, b_dh, b_ht_l, b_ht_h, b_sd, b_kc, b_eg, b_inv, ridge, 
                ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """One column half of a Chebyshev step for the rows ``d`` (column halves in the dot dtype):
     the residual ``r - A d`` with ``A d = (b_eg * (d @ Hs^T[:, half]) + S @ K[:, half]) / fro +
-    a d[:, half]`` (``Hs = H_c / ||H_c||``, ``b_eg = exp(G) ||H_c||``, ``S = (d @ K^T) * M`` in the
+    a d[:, half]`` (``Hs = H_c / s_c`` as stored, ``b_eg = exp(G) s_c``, ``S = (d @ K^T) * M`` in the
     dot dtype, ``b_dc`` = ``d[:, half]``; two multiply-subtracts per element), and the half's next
     increment ``(w - 1) d + step w r`` computed in the dot dtype from ``r`` rounded to it (packed
     float16 arithmetic for 16-bit inputs; ``d`` is only a step direction, see :func:`_chebyshev`)."""
@@ -133,7 +137,7 @@ def _step_half(b_r, b_dl, b_dh, b_ht_l, b_ht_h, b_sd, b_kc, b_eg, b_inv, ridge, 
 def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
                ridge, step, c4, num_iter, ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """``num_iter`` Chebyshev steps for ``(H_t / fro_t + a I) y_t = rhs_t`` on every row; returns
-    the column halves of ``y``. ``b_eg`` = exp(G) ||H_c|| (the blocks hold H_c / ||H_c||).
+    the column halves of ``y``. ``b_eg`` = exp(G) s_c (the blocks hold H_c / s_c).
 
     Residual form of ``d_i = (w_i - 1) d_{i-1} + step w_i r_{i-1}``, ``y_i = y_{i-1} + d_i``,
     ``r_i = r_{i-1} - A d_i`` from ``d_0 = y_0 = step rhs``, ``r_{-1} = rhs``: ``d`` is carried
@@ -208,7 +212,7 @@ _CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 @autotune(configs=_CONFIGS, key=["K", "H", "HAS_ALPHA", "IS_VARLEN"])
 @triton.jit
 def gka_solve_fwd_kernel(
-    q, k, gcum, h, alpha, x, qm, fro, cu_seqlens, chunk_indices, T, NT,
+    q, k, gcum, h, h_scale, alpha, x, qm, fro, cu_seqlens, chunk_indices, T, NT,
     ridge, step, c4, num_iter,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     HAS_ALPHA: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -223,9 +227,8 @@ def gka_solve_fwd_kernel(
     i_h = i_bh % H
     i_hk = i_h // (H // HKV)
     bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    tok, m_t, b_g, b_m, hn2, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
-        k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
-    hn = tl.sqrt(hn2)
+    tok, m_t, b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
+        k, gcum, h, h_scale, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
     b_eg = tl.exp(b_g)
 
     # ||H_t||_F^2 = exp(2G) ||H_c||^2 + 2 exp(G) (M @ diag(K H_c K^T)) + rowsum((M @ (K K^T)^2) * M).
@@ -235,7 +238,7 @@ def gka_solve_fwd_kernel(
     b_p = tl.dot(b_kl, b_ht_lh, input_precision=PREC, out_dtype=ACC)
     b_p = tl.dot(b_kh, b_ht_hh, b_p, input_precision=PREC, out_dtype=ACC)
     b_khk += tl.sum(b_p * b_kh.to(ACC), axis=1)
-    b_khk = b_khk * hn
+    b_khk = b_khk * h_s
     b_kk = _scores(b_kl, b_kh, b_kl, b_kh, ACC, PREC)
     b_f3 = tl.dot(b_m, b_kk * b_kk, input_precision=FRO_PREC, out_dtype=ACC) * b_m
     b_fro2 = b_eg * b_eg * hn2 + 2.0 * b_eg * tl.sum(b_m * b_khk[None, :], axis=1) + tl.sum(b_f3, axis=1)
@@ -247,7 +250,7 @@ def gka_solve_fwd_kernel(
     o_h = BH + o_l
     p_q = q + (tok * H + i_h) * K
     b_yl, b_yh = _chebyshev(_load_rows(p_q, o_l, m_t, K, ACC), _load_rows(p_q, o_h, m_t, K, ACC),
-                            b_inv, b_eg * hn, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
+                            b_inv, b_eg * h_s, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
                             ridge, step, c4, num_iter, ACC, DT, PREC)
     b_yl = b_yl * b_inv[:, None]
     b_yh = b_yh * b_inv[:, None]
@@ -268,7 +271,7 @@ def gka_solve_fwd_kernel(
 @autotune(configs=_CONFIGS, key=["K", "H", "HAS_ALPHA", "IS_VARLEN"])
 @triton.jit
 def gka_solve_bwd_kernel(
-    q, k, gcum, h, alpha, x, fro, dqm, dq, dqs, dalpha, lam_c, beta, dgp,
+    q, k, gcum, h, h_scale, alpha, x, fro, dqm, dq, dqs, dalpha, lam_c, beta, dgp,
     cu_seqlens, chunk_indices, T, NT, ridge, bp_coef, step, c4, num_iter,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     HAS_ALPHA: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -283,10 +286,9 @@ def gka_solve_bwd_kernel(
     i_h = i_bh % H
     i_hk = i_h // (H // HKV)
     bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    tok, m_t, b_g, b_m, hn2, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
-        k, gcum, h, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
-    hn = tl.sqrt(hn2)
-    b_eg = tl.exp(b_g) * hn
+    tok, m_t, b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
+        k, gcum, h, h_scale, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
+    b_eg = tl.exp(b_g) * h_s
     b_fro = tl.load(fro + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
 
@@ -345,7 +347,7 @@ def gka_solve_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
     gcum: torch.Tensor,
-    h: torch.Tensor,
+    states: ChunkStates,
     alpha: torch.Tensor | None,
     ridge_ratio: float,
     num_iter: int,
@@ -353,7 +355,7 @@ def gka_solve_fwd(
     chunk_indices: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward solve. ``q [B,T,H,K]``, ``k [B,T,HKV,K]``, ``gcum [B,T,H]`` (chunk-local cumsum of
-    ``gk``), ``h`` chunk-start states, ``alpha [B,T,H]`` or None.
+    ``gk``), ``states`` the chunk-start states (:func:`chunk_gka_fwd_h`), ``alpha [B,T,H]`` or None.
 
     Returns ``x``, ``qm`` (``[B,T,H,K]``) and ``fro [B,T,H]``, all float32 (float64 for float64
     inputs; ``fro`` is the true norm, 0 where ``H_t = 0``)."""
@@ -365,7 +367,7 @@ def gka_solve_fwd(
     fro = q.new_empty(B, T, H, dtype=acc_dtype)
     step, c4 = chebyshev_constants(ridge_ratio)
     gka_solve_fwd_kernel[_grid(NT, B, H, chunk_indices)](
-        q, k, gcum, h, alpha, x, qm, fro, cu_seqlens, chunk_indices, T, NT,
+        q, k, gcum, states.h, states.scale, alpha, x, qm, fro, cu_seqlens, chunk_indices, T, NT,
         ridge_ratio, step, c4, num_iter,
         H=H, HKV=k.shape[2], K=K, BT=CHUNK, BK=_padded(K),
         HAS_ALPHA=alpha is not None, IS_VARLEN=cu_seqlens is not None,
@@ -379,7 +381,7 @@ def gka_solve_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
     gcum: torch.Tensor,
-    h: torch.Tensor,
+    states: ChunkStates,
     alpha: torch.Tensor | None,
     x: torch.Tensor,
     fro: torch.Tensor,
@@ -404,7 +406,7 @@ def gka_solve_bwd(
     dgp = torch.empty_like(lam_c)
     step, c4 = chebyshev_constants(ridge_ratio)
     gka_solve_bwd_kernel[_grid(NT, B, H, chunk_indices)](
-        q, k, gcum, h, alpha, x, fro, dqm, dq, dqs, dalpha, lam_c, beta, dgp,
+        q, k, gcum, states.h, states.scale, alpha, x, fro, dqm, dq, dqs, dalpha, lam_c, beta, dgp,
         cu_seqlens, chunk_indices, T, NT, ridge_ratio, ridge_ratio if bp_lambda else 0.0, step, c4, num_iter,
         H=H, HKV=k.shape[2], K=K, BT=CHUNK, BK=_padded(K),
         HAS_ALPHA=alpha is not None, IS_VARLEN=cu_seqlens is not None,
@@ -413,7 +415,8 @@ def gka_solve_bwd(
     return dq, dqs, dalpha, lam_c, beta, dgp
 
 
-_AOT_TYPES = {"q": "*bf16", "k": "*bf16", "gcum": "*fp32", "h": "*fp32", "alpha": "*bf16",
+_AOT_TYPES = {"q": "*bf16", "k": "*bf16", "gcum": "*fp32", "h": "*fp16", "h_scale": "*fp32",
+              "alpha": "*bf16",
               "x": "*fp32", "fro": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32",
               "T": "i32", "NT": "i32", "ridge": "fp32", "step": "fp32", "c4": "fp32", "num_iter": "i32"}
 _AOT_CONST = {"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "HAS_ALPHA": True,
