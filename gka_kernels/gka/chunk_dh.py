@@ -59,8 +59,30 @@ from gka_kernels.gka.chunk_h import ChunkStates
 BKJ_MIN = 16
 
 
+@triton.jit
+def _load_block(p, p_row, o_c, m_t, K: tl.constexpr):
+    """Columns ``o_c`` of the rows ``p[p_row]`` (a [BT, BJ] block, zero outside the masks)."""
+    return tl.load(p + p_row[:, None] + o_c[None, :], mask=m_t[:, None] & (o_c[None, :] < K), other=0)
+
+
+@triton.jit
+def _split_block(p, p_row, o_c, m_t, b_rows, K: tl.constexpr, ACC: tl.constexpr, DX: tl.constexpr):
+    """:func:`_load_block` times the row factors ``b_rows``, as hi + lo in ``DX``."""
+    return split_hi_lo(_load_block(p, p_row, o_c, m_t, K).to(ACC) * b_rows[:, None], DX)
+
+
+@triton.jit
+def _cross_block(b_ah, b_al, b_bh, b_bl, ACC: tl.constexpr, DX: tl.constexpr, PREC: tl.constexpr):
+    """``A^T B`` for [BT, BJ] blocks given as hi + lo (``hi_a hi_b + hi_a lo_b + lo_a hi_b``)."""
+    c = tl.dot(tl.trans(b_ah), b_bh, input_precision=PREC, out_dtype=ACC)
+    if DX.primitive_bitwidth == 16:
+        c = tl.dot(tl.trans(b_ah), b_bl, c, input_precision=PREC, out_dtype=ACC)
+        c = tl.dot(tl.trans(b_al), b_bh, c, input_precision=PREC, out_dtype=ACC)
+    return c
+
+
 @autotune(
-    configs=[triton.Config({"BJ": bj}, num_warps=w, num_stages=1) for bj, w in ((32, 8), (64, 8), (32, 4))],
+    configs=[triton.Config({"BJ": bj}, num_warps=w, num_stages=1) for bj, w in ((32, 4), (64, 4), (64, 8))],
     key=["K", "H", "IS_VARLEN", "STORE_DW"],
 )
 @triton.jit
@@ -70,10 +92,13 @@ def chunk_gka_bwd_ds_kernel(
     BJ: tl.constexpr, STORE_DW: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
     DX: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (chunks, B*H): one chunk's contribution to the scan, in [BK, BJ] column blocks:
+    """Grid (chunks, B*H): one chunk's contribution to the scan,
         dS = -s_p (P^T X + X^T P) - 2 b0 H_c - 2 (beta K)^T K,   dW = s_p (X^T P - P^T X)
-    with X the unit rows of x and P = exp(G) |x| dqs / s_p (s_p its largest magnitude), both
-    [BT, BK] full rows as hi + lo (their column blocks formed from the same row factors)."""
+    with X the unit rows of x and P = exp(G) |x| dqs / s_p (s_p its largest magnitude). dS is
+    symmetric (dW antisymmetric): only its [BJ, BJ] blocks (a, b) with a <= b are computed, from
+    the [BT, BJ] column blocks a and b of X, P (hi + lo) and K, and block (b, a) is stored as the
+    transpose (negated for dW). A first pass over the full [BT, BK] rows forms the row norms and
+    s_p only."""
     i_c = tl.program_id(0)
     i_bh = tl.program_id(1)
     i_b = i_bh // H
@@ -83,8 +108,7 @@ def chunk_gka_bwd_ds_kernel(
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     m_t = o_t < rows
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
+    m_tk = m_t[:, None] & (o_k < K)[None, :]
     tok = bos + i_t * BT + o_t
     p_row = (tok * H + i_h) * K
     p_k = (tok * HKV + i_hk) * K
@@ -92,45 +116,40 @@ def chunk_gka_bwd_ds_kernel(
 
     b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_c = tl.load(lam_c + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    b_beta = tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
+    b_kr = -2.0 * tl.load(beta + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b0 = tl.sum(b_c * tl.exp(2.0 * b_g), axis=0) * tl.load(h_scale + i_s * H + i_h).to(ACC)
-    b_x = tl.load(x + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
-    b_xn, b_xr = row_norms(b_x)
-    b_xhi, b_xlo = split_hi_lo(b_x * b_xr[:, None], DX)
+    b_xn, b_xr = row_norms(tl.load(x + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC))
     b_pr = tl.exp(b_g) * b_xn
-    b_p = tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC) * b_pr[:, None]
-    s_p = tile_scale(b_p)
+    s_p = tile_scale(tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
+                     * b_pr[:, None])
     b_pr = b_pr / s_p
-    b_phi, b_plo = split_hi_lo(b_p / s_p, DX)
-    b_kb = (tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
-            * (-2.0 * b_beta)[:, None]).to(DX)
-    for j0 in tl.range(0, BK, BJ, num_stages=1):
-        o_j = j0 + tl.arange(0, BJ)
-        m_j = o_j < K
-        m_tj = m_t[:, None] & m_j[None, :]
-        m_kj = m_k[:, None] & m_j[None, :]
-        b_xjh, b_xjl = split_hi_lo(
-            tl.load(x + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC) * b_xr[:, None], DX)
-        b_pjh, b_pjl = split_hi_lo(
-            tl.load(dqs + p_row[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC) * b_pr[:, None], DX)
-        b_cr = tl.dot(tl.trans(b_phi), b_xjh, input_precision=PREC, out_dtype=ACC)      # P^T X
-        if DX.primitive_bitwidth == 16:
-            b_cr = tl.dot(tl.trans(b_phi), b_xjl, b_cr, input_precision=PREC, out_dtype=ACC)
-            b_cr = tl.dot(tl.trans(b_plo), b_xjh, b_cr, input_precision=PREC, out_dtype=ACC)
-        if STORE_DW:
-            b_px = b_cr
-        b_cr = tl.dot(tl.trans(b_xhi), b_pjh, b_cr, input_precision=PREC, out_dtype=ACC)  # + X^T P
-        if DX.primitive_bitwidth == 16:
-            b_cr = tl.dot(tl.trans(b_xhi), b_pjl, b_cr, input_precision=PREC, out_dtype=ACC)
-            b_cr = tl.dot(tl.trans(b_xlo), b_pjh, b_cr, input_precision=PREC, out_dtype=ACC)
-        if STORE_DW:  # X^T P - P^T X = (P^T X + X^T P) - 2 P^T X
-            tl.store(dw + p_state + o_k[:, None] * K + o_j[None, :],
-                     (s_p * (b_cr - 2.0 * b_px)).to(dw.dtype.element_ty), mask=m_kj)
-        b_hc = tl.load(h + p_state + o_k[:, None] * K + o_j[None, :], mask=m_kj, other=0).to(ACC)
-        b_kj = tl.load(k + p_k[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC).to(DX)
-        b_ds = tl.dot(tl.trans(b_kb), b_kj, -s_p * b_cr - (2.0 * b0) * b_hc, input_precision=PREC,
-                      out_dtype=ACC)
-        tl.store(ds + p_state + o_k[:, None] * K + o_j[None, :], b_ds.to(ds.dtype.element_ty), mask=m_kj)
+    for ja in range(0, K, BJ):
+        o_a = ja + tl.arange(0, BJ)
+        b_xah, b_xal = _split_block(x, p_row, o_a, m_t, b_xr, K, ACC, DX)
+        b_pah, b_pal = _split_block(dqs, p_row, o_a, m_t, b_pr, K, ACC, DX)
+        b_kah = (_load_block(k, p_k, o_a, m_t, K).to(ACC) * b_kr[:, None]).to(DX)
+        for jb in range(ja, K, BJ):
+            o_b = jb + tl.arange(0, BJ)
+            m_ab = (o_a < K)[:, None] & (o_b < K)[None, :]
+            b_xbh, b_xbl = _split_block(x, p_row, o_b, m_t, b_xr, K, ACC, DX)
+            b_pbh, b_pbl = _split_block(dqs, p_row, o_b, m_t, b_pr, K, ACC, DX)
+            b_px = _cross_block(b_pah, b_pal, b_xbh, b_xbl, ACC, DX, PREC)        # P_a^T X_b
+            b_xp = _cross_block(b_xah, b_xal, b_pbh, b_pbl, ACC, DX, PREC)        # X_a^T P_b
+            b_hc = tl.load(h + p_state + o_a[:, None] * K + o_b[None, :], mask=m_ab, other=0).to(ACC)
+            b_kb = _load_block(k, p_k, o_b, m_t, K).to(ACC).to(DX)
+            b_ds = tl.dot(tl.trans(b_kah), b_kb, -s_p * (b_px + b_xp) - (2.0 * b0) * b_hc,
+                          input_precision=PREC, out_dtype=ACC)
+            p_ab = p_state + o_a[:, None] * K + o_b[None, :]
+            p_ba = p_state + o_b[:, None] * K + o_a[None, :]
+            m_ba = (o_b < K)[:, None] & (o_a < K)[None, :]
+            tl.store(ds + p_ab, b_ds.to(ds.dtype.element_ty), mask=m_ab)
+            if jb != ja:
+                tl.store(ds + p_ba, tl.trans(b_ds).to(ds.dtype.element_ty), mask=m_ba)
+            if STORE_DW:
+                b_dw = s_p * (b_xp - b_px)
+                tl.store(dw + p_ab, b_dw.to(dw.dtype.element_ty), mask=m_ab)
+                if jb != ja:
+                    tl.store(dw + p_ba, (-tl.trans(b_dw)).to(dw.dtype.element_ty), mask=m_ba)
 
 
 @triton.jit
