@@ -68,10 +68,17 @@ def chebyshev_constants(ridge_ratio: float) -> tuple[float, float]:
 
 
 @triton.jit
-def chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """For program ``i_c`` of a chunk-parallel grid: ``(bos, i_t, rows, i_s)`` = first token of the
-    sequence (int64), chunk index within it, number of valid rows in the chunk, and the index of
-    the chunk's slot in the stored chunk states ``[B*NT | NT_total, H, ...]``."""
+def chunk_program(cu_seqlens, chunk_indices, T, NT, H: tl.constexpr, HKV: tl.constexpr, BT: tl.constexpr,
+                  IS_VARLEN: tl.constexpr):
+    """Coordinates of this program of a chunk-parallel grid ``(chunks, B*H)`` (varlen: ``(chunks,
+    H)``): ``(i_h, i_hk, i_s, tok, m_t)`` = query head, key head read by it, the chunk's slot in the
+    stored chunk states ``[B*NT | NT_total, H, ...]`` (int64), the chunk's token indices [BT]
+    (int64, into ``[B*T]``) and their validity mask [BT]."""
+    i_c = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h // (H // HKV)
     if IS_VARLEN:
         i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
         i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
@@ -83,8 +90,8 @@ def chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT: tl.constexpr, I
         bos = i_b.to(tl.int64) * T
         seq_len = T
         i_s = i_b.to(tl.int64) * NT + i_t
-    rows = tl.minimum(seq_len - i_t * BT, BT)
-    return bos, i_t, rows, i_s
+    o_t = tl.arange(0, BT)
+    return i_h, i_hk, i_s, bos + i_t * BT + o_t, o_t < seq_len - i_t * BT
 
 
 @triton.jit

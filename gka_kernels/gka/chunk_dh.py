@@ -50,7 +50,7 @@ import triton.language as tl
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, grid_bucket, next_power_of_2
 from gka_kernels.gka._common import (
-    CHUNK, chunk_coords, column_scale, dot_precision, row_norms, sequence_coords, solve_dot_dtype,
+    CHUNK, chunk_program, column_scale, dot_precision, row_norms, sequence_coords, solve_dot_dtype,
     split_hi_lo, tile_scale,
 )
 from gka_kernels.gka.chunk_h import ChunkStates
@@ -99,17 +99,9 @@ def chunk_gka_bwd_ds_kernel(
     the [BT, BJ] column blocks a and b of X, P (hi + lo) and K, and block (b, a) is stored as the
     transpose (negated for dW). A first pass over the full [BT, BK] rows forms the row norms and
     s_p only."""
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // (H // HKV)
-    bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    o_t = tl.arange(0, BT)
+    i_h, i_hk, i_s, tok, m_t = chunk_program(cu_seqlens, chunk_indices, T, NT, H, HKV, BT, IS_VARLEN)
     o_k = tl.arange(0, BK)
-    m_t = o_t < rows
     m_tk = m_t[:, None] & (o_k < K)[None, :]
-    tok = bos + i_t * BT + o_t
     p_row = (tok * H + i_h) * K
     p_k = (tok * HKV + i_hk) * K
     p_state = (i_s * H + i_h) * K * K
@@ -358,5 +350,5 @@ register_aot(AotSpec(
            "T": "i32", "NT": "i32"},
     constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 32, "STORE_DW": False,
                 "IS_VARLEN": False, "ACC": tl.float32, "DX": tl.float16, "PREC": "ieee"},
-    num_warps=8, num_stages=1,
+    num_warps=4, num_stages=1,
 ))

@@ -47,7 +47,7 @@ import triton.language as tl
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
 from gka_kernels.gka._common import (
-    CHUNK, chunk_coords, dot_precision, row_norms, solve_dot_dtype, split_hi_lo, tile_scale,
+    CHUNK, chunk_program, dot_precision, row_norms, solve_dot_dtype, split_hi_lo, tile_scale,
 )
 from gka_kernels.gka.chunk_h import ChunkStates
 
@@ -68,19 +68,12 @@ def chunk_gka_bwd_dk_kernel(
     """Grid (chunks, B*H): dk and dGc of one chunk's own tokens and start state (per query head).
     The [BT, BT] weight matrices are formed once; the output columns are produced in blocks of BJ
     to bound register use."""
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // (H // HKV)
-    bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
+    i_h, i_hk, i_s, tok, m_t = chunk_program(cu_seqlens, chunk_indices, T, NT, H, HKV, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
-    m_t = o_t < rows
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     m_tt = m_t[:, None] & m_t[None, :]
-    tok = bos + i_t * BT + o_t
     p_row = (tok * H + i_h) * K
     p_k = (tok * HKV + i_hk) * K
     p_state = (i_s * H + i_h) * K * K

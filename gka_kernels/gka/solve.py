@@ -62,23 +62,21 @@ import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
-from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_coords, dot_precision, solve_dot_dtype
+from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_program, dot_precision, solve_dot_dtype
 from gka_kernels.gka.chunk_h import ChunkStates
 
 
 @triton.jit
-def _load_chunk(k, gcum, h, h_scale, bos, i_t, rows, i_s, i_h, i_hk,
+def _load_chunk(k, gcum, h, h_scale, tok, m_t, i_s, i_h, i_hk,
                 H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
                 ACC: tl.constexpr, DT: tl.constexpr):
-    """Chunk operands: token offsets, row mask, G [BT], M [BT, BT], ``||H_c||_F^2``, the state's
+    """Chunk operands (``tok``, ``m_t`` from :func:`chunk_program`): G [BT], M [BT, BT], ``||H_c||_F^2``, the state's
     scale ``s_c`` and, in the dot dtype, the key chunk's column halves [BT, BH] and the four
     [BH, BH] blocks of ``(H_c / s_c)^T`` as stored (``ht_xy[i, j] = H_c[y j, x i] / s_c``, so that
     rows(Y @ H_c^T) = (H_c y_t)^T / s_c). The norm is that of the stored (rounded) state."""
     o_t = tl.arange(0, BT)
     o_l = tl.arange(0, BH)
     o_h = BH + o_l
-    m_t = o_t < rows
-    tok = bos + i_t * BT + o_t
     p_h = h + (i_s * H + i_h) * K * K
     h_s = tl.load(h_scale + i_s * H + i_h).to(ACC)
     b_ht_ll = _load_block_t(p_h, o_l, o_l, K, DT)
@@ -93,7 +91,7 @@ def _load_chunk(k, gcum, h, h_scale, bos, i_t, rows, i_s, i_h, i_hk,
     p_k = k + (tok * HKV + i_hk)[:, None] * K
     b_kl = tl.load(p_k + o_l[None, :], mask=m_t[:, None] & (o_l[None, :] < K), other=0).to(ACC).to(DT)
     b_kh = tl.load(p_k + o_h[None, :], mask=m_t[:, None] & (o_h[None, :] < K), other=0).to(ACC).to(DT)
-    return tok, m_t, b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh
+    return b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh
 
 
 @triton.jit
@@ -221,14 +219,9 @@ def gka_solve_fwd_kernel(
     """Grid (chunks, B*H): fro (three-term formula), x = (H_t + a fro_t I)^{-1} q_t by
     Chebyshev, qm = q + alpha (x - q)."""
     BH: tl.constexpr = BK // 2
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // (H // HKV)
-    bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    tok, m_t, b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
-        k, gcum, h, h_scale, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
+    i_h, i_hk, i_s, tok, m_t = chunk_program(cu_seqlens, chunk_indices, T, NT, H, HKV, BT, IS_VARLEN)
+    b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
+        k, gcum, h, h_scale, tok, m_t, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
     b_eg = tl.exp(b_g)
 
     # ||H_t||_F^2 = exp(2G) ||H_c||^2 + 2 exp(G) (M @ diag(K H_c K^T)) + rowsum((M @ (K K^T)^2) * M).
@@ -280,14 +273,9 @@ def gka_solve_bwd_kernel(
     """Grid (chunks, B*H): adjoint solve dqs = A^{-1} (alpha dqm) and the per-row scalars
     c, beta, dgp of the key/decay gradients (see the module docstring)."""
     BH: tl.constexpr = BK // 2
-    i_c = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // (H // HKV)
-    bos, i_t, rows, i_s = chunk_coords(i_c, i_b, cu_seqlens, chunk_indices, T, NT, BT, IS_VARLEN)
-    tok, m_t, b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
-        k, gcum, h, h_scale, bos, i_t, rows, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
+    i_h, i_hk, i_s, tok, m_t = chunk_program(cu_seqlens, chunk_indices, T, NT, H, HKV, BT, IS_VARLEN)
+    b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
+        k, gcum, h, h_scale, tok, m_t, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
     b_eg = tl.exp(b_g) * h_s
     b_fro = tl.load(fro + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
