@@ -103,9 +103,9 @@ def test_state_pass_and_dk_head_dim_128(varlen):
     # Stored as chunk_gka_fwd_h does: h / s with a scale per chunk and head (here >= max |h|).
     scale = h.abs().amax((-2, -1)) * (1 + torch.rand(len(chunks), H, **f64))
     states = ChunkStates(h / scale[..., None, None], scale)
-    contrib = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, states, True, cu_seqlens, chunk_indices)
+    ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, states, True, cu_seqlens, chunk_indices)
     dk, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, states, dgp, cu_seqlens, chunk_indices)
-    dh0 = chunk_gka_bwd_dh(k, gcum, contrib, dk, dgc, dht, len(seqs), cu_seqlens, chunk_offsets)
+    dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk, dgc, dht, len(seqs), cu_seqlens, chunk_offsets)
     dh_r, dh0_r = adjoint_reference(k, x, dqs, gcum, lam_c, beta, h, dht, seqs)
     dk_r, dgc_r = dk_reference(k, x, dqs, gcum, lam_c, beta, dgp, h, dh_r, chunks)
     assert_close("dk", dk, dk_r, CPU_GRAD)

@@ -139,9 +139,9 @@ def solve_backward(
         cu_seqlens, chunk_indices)
     if dht is not None:
         dht = dht.contiguous()
-    contrib = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, states, need_dh0, cu_seqlens, chunk_indices)
+    ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, states, need_dh0, cu_seqlens, chunk_indices)
     dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, states, dgp, cu_seqlens, chunk_indices)
-    dh0 = chunk_gka_bwd_dh(k, gcum, contrib, dk_h, dgc, dht, plan.num_seqs, cu_seqlens, chunk_offsets)
+    dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk_h, dgc, dht, plan.num_seqs, cu_seqlens, chunk_offsets)
     dgk = _reverse_cumsum(dgc, cu_seqlens)
     if dht is not None:
         # <dht, H_T> belongs to the decay gradient of every token of the sequence.

@@ -36,16 +36,12 @@ dtype, read here as ``s_c h``).
 Precision: the dots take ``solve_dot_dtype`` operands (float16 for 16-bit inputs; bf16 operands
 put 1.6e-2 of error into ``dgk``). In ``dS`` the rows of ``x`` enter at unit norm, their norms
 folded into ``P``, which is divided by its largest magnitude ``s_p`` and multiplied back; both
-enter the cross terms as hi + lo (each is later projected onto keys). ``dS`` and ``dW`` are stored
-divided by a per-chunk bound of their entries, in the dtype of the chunk states (float16 for 16-bit
-inputs: one rounding at the level of the scan's own, below; half the bytes of float32 for both
-kernels). In the scan ``S_c`` enters the key contraction as float16 columns divided by their
-largest magnitude (``column_scale``), multiplied back on the output columns.
+enter the cross terms as hi + lo (each is later projected onto keys). In the scan ``S_c`` enters
+the key contraction as float16 columns divided by their largest magnitude (``column_scale``),
+multiplied back on the output columns.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
@@ -55,22 +51,12 @@ from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, grid_bucket, next_power_of_2
 from gka_kernels.gka._common import (
     CHUNK, chunk_program, column_scale, dot_precision, row_norms, sequence_coords, solve_dot_dtype,
-    split_hi_lo, state_dtype,
+    split_hi_lo, tile_scale,
 )
 from gka_kernels.gka.chunk_h import ChunkStates
 
 #: Narrowest column block of the scan (the partial sums of dGc have ``cdiv(K, BKJ_MIN)`` rows).
 BKJ_MIN = 16
-
-
-class ChunkContributions(NamedTuple):
-    """Each chunk's contribution to the reverse scan as stored: ``ds`` and ``dw`` (or None)
-    ``[n_slots, H, K, K]`` divided by ``scale [n_slots, H]`` (float32/64), in the dtype of the chunk
-    states (float16 for 16-bit inputs)."""
-
-    ds: torch.Tensor
-    dw: torch.Tensor | None
-    scale: torch.Tensor
 
 
 @triton.jit
@@ -101,7 +87,7 @@ def _cross_block(b_ah, b_al, b_bh, b_bl, ACC: tl.constexpr, DX: tl.constexpr, PR
 )
 @triton.jit
 def chunk_gka_bwd_ds_kernel(
-    k, x, dqs, gcum, lam_c, beta, h, h_scale, ds, dw, ds_scale, cu_seqlens, chunk_indices, T, NT,
+    k, x, dqs, gcum, lam_c, beta, h, h_scale, ds, dw, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BJ: tl.constexpr, STORE_DW: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
     DX: tl.constexpr, PREC: tl.constexpr,
@@ -111,9 +97,8 @@ def chunk_gka_bwd_ds_kernel(
     with X the unit rows of x and P = exp(G) |x| dqs / s_p (s_p its largest magnitude). dS is
     symmetric (dW antisymmetric): only its [BJ, BJ] blocks (a, b) with a <= b are computed, from
     the [BT, BJ] column blocks a and b of X, P (hi + lo) and K, and block (b, a) is stored as the
-    transpose (negated for dW). A first pass over the full [BT, BK] rows forms the row norms, s_p
-    and a bound ``s_ds`` of every entry of dS and dW: both are stored divided by it (float16 for
-    16-bit inputs: the scan rounds its state to float16 for its dot anyway), ``ds_scale = s_ds``."""
+    transpose (negated for dW). A first pass over the full [BT, BK] rows forms the row norms and
+    s_p only."""
     i_h, i_hk, i_s, tok, m_t = chunk_program(cu_seqlens, chunk_indices, T, NT, H, HKV, BT, IS_VARLEN)
     o_k = tl.arange(0, BK)
     m_tk = m_t[:, None] & (o_k < K)[None, :]
@@ -127,17 +112,9 @@ def chunk_gka_bwd_ds_kernel(
     b0 = tl.sum(b_c * tl.exp(2.0 * b_g), axis=0) * tl.load(h_scale + i_s * H + i_h).to(ACC)
     b_xn, b_xr = row_norms(tl.load(x + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC))
     b_pr = tl.exp(b_g) * b_xn
-    b_pm = tl.max(tl.abs(tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)), axis=1) * b_pr
-    s_p = tl.max(b_pm, axis=0)
-    s_p = tl.where(s_p > 0, s_p, 1.0)
+    s_p = tile_scale(tl.load(dqs + p_row[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)
+                     * b_pr[:, None])
     b_pr = b_pr / s_p
-    # |dS_ab| <= 2 sum_t max|P_t| |X_tb| s_p + 2 |b0| max|h| + 2 sum_t |beta_t| max|k_t|^2, with
-    # |X_tb| <= 1 (unit rows) and |h| <= 1 (chunk_h); dW is bounded by the first term.
-    b_km = tl.max(tl.abs(tl.load(k + p_k[:, None] + o_k[None, :], mask=m_tk, other=0).to(ACC)), axis=1)
-    s_ds = 2.0 * tl.sum(b_pm, axis=0) + 2.0 * tl.abs(b0) + tl.sum(tl.abs(b_kr) * b_km * b_km, axis=0)
-    s_ds = tl.where(s_ds > 0, s_ds, 1.0)
-    tl.store(ds_scale + i_s * H + i_h, s_ds.to(ds_scale.dtype.element_ty))
-    s_st = 1.0 / s_ds
     for ja in range(0, K, BJ):
         o_a = ja + tl.arange(0, BJ)
         b_xah, b_xal = _split_block(x, p_row, o_a, m_t, b_xr, K, ACC, DX)
@@ -153,7 +130,7 @@ def chunk_gka_bwd_ds_kernel(
             b_hc = tl.load(h + p_state + o_a[:, None] * K + o_b[None, :], mask=m_ab, other=0).to(ACC)
             b_kb = _load_block(k, p_k, o_b, m_t, K).to(ACC).to(DX)
             b_ds = tl.dot(tl.trans(b_kah), b_kb, -s_p * (b_px + b_xp) - (2.0 * b0) * b_hc,
-                          input_precision=PREC, out_dtype=ACC) * s_st
+                          input_precision=PREC, out_dtype=ACC)
             p_ab = p_state + o_a[:, None] * K + o_b[None, :]
             p_ba = p_state + o_b[:, None] * K + o_a[None, :]
             m_ba = (o_b < K)[:, None] & (o_a < K)[None, :]
@@ -161,20 +138,19 @@ def chunk_gka_bwd_ds_kernel(
             if jb != ja:
                 tl.store(ds + p_ba, tl.trans(b_ds).to(ds.dtype.element_ty), mask=m_ba)
             if STORE_DW:
-                b_dw = (s_p * s_st) * (b_xp - b_px)
+                b_dw = s_p * (b_xp - b_px)
                 tl.store(dw + p_ab, b_dw.to(dw.dtype.element_ty), mask=m_ab)
                 if jb != ja:
                     tl.store(dw + p_ba, (-tl.trans(b_dw)).to(dw.dtype.element_ty), mask=m_ba)
 
 
 @triton.jit
-def _chunk_operands(k, gcum, ds, ds_scale, dk, i_t, i_h, i_hk, bos, seq_len, boh, o_t, o_i, o_j, m_i, m_j,
+def _chunk_operands(k, gcum, ds, dk, i_t, i_h, i_hk, bos, seq_len, boh, o_t, o_i, o_j, m_i, m_j,
                     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
                     ACC: tl.constexpr, DX: tl.constexpr):
     """What the scan reads for chunk ``i_t`` (nothing when ``i_t < 0``): keys [BT, BK] in the dot
-    dtype DX and their column block [BT, BKJ] as given, G [BT], G_last, the dS scale ``s_ds``, the
-    dS block [BK, BKJ] as stored (held in its storage dtype until used) and the dk block [BT, BKJ]
-    (the rest in ACC).
+    dtype DX and their column block [BT, BKJ] as given, G [BT], G_last, the dS block [BK, BKJ] and
+    the dk block [BT, BKJ] (all but the first in ACC).
 
     The keys reach DX through an ACC multiply by the row mask (an exact no-op) for every input
     dtype: versions of an earlier state pass that loaded float16 keys straight into their dot
@@ -192,11 +168,10 @@ def _chunk_operands(k, gcum, ds, ds_scale, dk, i_t, i_h, i_hk, bos, seq_len, boh
     b_kj = tl.load(k + p_k + o_j[None, :], mask=m_tj, other=0).to(ACC)
     b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
     g_last = tl.load(gcum + (bos + i_t * BT + rows - 1) * H + i_h, mask=rows > 0, other=0).to(ACC)
-    s_ds = tl.load(ds_scale + (boh + i_t) * H + i_h, mask=rows > 0, other=0).to(ACC)
     b_ds = tl.load(ds + ((boh + i_t) * H + i_h) * K * K + o_i[:, None] * K + o_j[None, :],
-                   mask=(m_i[:, None] & m_j[None, :]) & (rows > 0), other=0)
+                   mask=(m_i[:, None] & m_j[None, :]) & (rows > 0), other=0).to(ACC)
     b_dk = tl.load(dk + ((tok * H + i_h) * K)[:, None] + o_j[None, :], mask=m_tj, other=0).to(ACC)
-    return b_k, b_kj, b_g, g_last, s_ds, b_ds, b_dk
+    return b_k, b_kj, b_g, g_last, b_ds, b_dk
 
 
 # The scan: one program per [K, BKJ] column block of one head's S (all K rows, so that it can
@@ -213,7 +188,7 @@ def _chunk_operands(k, gcum, ds, ds_scale, dk, i_t, i_h, i_hk, bos, seq_len, boh
 )
 @triton.jit
 def chunk_gka_bwd_dh_kernel(
-    k, gcum, ds, dw, ds_scale, dk, dgc_part, dht, dh0, cu_seqlens, chunk_offsets, T, NT, part_stride, nh_bucket,
+    k, gcum, ds, dw, dk, dgc_part, dht, dh0, cu_seqlens, chunk_offsets, T, NT, part_stride, nh_bucket,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BKJ: tl.constexpr, USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DX: tl.constexpr, PREC: tl.constexpr,
@@ -248,14 +223,14 @@ def chunk_gka_bwd_dh_kernel(
         b_s = b_dt + b_dtt
         if STORE_DH0:
             b_w = b_dt - b_dtt
-    b_k, b_kj, b_g, g_last, s_ds, b_ds, b_dk = _chunk_operands(
-        k, gcum, ds, ds_scale, dk, n_chunks - 1, i_h, i_hk, bos, seq_len, boh, o_t, o_i, o_j, m_i, m_j,
+    b_k, b_kj, b_g, g_last, b_ds, b_dk = _chunk_operands(
+        k, gcum, ds, dk, n_chunks - 1, i_h, i_hk, bos, seq_len, boh, o_t, o_i, o_j, m_i, m_j,
         H, HKV, K, BT, ACC, DX)
     for i_r in range(n_chunks):
         i_t = n_chunks - 1 - i_r
         # Prefetch the previous chunk's operands; this chunk's were loaded one iteration ago.
-        n_k, n_kj, n_g, n_glast, n_sds, n_ds, n_dk = _chunk_operands(
-            k, gcum, ds, ds_scale, dk, i_t - 1, i_h, i_hk, bos, seq_len, boh, o_t, o_i, o_j, m_i, m_j,
+        n_k, n_kj, n_g, n_glast, n_ds, n_dk = _chunk_operands(
+            k, gcum, ds, dk, i_t - 1, i_h, i_hk, bos, seq_len, boh, o_t, o_i, o_j, m_i, m_j,
             H, HKV, K, BT, ACC, DX)
         rows = tl.minimum(seq_len - i_t * BT, BT)
         m_t = o_t < rows
@@ -267,11 +242,11 @@ def chunk_gka_bwd_dh_kernel(
                  mask=m_t[:, None] & m_j[None, :])
         tl.store(dgc_part + i_j.to(tl.int64) * part_stride + tok * H + i_h,
                  -0.5 * tl.sum(b_kj * b_dks, axis=1), mask=m_t)
-        b_s = b_s * tl.exp(g_last) + b_ds.to(ACC) * s_ds
+        b_s = b_s * tl.exp(g_last) + b_ds
         if STORE_DH0:
             b_w = b_w * tl.exp(g_last) + tl.load(dw + ((boh + i_t) * H + i_h) * K * K + o_ij, mask=m_ij,
-                                                 other=0).to(ACC) * s_ds
-        b_k, b_kj, b_g, g_last, s_ds, b_ds, b_dk = n_k, n_kj, n_g, n_glast, n_sds, n_ds, n_dk
+                                                 other=0).to(ACC)
+        b_k, b_kj, b_g, g_last, b_ds, b_dk = n_k, n_kj, n_g, n_glast, n_ds, n_dk
     if STORE_DH0:
         tl.store(dh0 + i_nh.to(tl.int64) * K * K + o_ij, (0.5 * (b_s + b_w)).to(dh0.dtype.element_ty),
                  mask=m_ij)
@@ -288,9 +263,9 @@ def chunk_gka_bwd_ds(
     need_dw: bool,
     cu_seqlens: torch.Tensor | None,
     chunk_indices: torch.Tensor | None,
-) -> ChunkContributions:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each chunk's contribution to the reverse scan: ``dS`` and (``need_dw``: for the gradient of
-    the initial state) ``dW``, as :class:`ChunkContributions`.
+    the initial state) ``dW``, ``[n_slots, H, K, K]`` float32/64.
 
     Args:
         k: ``[B,T,HKV,K]``; x: ``[B,T,H,K]`` forward solution; dqs: ``[B,T,H,K]`` adjoint solution.
@@ -301,24 +276,23 @@ def chunk_gka_bwd_ds(
     B, T, HKV, K = k.shape
     H = x.shape[2]
     NT = triton.cdiv(T, CHUNK)
-    ds = torch.empty(states.h.shape, dtype=state_dtype(k.dtype), device=x.device)
+    ds = torch.empty(states.h.shape, dtype=x.dtype, device=x.device)
     dw = torch.empty_like(ds) if need_dw else None
-    scale = torch.empty(states.scale.shape, dtype=x.dtype, device=x.device)
     grid = (chunk_indices.shape[0], H) if chunk_indices is not None else (NT, B * H)
     chunk_gka_bwd_ds_kernel[grid](
-        k, x, dqs, gcum, lam_c, beta, states.h, states.scale, ds, dw, scale, cu_seqlens, chunk_indices,
-        T, NT,
+        k, x, dqs, gcum, lam_c, beta, states.h, states.scale, ds, dw, cu_seqlens, chunk_indices, T, NT,
         H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K), STORE_DW=need_dw,
         IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
-    return ChunkContributions(ds, dw, scale)
+    return ds, dw
 
 
 def chunk_gka_bwd_dh(
     k: torch.Tensor,
     gcum: torch.Tensor,
-    contrib: ChunkContributions,
+    ds: torch.Tensor,
+    dw: torch.Tensor | None,
     dk: torch.Tensor,
     dgc: torch.Tensor,
     dht: torch.Tensor | None,
@@ -327,13 +301,12 @@ def chunk_gka_bwd_dh(
     chunk_offsets: torch.Tensor | None,
 ) -> torch.Tensor | None:
     """The reverse scan: adds the later chunks' part of the key and decay gradients to ``dk`` and
-    ``dgc`` (in place) and returns the gradient of the initial ``h_kk`` (None unless ``contrib``
-    holds ``dW``).
+    ``dgc`` (in place) and returns the gradient of the initial ``h_kk`` (None unless ``dw`` is given).
 
     Args:
         k: ``[B,T,HKV,K]``; gcum: chunk-local cumsum of ``gk`` ``[B,T,H]``.
-        contrib: the chunks' contributions from :func:`chunk_gka_bwd_ds` (``dw`` None: no
-            initial-state gradient).
+        ds, dw: the chunks' contributions ``[n_slots, H, K, K]`` from :func:`chunk_gka_bwd_ds`
+            (``dw`` None: no initial-state gradient).
         dk: ``[B,T,H,K]``, dgc: ``[B,T,H]`` (float32/64) from
             :func:`gka_kernels.gka.chunk_dk.chunk_gka_bwd_dk`, completed in place.
         dht: gradient of the final ``h_kk`` ``[N,H,K,K]`` or None.
@@ -342,14 +315,13 @@ def chunk_gka_bwd_dh(
     B, T, HKV, K = k.shape
     H = dk.shape[2]
     NT = triton.cdiv(T, CHUNK)
-    need_dh0 = contrib.dw is not None
+    need_dh0 = dw is not None
     dgc_part = dgc.new_zeros((triton.cdiv(K, BKJ_MIN),) + tuple(dgc.shape))
     dh0 = dk.new_empty(num_seqs, H, K, K) if need_dh0 else None
     def grid(meta):
         return (triton.cdiv(K, meta["BKJ"]), num_seqs * H)
     chunk_gka_bwd_dh_kernel[grid](
-        k, gcum, contrib.ds, contrib.dw, contrib.scale, dk, dgc_part, dht, dh0, cu_seqlens, chunk_offsets,
-        T, NT, dgc.numel(),
+        k, gcum, ds, dw, dk, dgc_part, dht, dh0, cu_seqlens, chunk_offsets, T, NT, dgc.numel(),
         grid_bucket(num_seqs * H), H=H, HKV=HKV, K=K, BT=CHUNK, BK=next_power_of_2(K),
         USE_DHT=dht is not None, STORE_DH0=need_dh0, IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
@@ -362,7 +334,7 @@ for _bkj, _w in ((16, 4), (64, 8)):
     register_aot(AotSpec(
         name=f"gka.chunk_bwd_dh[bf16,k128,varlen,{_bkj},w{_w}]",
         kernel=chunk_gka_bwd_dh_kernel,
-        types={"k": "*bf16", "gcum": "*fp32", "ds": "*fp16", "dw": "*fp16", "ds_scale": "*fp32", "dk": "*fp32",
+        types={"k": "*bf16", "gcum": "*fp32", "ds": "*fp32", "dw": "*fp32", "dk": "*fp32",
                "dgc_part": "*fp32", "dht": "*fp32", "dh0": "*fp32", "cu_seqlens": "*i32",
                "chunk_offsets": "*i64", "T": "i32", "NT": "i32", "part_stride": "i32", "nh_bucket": "i32"},
         constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BKJ": _bkj, "USE_DHT": True,
@@ -374,7 +346,7 @@ register_aot(AotSpec(
     name="gka.chunk_bwd_ds[bf16,k128]",
     kernel=chunk_gka_bwd_ds_kernel,
     types={"k": "*bf16", "x": "*fp32", "dqs": "*fp32", "gcum": "*fp32", "lam_c": "*fp32", "beta": "*fp32",
-           "h": "*fp16", "h_scale": "*fp32", "ds": "*fp16", "dw": "*fp16", "ds_scale": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32",
+           "h": "*fp16", "h_scale": "*fp32", "ds": "*fp32", "dw": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32",
            "T": "i32", "NT": "i32"},
     constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "BJ": 32, "STORE_DW": False,
                 "IS_VARLEN": False, "ACC": tl.float32, "DX": tl.float16, "PREC": "ieee"},
