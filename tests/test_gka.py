@@ -313,7 +313,7 @@ def test_solve_kernels_float16_operands_low_rank():
     q, k, g, alpha = inputs["q"].bfloat16(), inputs["k"].bfloat16(), inputs["g"], inputs["alpha"]
     dqm = torch.randn(1, 128, 2, 32)
     gcum = chunk_local_cumsum(g, CHUNK)
-    h, _ = chunk_gka_fwd_h(k, gcum, 2, 1, 2, None, False, None, None)
+    h, _ = chunk_gka_fwd_h(k, gcum, 2, 1, 2, None, False, None, None, None)
     x, _, fro = solve.gka_solve_fwd(q, k, gcum, h, alpha, 0.02, 30, None, None)
     dqs = solve.gka_solve_bwd(q, k, gcum, h, alpha, x, fro, dqm, 0.02, 30, True, None, None)[1]
     x_r, _ = gka_solve_ref(q.double(), k.double(), g.double(), 0.02, 30)
@@ -341,7 +341,7 @@ def test_chunk_states_stored_scaled(dtype, h0_scale, beta):
     k_in = k.to(dtype)
     gcum = chunk_local_cumsum(gk.float(), CHUNK)
     states, ht = chunk_gka_fwd_h(k_in, gcum, H, 1, triton_cdiv(T, CHUNK), None if h0 is None else h0.float(),
-                                 True, None, None)
+                                 True, None, None, None)
     assert states.h.dtype == (torch.float16 if dtype == torch.bfloat16 else torch.float32)
     assert states.h.abs().max() <= 1
     ref = torch.zeros(1, H, K, K, dtype=torch.float64) if h0 is None else h0.float().double()
@@ -461,7 +461,8 @@ def test_aot_specs_registered():
     from gka_kernels.common.aot import registered_specs
     from gka_kernels.gka import chunk_dh, chunk_dk, chunk_h, fused_recurrent, solve
 
-    kernels = {chunk_h.chunk_gka_fwd_h_kernel, solve.gka_solve_fwd_kernel, solve.gka_solve_bwd_kernel,
+    kernels = {chunk_h.chunk_gka_key_mass_kernel, chunk_h.chunk_gka_fwd_h_kernel, solve.gka_solve_fwd_kernel,
+               solve.gka_solve_bwd_kernel,
                chunk_dh.chunk_gka_bwd_ds_kernel, chunk_dh.chunk_gka_bwd_dh_kernel,
                chunk_dk.chunk_gka_bwd_dk_kernel,
                fused_recurrent.fused_recurrent_gka_kernel}

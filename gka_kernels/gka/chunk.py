@@ -116,7 +116,7 @@ def solve_forward(
     k = k.to(q.dtype)
     gcum = chunk_local_cumsum(gk, CHUNK, cu_seqlens=plan.cu_seqlens, chunk_indices=plan.chunk_indices)
     states, ht = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0,
-                                 output_final_state, plan.cu_seqlens, plan.chunk_offsets)
+                                 output_final_state, plan.cu_seqlens, plan.chunk_indices, plan.chunk_offsets)
     x, qm, fro = gka_solve_fwd(q, k, gcum, states, alpha, ridge_ratio, num_iter, plan.cu_seqlens,
                                plan.chunk_indices)
     return qm, ht, (q, k, gcum, alpha, h0, x, fro, ht)
@@ -133,7 +133,7 @@ def solve_backward(
     q, k, gcum, alpha, h0, x, fro, ht = saved
     cu_seqlens, chunk_indices, chunk_offsets = plan.cu_seqlens, plan.chunk_indices, plan.chunk_offsets
     states, _ = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0, False,
-                                cu_seqlens, chunk_offsets)
+                                cu_seqlens, chunk_indices, chunk_offsets)
     dq, dqs, dalpha, lam_c, beta, dgp = gka_solve_bwd(
         q, k, gcum, states, alpha, x, fro, dqm.contiguous(), ridge_ratio, num_iter, bp_lambda,
         cu_seqlens, chunk_indices)

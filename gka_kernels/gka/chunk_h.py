@@ -18,14 +18,15 @@ no precision there and halves the bytes every kernel moves.
 ``s_c`` bounds every entry of ``H_c`` so that ``H_c / s_c`` stays in float16 range (``|.| <= 1``,
 no overflow on long undecayed sequences, no loss of relative precision on tiny states):
 
-    s_next = exp(G_last) s_c + sum_j exp(G_last - G_j) ||k_j||^2,     s_0 = max |h0|
+    s_next = exp(G_last) s_c + m_c,    m_c = sum_j exp(G_last - G_j) ||k_j||^2,    s_0 = max |h0|
 
 (the key part of ``H_c`` is positive semidefinite, so its entries are bounded by its trace, which
-this recurrence follows; the initial state's part by its largest entry). The squared key norms and
-``max |h0|`` come from the host (one reduction each), so that every program of a head forms the
-same ``s_c`` from ``[BT]`` loads: loading the full key rows in every program cost registers (173
-instead of 124 on sm_90: half the resident programs) and latency in the sequential loop.
-``s_c = 0`` is stored as 1.
+this recurrence follows; the initial state's part by its largest entry, a host reduction). The
+chunks' key mass ``m_c`` comes from a chunk-parallel kernel (:func:`chunk_gka_key_mass`), so the
+sequential pass adds one loaded scalar per chunk. Forming it there instead cost registers (full key
+rows: 173 instead of 124 on sm_90, half the resident programs) or a cross-warp reduction in the
+sequential loop, and forming the squared norms with torch ops cost 0.24 ms at train-4k on an H200
+(run 101). ``s_c = 0`` is stored as 1.
 """
 
 from __future__ import annotations
@@ -37,8 +38,31 @@ import triton
 import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
-from gka_kernels.common.triton_utils import autotune, compute_dtype
-from gka_kernels.gka._common import CHUNK, dot_precision, sequence_coords, solve_dot_dtype, state_dtype
+from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
+from gka_kernels.gka._common import (
+    CHUNK, chunk_program, dot_precision, sequence_coords, solve_dot_dtype, state_dtype,
+)
+
+
+@triton.jit
+def chunk_gka_key_mass_kernel(k, gcum, mass, cu_seqlens, chunk_indices, T, NT,
+                              H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                              BK: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr):
+    """Grid (chunks, B*HKV): for each of the H/HKV query heads h reading this key head,
+    ``mass[slot, h] = sum_j exp(G_last - G_j) ||k_j||^2`` over the chunk's rows ([BT, BK] keys
+    read once, [BT] decays per query head)."""
+    i_hk, _, i_s, tok, m_t = chunk_program(cu_seqlens, chunk_indices, T, NT, HKV, HKV, BT, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    b_k = tl.load(k + ((tok * HKV + i_hk) * K)[:, None] + o_k[None, :],
+                  mask=m_t[:, None] & (o_k < K)[None, :], other=0).to(ACC)
+    b_kn = tl.sum(b_k * b_k, axis=1)
+    last = tl.arange(0, BT) == tl.sum(m_t.to(tl.int32), axis=0) - 1
+    for i_g in range(H // HKV):
+        i_h = i_hk * (H // HKV) + i_g
+        b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)
+        g_last = tl.sum(tl.where(last, b_g, 0.0), axis=0)
+        b_e = tl.where(m_t, tl.exp(g_last - b_g), 0.0)
+        tl.store(mass + i_s * H + i_h, tl.sum(b_e * b_kn, axis=0).to(mass.dtype.element_ty))
 
 
 @autotune(
@@ -52,7 +76,7 @@ from gka_kernels.gka._common import CHUNK, dot_precision, sequence_coords, solve
 )
 @triton.jit
 def chunk_gka_fwd_h_kernel(
-    k, kn2, gcum, h, h_scale, h0, h0_scale, ht, cu_seqlens, chunk_offsets, T, NT,
+    k, mass, gcum, h, h_scale, h0, h0_scale, ht, cu_seqlens, chunk_offsets, T, NT,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
     BKI: tl.constexpr, BKJ: tl.constexpr,
     USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -60,8 +84,7 @@ def chunk_gka_fwd_h_kernel(
 ):
     """Grid (cdiv(K, BKI), cdiv(K, BKJ), N*H): each program owns a [BKI, BKJ] tile of one head's
     state and walks the sequence chunk by chunk: per chunk it stores ``H_c / s_c``, then one
-    [BKI, BT] x [BT, BKJ] dot advances the tile and the keys' squared norms ``kn2`` [BT] advance
-    ``s``."""
+    [BKI, BT] x [BT, BKJ] dot advances the tile and the chunk's key mass advances ``s``."""
     i_i = tl.program_id(0)
     i_j = tl.program_id(1)
     i_nh = tl.program_id(2)
@@ -95,10 +118,8 @@ def chunk_gka_fwd_h_kernel(
         p_k = k + (tok * HKV + i_hk) * K
         b_ki = tl.load(p_k[:, None] + o_i[None, :], mask=m_t[:, None] & (o_i[None, :] < K), other=0).to(ACC)
         b_kj = tl.load(p_k[:, None] + o_j[None, :], mask=m_t[:, None] & (o_j[None, :] < K), other=0).to(ACC)
-        b_e = tl.exp(g_last - b_g)
-        b_kn = tl.load(kn2 + tok * HKV + i_hk, mask=m_t, other=0).to(ACC)
-        s = s * tl.exp(g_last) + tl.sum(b_e * b_kn, axis=0)
-        b_ki = b_ki * b_e[:, None]
+        s = s * tl.exp(g_last) + tl.load(mass + slot).to(ACC)
+        b_ki = b_ki * tl.exp(g_last - b_g)[:, None]
         b_h = b_h * tl.exp(g_last) + tl.dot(tl.trans(b_ki.to(DT)), b_kj.to(DT),
                                             input_precision=PREC, out_dtype=ACC)
     if STORE_FINAL:
@@ -122,6 +143,7 @@ def chunk_gka_fwd_h(
     initial_state: torch.Tensor | None,
     output_final_state: bool,
     cu_seqlens: torch.Tensor | None,
+    chunk_indices: torch.Tensor | None,
     chunk_offsets: torch.Tensor | None,
 ) -> tuple[ChunkStates, torch.Tensor | None]:
     """Chunk-start states of ``H``.
@@ -131,6 +153,7 @@ def chunk_gka_fwd_h(
         gcum: ``[B, T, H]`` chunk-local cumulative sum of ``gk`` (float32/64).
         num_heads: ``H``; ``num_seqs``: ``N``; ``n_slots``: ``B * NT`` or the total chunk count.
         initial_state: ``[N, H, K, K]`` or None.
+        cu_seqlens, chunk_indices, chunk_offsets: varlen bookkeeping (``gla.chunk.ChunkPlan``) or None.
 
     Returns:
         the states before each chunk (:class:`ChunkStates`) and the final state ``[N, H, K, K]``
@@ -143,14 +166,19 @@ def chunk_gka_fwd_h(
     states = ChunkStates(k.new_empty(n_slots, H, K, K, dtype=state_dtype(k.dtype)),
                          k.new_empty(n_slots, H, dtype=acc_dtype))
     ht = k.new_empty(num_seqs, H, K, K, dtype=acc_dtype) if output_final_state else None
-    kn2 = k.to(acc_dtype).square().sum(-1)
+    mass = k.new_empty(n_slots, H, dtype=acc_dtype)
+    mass_grid = (chunk_indices.shape[0], HKV) if cu_seqlens is not None else (NT, B * HKV)
+    chunk_gka_key_mass_kernel[mass_grid](
+        k, gcum, mass, cu_seqlens, chunk_indices, T, NT, H=H, HKV=HKV, K=K, BT=CHUNK,
+        BK=next_power_of_2(K), IS_VARLEN=cu_seqlens is not None, ACC=compute_dtype(k.dtype),
+    )
     h0_scale = None
     if initial_state is not None:
         h0_scale = initial_state.abs().amax((-2, -1)).to(acc_dtype)
     def grid(meta):
         return (triton.cdiv(K, meta["BKI"]), triton.cdiv(K, meta["BKJ"]), num_seqs * H)
     chunk_gka_fwd_h_kernel[grid](
-        k, kn2, gcum, states.h, states.scale, initial_state, h0_scale, ht, cu_seqlens, chunk_offsets, T, NT,
+        k, mass, gcum, states.h, states.scale, initial_state, h0_scale, ht, cu_seqlens, chunk_offsets, T, NT,
         H=H, HKV=HKV, K=K, BT=CHUNK,
         USE_H0=initial_state is not None, STORE_FINAL=output_final_state,
         IS_VARLEN=cu_seqlens is not None, ACC=compute_dtype(k.dtype), DT=solve_dot_dtype(k.dtype),
@@ -162,10 +190,18 @@ def chunk_gka_fwd_h(
 register_aot(AotSpec(
     name="gka.chunk_fwd_h[bf16,k128,varlen]",
     kernel=chunk_gka_fwd_h_kernel,
-    types={"k": "*bf16", "kn2": "*fp32", "gcum": "*fp32", "h": "*fp16", "h_scale": "*fp32", "h0": "*fp32",
+    types={"k": "*bf16", "mass": "*fp32", "gcum": "*fp32", "h": "*fp16", "h_scale": "*fp32", "h0": "*fp32",
            "h0_scale": "*fp32", "ht": "*fp32", "cu_seqlens": "*i32", "chunk_offsets": "*i64",
            "T": "i32", "NT": "i32"},
     constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BKI": 64, "BKJ": 64, "USE_H0": True,
                 "STORE_FINAL": True, "IS_VARLEN": True, "ACC": tl.float32, "DT": tl.float16, "PREC": "ieee"},
     num_warps=4, num_stages=2,
+))
+register_aot(AotSpec(
+    name="gka.chunk_key_mass[bf16,k128,varlen]",
+    kernel=chunk_gka_key_mass_kernel,
+    types={"k": "*bf16", "gcum": "*fp32", "mass": "*fp32", "cu_seqlens": "*i32", "chunk_indices": "*i32",
+           "T": "i32", "NT": "i32"},
+    constexprs={"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "IS_VARLEN": True, "ACC": tl.float32},
+    num_warps=4, num_stages=1,
 ))
