@@ -256,11 +256,11 @@ def test_half_precision_solve_path():
 @pytest.mark.parametrize("h0_scale", [1.0, 1e6], ids=["plain", "huge_state"])
 def test_bf16_solve_float16_operands(h0_scale):
     """bf16 inputs through the solve's autograd function (forward): float16 scaled chunk states,
-    float16 dot operands on normalized quantities, float32 ``qm`` (the interpreter runs this path correctly:
-    bf16 is only loaded and cast; the public op accepts bf16 only on CUDA). With an initial h_kk of
-    norm ~1e7 the raw state would overflow float16; the stored states are divided by a bound of
-    their entries (``chunk_h``). Against the float64 Chebyshev reference on the same bf16-rounded inputs, at the GPU
-    bound for 16-bit inputs."""
+    float16 dot operands on normalized quantities, float32 ``qm`` (the interpreter runs this path
+    correctly: bf16 is only loaded and cast; the public op accepts bf16 only on CUDA). With an
+    initial h_kk of norm ~1e7 the raw state would overflow float16; the stored states are divided by
+    a bound of their entries (``chunk_h``). Against the float64 Chebyshev reference on the same
+    bf16-rounded inputs, at the GPU bound for 16-bit inputs."""
     inputs = make_inputs(1, 70, 2, 1, 32, 16)
     q, k = inputs["q"].bfloat16(), inputs["k"].bfloat16()
     h0 = inputs["initial_state"][0] * h0_scale

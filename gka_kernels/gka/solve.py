@@ -70,10 +70,11 @@ from gka_kernels.gka.chunk_h import ChunkStates
 def _load_chunk(k, gcum, h, h_scale, tok, m_t, i_s, i_h, i_hk,
                 H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr,
                 ACC: tl.constexpr, DT: tl.constexpr):
-    """Chunk operands (``tok``, ``m_t`` from :func:`chunk_program`): G [BT], M [BT, BT], ``||H_c||_F^2``, the state's
-    scale ``s_c`` and, in the dot dtype, the key chunk's column halves [BT, BH] and the four
-    [BH, BH] blocks of ``(H_c / s_c)^T`` as stored (``ht_xy[i, j] = H_c[y j, x i] / s_c``, so that
-    rows(Y @ H_c^T) = (H_c y_t)^T / s_c). The norm is that of the stored (rounded) state."""
+    """Chunk operands (``tok``, ``m_t`` from :func:`chunk_program`): G [BT], M [BT, BT],
+    ``||H_c||_F^2``, the state's scale ``s_c`` and, in the dot dtype, the key chunk's column halves
+    [BT, BH] and the four [BH, BH] blocks of ``(H_c / s_c)^T`` as stored
+    (``ht_xy[i, j] = H_c[y j, x i] / s_c``, so that rows(Y @ H_c^T) = (H_c y_t)^T / s_c). The norm
+    is that of the stored (rounded) state."""
     o_t = tl.arange(0, BT)
     o_l = tl.arange(0, BH)
     o_h = BH + o_l
