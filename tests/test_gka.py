@@ -15,6 +15,7 @@ from triton import cdiv as triton_cdiv
 
 from gka_kernels.common.cumsum import chunk_local_cumsum
 from gka_kernels.gka import chunk_gka, fused_recurrent_gka, solve
+from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
 from gka_kernels.gka._common import CHUNK
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
 from gka_kernels.gka.chunk import ChunkGkaSolveFunction, chunk_gka_unchecked
@@ -323,36 +324,47 @@ def test_solve_kernels_float16_operands_low_rank():
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("h0_scale,beta", [(1.0, 1.0), (1e6, 1.0), (1e-6, 1e-3), (0.0, 1e-3)],
                          ids=["plain", "huge_h0", "tiny", "no_h0_tiny_keys"])
-def test_chunk_states_stored_scaled(dtype, h0_scale, beta):
+def test_chunk_states_stored_scaled(dtype, h0_scale, beta, varlen):
     """``chunk_gka_fwd_h`` stores ``H_c / s_c`` (float16 for 16-bit inputs) and ``s_c``: entries in
     [-1, 1] whatever the magnitude of the state (float16 overflows at 65504, loses relative precision
     below 6e-5), and ``h * s`` equal to the float64 chunk-start states of the recurrence on the same
     (rounded) keys, per chunk and head within 2^-10 relative (float16 storage: 2^-11 per entry, plus
-    the float16 rounding of the decay-weighted keys in the chunk's dot)."""
+    the float16 rounding of the decay-weighted keys in the chunk's dot). Grouped heads (two query
+    heads per key head) and, with ``varlen``, two packed sequences with their own initial states."""
     torch.manual_seed(0)
-    T, H, K = 200, 2, 32
-    k = F.normalize(torch.randn(1, T, 1, K, dtype=torch.float64), dim=-1) * beta
+    T, H, HKV, K = 200, 4, 2, 32
+    bounds = [(0, 70), (70, T)] if varlen else [(0, T)]
+    cu_seqlens = torch.tensor([0, 70, T], dtype=torch.int32) if varlen else None
+    chunk_indices = prepare_chunk_indices(cu_seqlens, CHUNK) if varlen else None
+    chunk_offsets = prepare_chunk_offsets(cu_seqlens, CHUNK) if varlen else None
+    k = F.normalize(torch.randn(1, T, HKV, K, dtype=torch.float64), dim=-1) * beta
     gk = -torch.rand(1, T, H, dtype=torch.float64) * 0.2
-    a = torch.randn(1, H, K, K, dtype=torch.float64)
-    h0 = (a + a.transpose(-1, -2)) * h0_scale if h0_scale else None
+    a = torch.randn(len(bounds), H, K, K, dtype=torch.float64)
+    h0 = ((a + a.transpose(-1, -2)) * h0_scale).float() if h0_scale else None
     k_in = k.to(dtype)
-    gcum = chunk_local_cumsum(gk.float(), CHUNK)
-    states, ht = chunk_gka_fwd_h(k_in, gcum, H, 1, triton_cdiv(T, CHUNK), None if h0 is None else h0.float(),
-                                 True, None, None, None)
+    gcum = chunk_local_cumsum(gk.float(), CHUNK, cu_seqlens=cu_seqlens, chunk_indices=chunk_indices)
+    n_slots = sum(triton_cdiv(eos - bos, CHUNK) for bos, eos in bounds)
+    states, ht = chunk_gka_fwd_h(k_in, gcum, H, len(bounds), n_slots, h0, True, cu_seqlens, chunk_indices,
+                                 chunk_offsets)
     assert states.h.dtype == (torch.float16 if dtype == torch.bfloat16 else torch.float32)
     assert states.h.abs().max() <= 1
-    ref = torch.zeros(1, H, K, K, dtype=torch.float64) if h0 is None else h0.float().double()
-    kd = k_in.double()[0, :, 0]
-    for c, t0 in enumerate(range(0, T, CHUNK)):
-        got = states.h[c].double() * states.scale[c].double()[:, None, None]
-        err = (got - ref[0]).flatten(1).norm(dim=1) / ref[0].flatten(1).norm(dim=1).clamp_min(1e-300)
-        assert err.max() <= 2.0 ** -10, (c, err)
-        for t in range(t0, min(t0 + CHUNK, T)):
-            ref = torch.exp(gk[0, t].double())[None, :, None, None] * ref + torch.outer(kd[t], kd[t])
-    assert_close("final h_kk", ht.double(), ref, 2.0 ** -10)
+    kd = k_in.double()[0].repeat_interleave(H // HKV, dim=1)       # [T, H, K]
+    slot = 0
+    for n, (bos, eos) in enumerate(bounds):
+        ref = torch.zeros(H, K, K, dtype=torch.float64) if h0 is None else h0[n].double()
+        for t0 in range(bos, eos, CHUNK):
+            got = states.h[slot].double() * states.scale[slot].double()[:, None, None]
+            err = (got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-300)
+            assert err.max() <= 2.0 ** -10, (slot, err)
+            slot += 1
+            for t in range(t0, min(t0 + CHUNK, eos)):
+                ref = (torch.exp(gk[0, t])[:, None, None] * ref
+                       + kd[t][:, :, None] * kd[t][:, None, :])
+        assert_close(f"final h_kk {n}", ht[n].double(), ref, 2.0 ** -10)
 
 
 @pytest.mark.interpreter
