@@ -112,6 +112,19 @@ def sequence_coords(i_n, cu_seqlens, chunk_offsets, T, NT, BT: tl.constexpr, IS_
 
 
 @triton.jit
+def load_rows(p, o_c, m_t, K: tl.constexpr, ACC: tl.constexpr):
+    """Rows ``p[t]`` (row pointers [BT]), columns ``o_c``, as ``ACC``; zero outside ``m_t`` and
+    ``o_c < K``."""
+    return tl.load(p[:, None] + o_c[None, :], mask=m_t[:, None] & (o_c[None, :] < K), other=0).to(ACC)
+
+
+@triton.jit
+def store_rows(p, o_c, m_t, b, K: tl.constexpr):
+    """Store ``b`` into rows ``p[t]``, columns ``o_c`` (the masks of :func:`load_rows`)."""
+    tl.store(p[:, None] + o_c[None, :], b.to(p.dtype.element_ty), mask=m_t[:, None] & (o_c[None, :] < K))
+
+
+@triton.jit
 def row_norms(a):
     """``(n, 1/n)`` of the rows of ``a`` (``1/n = 0`` for zero rows): row scaling of dot operands."""
     n = tl.sqrt(tl.sum(a * a, axis=1))

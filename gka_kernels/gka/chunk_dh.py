@@ -50,8 +50,8 @@ import triton.language as tl
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, grid_bucket, next_power_of_2
 from gka_kernels.gka._common import (
-    CHUNK, chunk_program, column_scale, dot_precision, row_norms, sequence_coords, solve_dot_dtype,
-    split_hi_lo, tile_scale,
+    CHUNK, chunk_program, column_scale, dot_precision, load_rows, row_norms, sequence_coords,
+    solve_dot_dtype, split_hi_lo, tile_scale,
 )
 from gka_kernels.gka.chunk_h import ChunkStates
 
@@ -60,15 +60,10 @@ BKJ_MIN = 16
 
 
 @triton.jit
-def _load_block(p, p_row, o_c, m_t, K: tl.constexpr):
-    """Columns ``o_c`` of the rows ``p[p_row]`` (a [BT, BJ] block, zero outside the masks)."""
-    return tl.load(p + p_row[:, None] + o_c[None, :], mask=m_t[:, None] & (o_c[None, :] < K), other=0)
-
-
-@triton.jit
-def _split_block(p, p_row, o_c, m_t, b_rows, K: tl.constexpr, ACC: tl.constexpr, DX: tl.constexpr):
-    """:func:`_load_block` times the row factors ``b_rows``, as hi + lo in ``DX``."""
-    return split_hi_lo(_load_block(p, p_row, o_c, m_t, K).to(ACC) * b_rows[:, None], DX)
+def _split_block(p, o_c, m_t, b_rows, K: tl.constexpr, ACC: tl.constexpr, DX: tl.constexpr):
+    """Columns ``o_c`` of the rows ``p[t]`` times the row factors ``b_rows`` (a [BT, BJ] block), as
+    hi + lo in ``DX``."""
+    return split_hi_lo(load_rows(p, o_c, m_t, K, ACC) * b_rows[:, None], DX)
 
 
 @triton.jit
@@ -117,18 +112,18 @@ def chunk_gka_bwd_ds_kernel(
     b_pr = b_pr / s_p
     for ja in range(0, K, BJ):
         o_a = ja + tl.arange(0, BJ)
-        b_xah, b_xal = _split_block(x, p_row, o_a, m_t, b_xr, K, ACC, DX)
-        b_pah, b_pal = _split_block(dqs, p_row, o_a, m_t, b_pr, K, ACC, DX)
-        b_kah = (_load_block(k, p_k, o_a, m_t, K).to(ACC) * b_kr[:, None]).to(DX)
+        b_xah, b_xal = _split_block(x + p_row, o_a, m_t, b_xr, K, ACC, DX)
+        b_pah, b_pal = _split_block(dqs + p_row, o_a, m_t, b_pr, K, ACC, DX)
+        b_kah = (load_rows(k + p_k, o_a, m_t, K, ACC) * b_kr[:, None]).to(DX)
         for jb in range(ja, K, BJ):
             o_b = jb + tl.arange(0, BJ)
             m_ab = (o_a < K)[:, None] & (o_b < K)[None, :]
-            b_xbh, b_xbl = _split_block(x, p_row, o_b, m_t, b_xr, K, ACC, DX)
-            b_pbh, b_pbl = _split_block(dqs, p_row, o_b, m_t, b_pr, K, ACC, DX)
+            b_xbh, b_xbl = _split_block(x + p_row, o_b, m_t, b_xr, K, ACC, DX)
+            b_pbh, b_pbl = _split_block(dqs + p_row, o_b, m_t, b_pr, K, ACC, DX)
             b_px = _cross_block(b_pah, b_pal, b_xbh, b_xbl, ACC, DX, PREC)        # P_a^T X_b
             b_xp = _cross_block(b_xah, b_xal, b_pbh, b_pbl, ACC, DX, PREC)        # X_a^T P_b
             b_hc = tl.load(h + p_state + o_a[:, None] * K + o_b[None, :], mask=m_ab, other=0).to(ACC)
-            b_kb = _load_block(k, p_k, o_b, m_t, K).to(ACC).to(DX)
+            b_kb = load_rows(k + p_k, o_b, m_t, K, ACC).to(DX)
             b_ds = tl.dot(tl.trans(b_kah), b_kb, -s_p * (b_px + b_xp) - (2.0 * b0) * b_hc,
                           input_precision=PREC, out_dtype=ACC)
             p_ab = p_state + o_a[:, None] * K + o_b[None, :]

@@ -62,7 +62,9 @@ import triton.language as tl
 
 from gka_kernels.common.aot import AotSpec, register_aot
 from gka_kernels.common.triton_utils import autotune, compute_dtype, next_power_of_2
-from gka_kernels.gka._common import CHUNK, chebyshev_constants, chunk_program, dot_precision, solve_dot_dtype
+from gka_kernels.gka._common import (
+    CHUNK, chebyshev_constants, chunk_program, dot_precision, load_rows, solve_dot_dtype, store_rows,
+)
 from gka_kernels.gka.chunk_h import ChunkStates
 
 
@@ -176,29 +178,18 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
 
 
 @triton.jit
-def _load_rows(p, o_c, m_t, K: tl.constexpr, ACC: tl.constexpr):
-    """Rows ``p[t]`` (row pointers), columns ``o_c``, as ``ACC``."""
-    return tl.load(p[:, None] + o_c[None, :], mask=m_t[:, None] & (o_c[None, :] < K), other=0).to(ACC)
-
-
-@triton.jit
-def _store_rows(p, o_c, m_t, b, K: tl.constexpr):
-    tl.store(p[:, None] + o_c[None, :], b.to(p.dtype.element_ty), mask=m_t[:, None] & (o_c[None, :] < K))
-
-
-@triton.jit
 def _adjoint_half(b_s, p_row, o_c, m_t, b_a, x, q, dqm, dq, dqs, K: tl.constexpr, ACC: tl.constexpr):
     """One column half of the adjoint solution ``b_s``: stores it as ``dqs`` and the total
     ``dq = dqs + (1 - alpha) dqm``; returns the row dots ``x . dqs``, ``q . dqs`` and
     ``(x - q) . dqm`` over the half."""
-    _store_rows(dqs + p_row, o_c, m_t, b_s, K)
-    b_x = _load_rows(x + p_row, o_c, m_t, K, ACC)
-    b_q = _load_rows(q + p_row, o_c, m_t, K, ACC)
+    store_rows(dqs + p_row, o_c, m_t, b_s, K)
+    b_x = load_rows(x + p_row, o_c, m_t, K, ACC)
+    b_q = load_rows(q + p_row, o_c, m_t, K, ACC)
     b_sx = tl.sum(b_x * b_s, axis=1)
     b_sq = tl.sum(b_q * b_s, axis=1)
-    b_g = _load_rows(dqm + p_row, o_c, m_t, K, ACC)
+    b_g = load_rows(dqm + p_row, o_c, m_t, K, ACC)
     b_da = tl.sum((b_x - b_q) * b_g, axis=1)
-    _store_rows(dq + p_row, o_c, m_t, b_s + (1.0 - b_a[:, None]) * b_g, K)
+    store_rows(dq + p_row, o_c, m_t, b_s + (1.0 - b_a[:, None]) * b_g, K)
     return b_sx, b_sq, b_da
 
 
@@ -243,23 +234,23 @@ def gka_solve_fwd_kernel(
     o_l = tl.arange(0, BH)
     o_h = BH + o_l
     p_q = q + (tok * H + i_h) * K
-    b_yl, b_yh = _chebyshev(_load_rows(p_q, o_l, m_t, K, ACC), _load_rows(p_q, o_h, m_t, K, ACC),
+    b_yl, b_yh = _chebyshev(load_rows(p_q, o_l, m_t, K, ACC), load_rows(p_q, o_h, m_t, K, ACC),
                             b_inv, b_eg * h_s, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
                             ridge, step, c4, num_iter, ACC, DT, PREC)
     b_yl = b_yl * b_inv[:, None]
     b_yh = b_yh * b_inv[:, None]
     p_x = x + (tok * H + i_h) * K
-    _store_rows(p_x, o_l, m_t, b_yl, K)
-    _store_rows(p_x, o_h, m_t, b_yh, K)
+    store_rows(p_x, o_l, m_t, b_yl, K)
+    store_rows(p_x, o_h, m_t, b_yh, K)
     if HAS_ALPHA:
         b_a = tl.load(alpha + tok * H + i_h, mask=m_t, other=0).to(ACC)
-        b_q = _load_rows(p_q, o_l, m_t, K, ACC)
+        b_q = load_rows(p_q, o_l, m_t, K, ACC)
         b_yl = b_q + b_a[:, None] * (b_yl - b_q)
-        b_q = _load_rows(p_q, o_h, m_t, K, ACC)
+        b_q = load_rows(p_q, o_h, m_t, K, ACC)
         b_yh = b_q + b_a[:, None] * (b_yh - b_q)
     p_qm = qm + (tok * H + i_h) * K
-    _store_rows(p_qm, o_l, m_t, b_yl, K)
-    _store_rows(p_qm, o_h, m_t, b_yh, K)
+    store_rows(p_qm, o_l, m_t, b_yl, K)
+    store_rows(p_qm, o_h, m_t, b_yh, K)
 
 
 @autotune(configs=_CONFIGS, key=["K", "H", "HAS_ALPHA", "IS_VARLEN"])
@@ -288,8 +279,8 @@ def gka_solve_bwd_kernel(
         b_a = tl.load(alpha + tok * H + i_h, mask=m_t, other=0).to(ACC)
     else:
         b_a = tl.full([BT], 1.0, ACC)
-    b_rl = _load_rows(dqm + p_row, o_l, m_t, K, ACC) * b_a[:, None]
-    b_rh = _load_rows(dqm + p_row, o_h, m_t, K, ACC) * b_a[:, None]
+    b_rl = load_rows(dqm + p_row, o_l, m_t, K, ACC) * b_a[:, None]
+    b_rh = load_rows(dqm + p_row, o_h, m_t, K, ACC) * b_a[:, None]
     b_sl, b_sh = _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl,
                             b_ht_hh, ridge, step, c4, num_iter, ACC, DT, PREC)
     if HAS_ALPHA:  # reloaded (as G below): not kept live through the solve
