@@ -530,3 +530,58 @@ def test_gpu_long_sequence_stays_finite(decay):
     o, final, grads = run(chunk_gka, inputs, grads=True, num_iter=30)
     for name, t in [("o", o), ("h_kk", final[0]), ("h_kv", final[1]), *grads.items()]:
         assert torch.isfinite(t).all(), f"{name} has non-finite values"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_gk,varlen", [(True, False), (False, False), (True, True)])
+def test_gpu_side_stream_matches_one_stream(monkeypatch, with_gk, varlen):
+    """The forward and backward overlap sequential passes on a side stream
+    (``common.streams``): outputs and every gradient must be bitwise those of the one-stream run
+    (``GKA_KERNELS_SIDE_STREAM=0``), at a size where the overlapped kernels run concurrently."""
+    B, T = (1, 4096) if varlen else (2, 2048)
+    cu = torch.tensor([0, 700, 2500, 4096], dtype=torch.int32, device="cuda") if varlen else None
+    inputs = make_inputs(B, T, 8, 2, 128, 128, N=3 if varlen else None, dtype=torch.bfloat16,
+                         device="cuda", with_gk=with_gk)
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("GKA_KERNELS_SIDE_STREAM", flag)
+        results[flag] = run(chunk_gka, inputs, grads=True, num_iter=10, cu_seqlens=cu)
+    (o0, f0, g0), (o1, f1, g1) = results["0"], results["1"]
+    assert torch.equal(o0, o1)
+    assert all(torch.equal(a, b) for a, b in zip(f0, f1))
+    assert set(g0) == set(g1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), f"d{name} differs with the side stream"
+
+
+@pytest.mark.gpu
+def test_gpu_forward_cuda_graph_replay():
+    """The forward forks onto the side stream and joins back: a CUDA graph captures both streams,
+    and its replay on new inputs equals an eager call."""
+    inputs = make_inputs(2, 1024, 4, 2, 128, 128, dtype=torch.bfloat16, device="cuda")
+    static = {n: inputs[n].clone() for n in TENSOR_ARGS}
+    h0 = tuple(t.clone() for t in inputs["initial_state"])
+
+    def call():
+        return chunk_gka(**static, num_iter=10, initial_state=h0, output_final_state=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()  # warm-up (compilation) outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o, (h_kk, h_kv) = call()
+    fresh = make_inputs(2, 1024, 4, 2, 128, 128, dtype=torch.bfloat16, device="cuda")
+    for n in TENSOR_ARGS:
+        static[n].copy_(fresh[n])
+    for t, f in zip(h0, fresh["initial_state"]):
+        t.copy_(f)
+    graph.replay()
+    o_e, (h_kk_e, h_kv_e) = chunk_gka(**{n: fresh[n] for n in TENSOR_ARGS}, num_iter=10,
+                                      initial_state=fresh["initial_state"], output_final_state=True)
+    torch.cuda.synchronize()
+    assert torch.equal(o, o_e)
+    assert torch.equal(h_kk, h_kk_e)
+    assert torch.equal(h_kv, h_kv_e)

@@ -50,6 +50,8 @@ the CPU).
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from gka_kernels.common.checks import (
@@ -62,7 +64,11 @@ from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh, chunk_gka_bwd_ds
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
 from gka_kernels.gka.solve import gka_solve_bwd, gka_solve_fwd
-from gka_kernels.gla.chunk import BT as GLA_CHUNK, BF16_HILO, ChunkPlan, gla_backward, gla_forward, make_plan
+from gka_kernels.common.streams import Pending, beside
+from gka_kernels.gla.chunk import (
+    BT as GLA_CHUNK, BF16_HILO, ChunkPlan, gla_backward_dqkg, gla_backward_dv, gla_backward_states,
+    gla_forward_output, gla_forward_states, make_plan, precision_for,
+)
 
 # The solve and the readout share one chunk plan (``make_plan``): their chunks must be the same.
 assert CHUNK == GLA_CHUNK, "GKA solve and GLA readout chunk lengths differ"
@@ -122,18 +128,31 @@ def solve_forward(
     return qm, ht, (q, k, gcum, alpha, h0, x, fro, ht)
 
 
+def recompute_states(saved: tuple, plan: ChunkPlan) -> Pending:
+    """The chunk-start states of ``H`` for :func:`solve_backward` (``saved`` from
+    :func:`solve_forward`), recomputed on the side stream: a sequential pass that the backward
+    overlaps with independent kernels (the readout's state passes). Its value is
+    :func:`chunk_gka_fwd_h`'s."""
+    q, k, gcum, h0 = saved[0], saved[1], saved[2], saved[4]
+    return beside(chunk_gka_fwd_h, k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0, False,
+                  plan.cu_seqlens, plan.chunk_indices, plan.chunk_offsets)
+
+
 def solve_backward(
-    saved: tuple, plan: ChunkPlan, dqm: torch.Tensor, dht: torch.Tensor | None, ridge_ratio: float,
-    num_iter: int, bp_lambda: bool, need_dh0: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of :func:`solve_forward` (``saved`` is its third output, ``plan`` the same) for the
-    output gradients ``dqm`` and ``dht`` (or None): ``dq`` (q's dtype), the key gradient per *query*
-    head ``[B,T,H,K]`` (float32/64; the caller sums each key head's group), ``dgk [B,T,H]``
-    (float32/64), ``dalpha`` (float32/64 or None) and the gradient of the initial ``h_kk`` (or None)."""
+    saved: tuple, plan: ChunkPlan, states: Pending, dqm: torch.Tensor, dht: torch.Tensor | None,
+    ridge_ratio: float, num_iter: int, bp_lambda: bool, need_dh0: bool,
+    during_scan: Callable[[], Any] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, Any]:
+    """Gradients of :func:`solve_forward` (``saved`` is its third output, ``plan`` the same,
+    ``states`` from :func:`recompute_states`) for the output gradients ``dqm`` and ``dht`` (or
+    None): ``dq`` (q's dtype), the key gradient per *query* head ``[B,T,H,K]`` (float32/64; the
+    caller sums each key head's group), ``dgk [B,T,H]`` (float32/64), ``dalpha`` (float32/64 or
+    None), the gradient of the initial ``h_kk`` (or None) and the value of ``during_scan()``: the
+    reverse scan runs on the side stream, and ``during_scan`` (independent work of the caller, or
+    None) is launched on the current stream meanwhile."""
     q, k, gcum, alpha, h0, x, fro, ht = saved
-    cu_seqlens, chunk_indices, chunk_offsets = plan.cu_seqlens, plan.chunk_indices, plan.chunk_offsets
-    states, _ = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0, False,
-                                cu_seqlens, chunk_indices, chunk_offsets)
+    cu_seqlens, chunk_indices = plan.cu_seqlens, plan.chunk_indices
+    states, _ = states.result()
     dq, dqs, dalpha, lam_c, beta, dgp = gka_solve_bwd(
         q, k, gcum, states, alpha, x, fro, dqm.contiguous(), ridge_ratio, num_iter, bp_lambda,
         cu_seqlens, chunk_indices)
@@ -141,7 +160,10 @@ def solve_backward(
         dht = dht.contiguous()
     ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, states, need_dh0, cu_seqlens, chunk_indices)
     dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, states, dgp, cu_seqlens, chunk_indices)
-    dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk_h, dgc, dht, plan.num_seqs, cu_seqlens, chunk_offsets)
+    scan = beside(chunk_gka_bwd_dh, k, gcum, ds, dw, dk_h, dgc, dht, plan.num_seqs, cu_seqlens,
+                  plan.chunk_offsets)
+    overlapped = during_scan() if during_scan is not None else None
+    dh0 = scan.result()
     dgk = _reverse_cumsum(dgc, cu_seqlens)
     if dht is not None:
         # <dht, H_T> belongs to the decay gradient of every token of the sequence.
@@ -151,7 +173,7 @@ def solve_backward(
         else:
             lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
             dgk = dgk + torch.repeat_interleave(final_term, lens, dim=0)[None]
-    return dq, dk_h, dgk, dalpha, dh0
+    return dq, dk_h, dgk, dalpha, dh0, overlapped
 
 
 def _group_key_grad(dk_h: torch.Tensor, HKV: int, base: torch.Tensor | None,
@@ -178,8 +200,9 @@ class ChunkGkaSolveFunction(torch.autograd.Function):
     def backward(ctx, dqm, dht):
         ridge_ratio, num_iter, bp_lambda, plan, k_dtype, gk_dtype = ctx.meta
         saved = ctx.saved_tensors
-        dq, dk_h, dgk, dalpha, dh0 = solve_backward(saved, plan, dqm, dht, ridge_ratio, num_iter,
-                                                    bp_lambda, ctx.needs_input_grad[4])
+        dq, dk_h, dgk, dalpha, dh0, _ = solve_backward(
+            saved, plan, recompute_states(saved, plan), dqm, dht, ridge_ratio, num_iter, bp_lambda,
+            ctx.needs_input_grad[4])
         k, alpha, h0 = saved[1], saved[3], saved[4]
         dk = _group_key_grad(dk_h, k.shape[2], None, k_dtype)
         return (dq, dk, dgk.to(gk_dtype), dalpha.to(alpha.dtype) if alpha is not None else None,
@@ -192,47 +215,60 @@ class ChunkGkaFunction(torch.autograd.Function):
 
     Both halves read ``k`` as given (no float32 copy); their key gradients (float32, they cancel
     heavily) are summed before the one rounding to ``k``'s dtype. With ``gk`` None the decay
-    gradients of the readout and of the solve are summed in float32 as well."""
+    gradients of the readout and of the solve are summed in float32 as well.
+
+    Two streams (:mod:`gka_kernels.common.streams`): the forward solves on the side stream while
+    the readout's state pass (which needs no queries) runs on the current one; the backward
+    recomputes the solve's chunk states on the side stream during the readout's state passes, and
+    runs the solve's reverse scan there during the readout's value-gradient kernel."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, gk, alpha, h0_kk, h0_kv, scale, ridge_ratio, num_iter, bp_lambda,
                 output_final_state, cu_seqlens):
         plan = make_plan(q.shape[0], q.shape[1], cu_seqlens)
-        qm, ht_kk, saved = solve_forward(q, k, g if gk is None else gk, alpha, h0_kk, ridge_ratio,
-                                         num_iter, output_final_state, plan)
+        solve = beside(solve_forward, q, k, g if gk is None else gk, alpha, h0_kk, ridge_ratio,
+                       num_iter, output_final_state, plan)
         # qm is float32 for 16-bit inputs (see the module docstring): read out from float32
         # queries. k and v stay in their dtype (o and dv come out in v's). bf16 inputs: k, v and do
         # hold bf16 values, so only qm, the states and the scores need hi + lo (BF16_HILO); fp16
         # values are not exact in bf16 (3xBF16 splits everything); float32 inputs keep 3xTF32.
         mode = {torch.bfloat16: BF16_HILO, torch.float16: "bf16x3"}.get(q.dtype, "tf32x3")
-        o, ht_kv, gc, _ = gla_forward(qm, k, v, g.to(qm.dtype), scale=scale, initial_state=h0_kv,
-                                      output_final_state=output_final_state, plan=plan,
-                                      fp32_precision=mode)
+        qm_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        p = precision_for(qm_dtype, mode)
+        gc, hs, ht_kv = gla_forward_states(k, v, g.to(qm_dtype), p, scale=scale, initial_state=h0_kv,
+                                           output_final_state=output_final_state, plan=plan)
+        qm, ht_kk, saved = solve.result()
+        o, _ = gla_forward_output(qm, k, v, gc, hs, p, scale=scale, plan=plan)
         ctx.save_for_backward(*saved, qm, v, gc, h0_kv)
-        ctx.meta = (scale, ridge_ratio, num_iter, bp_lambda, mode, plan, g.dtype,
+        ctx.meta = (scale, ridge_ratio, num_iter, bp_lambda, p, plan, g.dtype,
                     None if gk is None else gk.dtype)
         return o, ht_kk, ht_kv
 
     @staticmethod
     def backward(ctx, do, dht_kk, dht_kv):
-        scale, ridge_ratio, num_iter, bp_lambda, mode, plan, g_dtype, gk_dtype = ctx.meta
+        scale, ridge_ratio, num_iter, bp_lambda, p, plan, g_dtype, gk_dtype = ctx.meta
         *saved, qm, v, gc, h0_kv = ctx.saved_tensors
         k, alpha, h0_kk = saved[1], saved[3], saved[4]
-        readout = gla_backward(qm, k, v, gc, do.contiguous(),
-                               dht=dht_kv.contiguous() if dht_kv is not None else None, scale=scale,
-                               initial_state=h0_kv, plan=plan, fp32_precision=mode, dk_dtype=qm.dtype)
-        dq, dk_h, dgk, dalpha, dh0_kk = solve_backward(saved, plan, readout["dq"], dht_kk, ridge_ratio,
-                                                       num_iter, bp_lambda, ctx.needs_input_grad[6])
-        dk = _group_key_grad(dk_h, k.shape[2], readout["dk"], k.dtype)
-        dg = readout["dg"]
+        states = recompute_states(saved, plan)
+        do = do.contiguous()
+        hs, dhs, dh0_kv = gla_backward_states(
+            qm, k, v, gc, do, p, dht=dht_kv.contiguous() if dht_kv is not None else None,
+            scale=scale, initial_state=h0_kv, plan=plan)
+        dqm, dk_readout, dg = gla_backward_dqkg(qm, k, v, gc, hs, dhs, do, p, scale=scale, plan=plan,
+                                                dk_dtype=qm.dtype)
+        del hs
+        dq, dk_h, dgk, dalpha, dh0_kk, (dv, _, _) = solve_backward(
+            saved, plan, states, dqm, dht_kk, ridge_ratio, num_iter, bp_lambda, ctx.needs_input_grad[6],
+            during_scan=lambda: gla_backward_dv(qm, k, v, gc, dhs, do, p, scale=scale, plan=plan))
+        dk = _group_key_grad(dk_h, k.shape[2], dk_readout, k.dtype)
         if gk_dtype is None:
             dg, dgk = dg + dgk, None
         else:
             dgk = dgk.to(gk_dtype)
-        return (dq, dk, readout["dv"], dg.to(g_dtype), dgk,
+        return (dq, dk, dv, dg.to(g_dtype), dgk,
                 dalpha.to(alpha.dtype) if alpha is not None else None,
                 dh0_kk.to(h0_kk.dtype) if dh0_kk is not None else None,
-                readout["dh0"].to(h0_kv.dtype) if h0_kv is not None else None,
+                dh0_kv.to(h0_kv.dtype) if h0_kv is not None else None,
                 None, None, None, None, None, None)
 
 

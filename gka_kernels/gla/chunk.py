@@ -124,18 +124,40 @@ def gla_forward(
     adds ``D * v``; ``z [B,T,H,V]`` gates the output with ``silu(z)``. ``fp32_precision``: see
     :func:`precision_for`."""
     p = precision_for(q.dtype, fp32_precision)
-    cu = plan.cu_seqlens
-    gc = chunk_local_cumsum(g, BT, cu_seqlens=cu, chunk_indices=plan.chunk_indices)
+    gc, hs, ht = gla_forward_states(k, v, g, p, scale=scale, initial_state=initial_state,
+                                    output_final_state=output_final_state, plan=plan, v_scale=v_scale)
+    o, ypre = gla_forward_output(q, k, v, gc, hs, p, scale=scale, plan=plan, v_scale=v_scale, D=D, z=z)
+    return o, ht, gc, ypre
+
+
+def gla_forward_states(
+    k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, p: Precision, *, scale: float,
+    initial_state: torch.Tensor | None, output_final_state: bool, plan: ChunkPlan,
+    v_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The first half of :func:`gla_forward` (it needs no queries): ``gc`` (chunk-local cumsum of
+    ``g``), the chunk-start states ``hs [n_chunks, H, K, V]`` (``p.states``) and the final state or
+    None. ``p``: the queries' :func:`precision_for`."""
+    gc = chunk_local_cumsum(g, BT, cu_seqlens=plan.cu_seqlens, chunk_indices=plan.chunk_indices)
     hs, ht = chunk_state_pass(
         k, v, gc, BT=BT, reverse=False, scale=scale, state_in=initial_state,
-        store_final=output_final_state, states_dtype=p.states, v_scale=v_scale, cu_seqlens=cu,
-        chunk_offsets=plan.chunk_offsets, num_chunks=plan.num_chunks, num_seqs=plan.num_seqs,
-        acc=p.acc, dot_dtype=p.dot, precision=p.prec, split=p.split)
-    o, ypre = chunk_fwd_o(
+        store_final=output_final_state, states_dtype=p.states, v_scale=v_scale,
+        cu_seqlens=plan.cu_seqlens, chunk_offsets=plan.chunk_offsets, num_chunks=plan.num_chunks,
+        num_seqs=plan.num_seqs, acc=p.acc, dot_dtype=p.dot, precision=p.prec, split=p.split)
+    return gc, hs, ht
+
+
+def gla_forward_output(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, hs: torch.Tensor,
+    p: Precision, *, scale: float, plan: ChunkPlan, v_scale: torch.Tensor | None = None,
+    D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The second half of :func:`gla_forward`: ``(o, ypre)`` from :func:`gla_forward_states`'s
+    ``gc`` and ``hs``."""
+    return chunk_fwd_o(
         q, k, v, gc, hs, scale=scale, BT=BT, num_chunks=plan.num_chunks, v_scale=v_scale, D=D, z=z,
-        cu_seqlens=cu, chunk_indices=plan.chunk_indices, acc=p.acc, dot_dtype=p.dot,
+        cu_seqlens=plan.cu_seqlens, chunk_indices=plan.chunk_indices, acc=p.acc, dot_dtype=p.dot,
         precision=p.prec, split=p.split)
-    return o, ht, gc, ypre
 
 
 def gla_backward(
@@ -160,23 +182,56 @@ def gla_backward(
     ``dD`` (with ``D``). ``dk`` is in ``dk_dtype`` (default: k's dtype; the GKA readout asks for
     float32 so that it can add the solve's key gradient before rounding)."""
     p = precision_for(q.dtype, fp32_precision)
-    cu = plan.cu_seqlens
-    common = dict(BT=BT, cu_seqlens=cu, acc=p.acc, dot_dtype=p.dot, precision=p.prec, split=p.split)
-    hs, _ = chunk_state_pass(
-        k, v, gc, reverse=False, scale=scale, state_in=initial_state, store_final=False,
-        states_dtype=p.states, v_scale=v_scale, chunk_offsets=plan.chunk_offsets,
-        num_chunks=plan.num_chunks, num_seqs=plan.num_seqs, **common)
-    dhs, dh0 = chunk_state_pass(
-        q, do, gc, reverse=True, scale=scale, state_in=dht, store_final=initial_state is not None,
-        states_dtype=p.states, chunk_offsets=plan.chunk_offsets, num_chunks=plan.num_chunks,
-        num_seqs=plan.num_seqs, **common)
-    dv, dvs, dD = chunk_bwd_dv(
-        q, k, v, gc, dhs, do, scale=scale, num_chunks=plan.num_chunks, v_scale=v_scale, D=D,
-        chunk_indices=plan.chunk_indices, **common)
-    dq, dk, dg = chunk_bwd_dqkg(
-        q, k, v, gc, hs, dhs, do, scale=scale, num_chunks=plan.num_chunks, v_scale=v_scale,
-        chunk_indices=plan.chunk_indices, dk_dtype=dk_dtype, **common)
+    hs, dhs, dh0 = gla_backward_states(q, k, v, gc, do, p, dht=dht, scale=scale,
+                                       initial_state=initial_state, plan=plan, v_scale=v_scale)
+    dv, dvs, dD = gla_backward_dv(q, k, v, gc, dhs, do, p, scale=scale, plan=plan, v_scale=v_scale, D=D)
+    dq, dk, dg = gla_backward_dqkg(q, k, v, gc, hs, dhs, do, p, scale=scale, plan=plan,
+                                   v_scale=v_scale, dk_dtype=dk_dtype)
     return {"dq": dq, "dk": dk, "dv": dv, "dg": dg, "dh0": dh0, "dvs": dvs, "dD": dD}
+
+
+def _kernel_options(p: Precision, plan: ChunkPlan) -> dict:
+    return dict(BT=BT, cu_seqlens=plan.cu_seqlens, acc=p.acc, dot_dtype=p.dot, precision=p.prec,
+                split=p.split)
+
+
+def gla_backward_states(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, do: torch.Tensor,
+    p: Precision, *, dht: torch.Tensor | None, scale: float, initial_state: torch.Tensor | None,
+    plan: ChunkPlan, v_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The two state passes of :func:`gla_backward`: the chunk-start states ``hs`` again, the
+    gradients ``dhs`` of the chunk-end states (both ``[n_chunks, H, K, V]``) and the initial
+    state's gradient (or None). ``p``: the queries' :func:`precision_for`."""
+    common = dict(chunk_offsets=plan.chunk_offsets, num_chunks=plan.num_chunks, num_seqs=plan.num_seqs,
+                  states_dtype=p.states, scale=scale, **_kernel_options(p, plan))
+    hs, _ = chunk_state_pass(k, v, gc, reverse=False, state_in=initial_state, store_final=False,
+                             v_scale=v_scale, **common)
+    dhs, dh0 = chunk_state_pass(q, do, gc, reverse=True, state_in=dht,
+                                store_final=initial_state is not None, **common)
+    return hs, dhs, dh0
+
+
+def gla_backward_dv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, dhs: torch.Tensor,
+    do: torch.Tensor, p: Precision, *, scale: float, plan: ChunkPlan,
+    v_scale: torch.Tensor | None = None, D: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(dv, dvs, dD)`` of :func:`gla_backward` (see :func:`chunk_bwd_dv`)."""
+    return chunk_bwd_dv(q, k, v, gc, dhs, do, scale=scale, num_chunks=plan.num_chunks,
+                        v_scale=v_scale, D=D, chunk_indices=plan.chunk_indices,
+                        **_kernel_options(p, plan))
+
+
+def gla_backward_dqkg(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, hs: torch.Tensor,
+    dhs: torch.Tensor, do: torch.Tensor, p: Precision, *, scale: float, plan: ChunkPlan,
+    v_scale: torch.Tensor | None = None, dk_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dg)`` of :func:`gla_backward` (see :func:`chunk_bwd_dqkg`)."""
+    return chunk_bwd_dqkg(q, k, v, gc, hs, dhs, do, scale=scale, num_chunks=plan.num_chunks,
+                          v_scale=v_scale, chunk_indices=plan.chunk_indices, dk_dtype=dk_dtype,
+                          **_kernel_options(p, plan))
 
 
 class ChunkSimpleGLAFunction(torch.autograd.Function):
