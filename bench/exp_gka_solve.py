@@ -7,6 +7,9 @@ norms, the backward's per-row scalars, stores), ``(t30 - t0) / 30`` its cost per
 so its time need not lie on that line. Prints one JSON object.
 
     python -m bench.exp_gka_solve
+    python -m bench.exp_gka_solve --ncu 10   # one forward and one backward launch at num_iter 10
+                                             # with the autotuned configs, after one warm-up each,
+                                             # for ncu (--launch-skip 2 -k regex:gka_solve)
 """
 
 from __future__ import annotations
@@ -39,9 +42,16 @@ def main() -> None:
     q, k = _keys(B, T, H, K), _keys(B, T, HKV, K)
     gk, alpha = _decay(B, T, H), _gate(B, T, H)
     gcum = chunk_local_cumsum(gk.float(), CHUNK)
-    h, _ = chunk_gka_fwd_h(k, gcum, H, B, B * triton.cdiv(T, CHUNK), None, False, None, None, torch.float32)
+    h, _ = chunk_gka_fwd_h(k, gcum, H, B, B * triton.cdiv(T, CHUNK), None, False, None, None, None)
     x, _, fro = solve.gka_solve_fwd(q, k, gcum, h, alpha, 0.02, 30, None, None)
     dqm = torch.randn(B, T, H, K, device="cuda")
+    if len(sys.argv) == 3 and sys.argv[1] == "--ncu":
+        it = int(sys.argv[2])
+        for _ in range(2):
+            solve.gka_solve_fwd(q, k, gcum, h, alpha, 0.02, it, None, None)
+            solve.gka_solve_bwd(q, k, gcum, h, alpha, x, fro, dqm, 0.02, it, True, None, None)
+        torch.cuda.synchronize()
+        return
     results = {"card": torch.cuda.get_device_name(), "triton": triton.__version__, "ms": {}}
     kernels = ("gka_solve_fwd_kernel", "gka_solve_bwd_kernel")
     for w in (4, 8):

@@ -111,18 +111,33 @@ def check_gka_inputs(q, k, v, g, gk, alpha, scale, ridge_ratio, num_iter, bp_lam
     return dims, scale
 
 
-def solve_forward(
-    q: torch.Tensor, k: torch.Tensor, gk: torch.Tensor, alpha: torch.Tensor | None,
-    h0: torch.Tensor | None, ridge_ratio: float, num_iter: int, output_final_state: bool,
-    plan: ChunkPlan,
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
-    """The ridge-solve half of GKA on the chunks of ``plan`` (``make_plan``; its 64-token chunks
-    are the solve's): ``qm`` ``[B,T,H,K]`` (float32 for 16-bit inputs), the final ``h_kk`` (or
-    None) and the tensors :func:`solve_backward` needs. ``k`` is read in ``q``'s dtype."""
+def prepare_solve(
+    q: torch.Tensor, k: torch.Tensor, gk: torch.Tensor, h0: torch.Tensor | None,
+    output_final_state: bool, plan: ChunkPlan,
+) -> Pending:
+    """The solve's operands on the chunks of ``plan`` (``make_plan``; its 64-token chunks are the
+    solve's), formed on the side stream (:mod:`gka_kernels.common.streams`): ``k`` in ``q``'s dtype,
+    ``G`` (chunk-local cumsum of ``gk``), the chunk-start states of ``H`` (a sequential pass that the
+    caller overlaps with independent kernels) and the final ``h_kk`` (or None)."""
+    return beside(_solve_operands, q, k, gk, h0, output_final_state, plan)
+
+
+def _solve_operands(q, k, gk, h0, output_final_state, plan):
     k = k.to(q.dtype)
     gcum = chunk_local_cumsum(gk, CHUNK, cu_seqlens=plan.cu_seqlens, chunk_indices=plan.chunk_indices)
     states, ht = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0,
                                  output_final_state, plan.cu_seqlens, plan.chunk_indices, plan.chunk_offsets)
+    return k, gcum, states, ht
+
+
+def solve_forward(
+    q: torch.Tensor, alpha: torch.Tensor | None, h0: torch.Tensor | None, ridge_ratio: float,
+    num_iter: int, plan: ChunkPlan, operands: Pending,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """The ridge-solve half of GKA (``operands`` from :func:`prepare_solve`, same ``plan``): ``qm``
+    ``[B,T,H,K]`` (float32 for 16-bit inputs), the final ``h_kk`` (or None) and the tensors
+    :func:`solve_backward` needs."""
+    k, gcum, states, ht = operands.result()
     x, qm, fro = gka_solve_fwd(q, k, gcum, states, alpha, ridge_ratio, num_iter, plan.cu_seqlens,
                                plan.chunk_indices)
     return qm, ht, (q, k, gcum, alpha, h0, x, fro, ht)
@@ -191,7 +206,8 @@ class ChunkGkaSolveFunction(torch.autograd.Function):
     def forward(ctx, q, k, gk, alpha, h0, ridge_ratio, num_iter, bp_lambda, output_final_state,
                 cu_seqlens):
         plan = make_plan(q.shape[0], q.shape[1], cu_seqlens)
-        qm, ht, saved = solve_forward(q, k, gk, alpha, h0, ridge_ratio, num_iter, output_final_state, plan)
+        qm, ht, saved = solve_forward(q, alpha, h0, ridge_ratio, num_iter, plan,
+                                      prepare_solve(q, k, gk, h0, output_final_state, plan))
         ctx.save_for_backward(*saved)
         ctx.meta = (ridge_ratio, num_iter, bp_lambda, plan, k.dtype, gk.dtype)
         return qm, ht
@@ -217,17 +233,16 @@ class ChunkGkaFunction(torch.autograd.Function):
     heavily) are summed before the one rounding to ``k``'s dtype. With ``gk`` None the decay
     gradients of the readout and of the solve are summed in float32 as well.
 
-    Two streams (:mod:`gka_kernels.common.streams`): the forward solves on the side stream while
-    the readout's state pass (which needs no queries) runs on the current one; the backward
-    recomputes the solve's chunk states on the side stream during the readout's state passes, and
-    runs the solve's reverse scan there during the readout's value-gradient kernel."""
+    Two streams (:mod:`gka_kernels.common.streams`): the solve's chunk states are formed on the side
+    stream while the readout's state pass (which needs no queries) runs on the current one, in the
+    forward and again in the backward (there next to both of the readout's state passes); the
+    backward's reverse scan runs on the side stream during the readout's value-gradient kernel."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, gk, alpha, h0_kk, h0_kv, scale, ridge_ratio, num_iter, bp_lambda,
                 output_final_state, cu_seqlens):
         plan = make_plan(q.shape[0], q.shape[1], cu_seqlens)
-        solve = beside(solve_forward, q, k, g if gk is None else gk, alpha, h0_kk, ridge_ratio,
-                       num_iter, output_final_state, plan)
+        operands = prepare_solve(q, k, g if gk is None else gk, h0_kk, output_final_state, plan)
         # qm is float32 for 16-bit inputs (see the module docstring): read out from float32
         # queries. k and v stay in their dtype (o and dv come out in v's). bf16 inputs: k, v and do
         # hold bf16 values, so only qm, the states and the scores need hi + lo (BF16_HILO); fp16
@@ -237,7 +252,7 @@ class ChunkGkaFunction(torch.autograd.Function):
         p = precision_for(qm_dtype, mode)
         gc, hs, ht_kv = gla_forward_states(k, v, g.to(qm_dtype), p, scale=scale, initial_state=h0_kv,
                                            output_final_state=output_final_state, plan=plan)
-        qm, ht_kk, saved = solve.result()
+        qm, ht_kk, saved = solve_forward(q, alpha, h0_kk, ridge_ratio, num_iter, plan, operands)
         o, _ = gla_forward_output(qm, k, v, gc, hs, p, scale=scale, plan=plan)
         ctx.save_for_backward(*saved, qm, v, gc, h0_kv)
         ctx.meta = (scale, ridge_ratio, num_iter, bp_lambda, p, plan, g.dtype,
