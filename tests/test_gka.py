@@ -555,33 +555,42 @@ def test_gpu_side_stream_matches_one_stream(monkeypatch, with_gk, varlen):
 
 
 @pytest.mark.gpu
-def test_gpu_forward_cuda_graph_replay():
-    """The forward forks onto the side stream and joins back: a CUDA graph captures both streams,
-    and its replay on new inputs equals an eager call."""
-    inputs = make_inputs(2, 1024, 4, 2, 128, 128, dtype=torch.bfloat16, device="cuda")
-    static = {n: inputs[n].clone() for n in TENSOR_ARGS}
-    h0 = tuple(t.clone() for t in inputs["initial_state"])
+def test_gpu_backward_cuda_graph_replay():
+    """The backward forks onto the side stream and joins back (``common.streams``): a CUDA graph
+    of forward + backward captures both streams, and its replay on new inputs gives the gradients
+    of an eager call on those inputs."""
+    shape = (2, 1024, 4, 2, 128, 128)
+    inputs = make_inputs(*shape, dtype=torch.bfloat16, device="cuda")
+    leaves = {n: inputs[n].clone().requires_grad_(True) for n in TENSOR_ARGS}
+    h0 = tuple(t.clone().requires_grad_(True) for t in inputs["initial_state"])
+    weight = torch.randn(shape[0], shape[1], shape[2], shape[5], device="cuda")
 
-    def call():
-        return chunk_gka(**static, num_iter=10, initial_state=h0, output_final_state=True)
+    def step(args, state):
+        o, final = chunk_gka(**args, num_iter=10, initial_state=state, output_final_state=True)
+        ((o.float() * weight).sum() + final[0].sum() + final[1].sum()).backward()
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        call()  # warm-up (compilation) outside the capture
+        step(leaves, h0)  # warm-up (compilation) outside the capture
     torch.cuda.current_stream().wait_stream(side)
+    for t in (*leaves.values(), *h0):
+        t.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o, (h_kk, h_kv) = call()
-    fresh = make_inputs(2, 1024, 4, 2, 128, 128, dtype=torch.bfloat16, device="cuda")
-    for n in TENSOR_ARGS:
-        static[n].copy_(fresh[n])
-    for t, f in zip(h0, fresh["initial_state"]):
-        t.copy_(f)
+        step(leaves, h0)
+    fresh = make_inputs(*shape, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        for n in TENSOR_ARGS:
+            leaves[n].copy_(fresh[n])
+        for t, f in zip(h0, fresh["initial_state"]):
+            t.copy_(f)
     graph.replay()
-    o_e, (h_kk_e, h_kv_e) = chunk_gka(**{n: fresh[n] for n in TENSOR_ARGS}, num_iter=10,
-                                      initial_state=fresh["initial_state"], output_final_state=True)
+    eager = {n: fresh[n].clone().requires_grad_(True) for n in TENSOR_ARGS}
+    eager_h0 = tuple(t.clone().requires_grad_(True) for t in fresh["initial_state"])
+    step(eager, eager_h0)
     torch.cuda.synchronize()
-    assert torch.equal(o, o_e)
-    assert torch.equal(h_kk, h_kk_e)
-    assert torch.equal(h_kv, h_kv_e)
+    for n in TENSOR_ARGS:
+        assert torch.equal(leaves[n].grad, eager[n].grad), f"d{n} of the replay differs"
+    for i, (t, e) in enumerate(zip(h0, eager_h0)):
+        assert torch.equal(t.grad, e.grad), f"initial_state[{i}] gradient of the replay differs"

@@ -67,7 +67,7 @@ from gka_kernels.gka.solve import gka_solve_bwd, gka_solve_fwd
 from gka_kernels.common.streams import Pending, beside
 from gka_kernels.gla.chunk import (
     BT as GLA_CHUNK, BF16_HILO, ChunkPlan, gla_backward_dqkg, gla_backward_dv, gla_backward_states,
-    gla_forward_output, gla_forward_states, make_plan, precision_for,
+    gla_forward, make_plan, precision_for,
 )
 
 # The solve and the readout share one chunk plan (``make_plan``): their chunks must be the same.
@@ -111,33 +111,18 @@ def check_gka_inputs(q, k, v, g, gk, alpha, scale, ridge_ratio, num_iter, bp_lam
     return dims, scale
 
 
-def prepare_solve(
-    q: torch.Tensor, k: torch.Tensor, gk: torch.Tensor, h0: torch.Tensor | None,
-    output_final_state: bool, plan: ChunkPlan,
-) -> Pending:
-    """The solve's operands on the chunks of ``plan`` (``make_plan``; its 64-token chunks are the
-    solve's), formed on the side stream (:mod:`gka_kernels.common.streams`): ``k`` in ``q``'s dtype,
-    ``G`` (chunk-local cumsum of ``gk``), the chunk-start states of ``H`` (a sequential pass that the
-    caller overlaps with independent kernels) and the final ``h_kk`` (or None)."""
-    return beside(_solve_operands, q, k, gk, h0, output_final_state, plan)
-
-
-def _solve_operands(q, k, gk, h0, output_final_state, plan):
+def solve_forward(
+    q: torch.Tensor, k: torch.Tensor, gk: torch.Tensor, alpha: torch.Tensor | None,
+    h0: torch.Tensor | None, ridge_ratio: float, num_iter: int, output_final_state: bool,
+    plan: ChunkPlan,
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+    """The ridge-solve half of GKA on the chunks of ``plan`` (``make_plan``; its 64-token chunks
+    are the solve's): ``qm`` ``[B,T,H,K]`` (float32 for 16-bit inputs), the final ``h_kk`` (or
+    None) and the tensors :func:`solve_backward` needs. ``k`` is read in ``q``'s dtype."""
     k = k.to(q.dtype)
     gcum = chunk_local_cumsum(gk, CHUNK, cu_seqlens=plan.cu_seqlens, chunk_indices=plan.chunk_indices)
     states, ht = chunk_gka_fwd_h(k, gcum, q.shape[2], plan.num_seqs, plan.num_chunks, h0,
                                  output_final_state, plan.cu_seqlens, plan.chunk_indices, plan.chunk_offsets)
-    return k, gcum, states, ht
-
-
-def solve_forward(
-    q: torch.Tensor, alpha: torch.Tensor | None, h0: torch.Tensor | None, ridge_ratio: float,
-    num_iter: int, plan: ChunkPlan, operands: Pending,
-) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
-    """The ridge-solve half of GKA (``operands`` from :func:`prepare_solve`, same ``plan``): ``qm``
-    ``[B,T,H,K]`` (float32 for 16-bit inputs), the final ``h_kk`` (or None) and the tensors
-    :func:`solve_backward` needs."""
-    k, gcum, states, ht = operands.result()
     x, qm, fro = gka_solve_fwd(q, k, gcum, states, alpha, ridge_ratio, num_iter, plan.cu_seqlens,
                                plan.chunk_indices)
     return qm, ht, (q, k, gcum, alpha, h0, x, fro, ht)
@@ -206,8 +191,7 @@ class ChunkGkaSolveFunction(torch.autograd.Function):
     def forward(ctx, q, k, gk, alpha, h0, ridge_ratio, num_iter, bp_lambda, output_final_state,
                 cu_seqlens):
         plan = make_plan(q.shape[0], q.shape[1], cu_seqlens)
-        qm, ht, saved = solve_forward(q, alpha, h0, ridge_ratio, num_iter, plan,
-                                      prepare_solve(q, k, gk, h0, output_final_state, plan))
+        qm, ht, saved = solve_forward(q, k, gk, alpha, h0, ridge_ratio, num_iter, output_final_state, plan)
         ctx.save_for_backward(*saved)
         ctx.meta = (ridge_ratio, num_iter, bp_lambda, plan, k.dtype, gk.dtype)
         return qm, ht
@@ -233,27 +217,27 @@ class ChunkGkaFunction(torch.autograd.Function):
     heavily) are summed before the one rounding to ``k``'s dtype. With ``gk`` None the decay
     gradients of the readout and of the solve are summed in float32 as well.
 
-    Two streams (:mod:`gka_kernels.common.streams`): the solve's chunk states are formed on the side
-    stream while the readout's state pass (which needs no queries) runs on the current one, in the
-    forward and again in the backward (there next to both of the readout's state passes); the
-    backward's reverse scan runs on the side stream during the readout's value-gradient kernel."""
+    The backward uses two streams (:mod:`gka_kernels.common.streams`): the solve's chunk states are
+    recomputed on the side stream during the readout's two state passes, and the solve's reverse
+    scan runs there during the readout's value-gradient kernel. (The forward runs on one stream:
+    forming the chunk states beside the readout's state pass made long-32k's forward 0.5 ms
+    slower on an H200, session 17.)"""
 
     @staticmethod
     def forward(ctx, q, k, v, g, gk, alpha, h0_kk, h0_kv, scale, ridge_ratio, num_iter, bp_lambda,
                 output_final_state, cu_seqlens):
         plan = make_plan(q.shape[0], q.shape[1], cu_seqlens)
-        operands = prepare_solve(q, k, g if gk is None else gk, h0_kk, output_final_state, plan)
+        qm, ht_kk, saved = solve_forward(q, k, g if gk is None else gk, alpha, h0_kk, ridge_ratio,
+                                         num_iter, output_final_state, plan)
         # qm is float32 for 16-bit inputs (see the module docstring): read out from float32
         # queries. k and v stay in their dtype (o and dv come out in v's). bf16 inputs: k, v and do
         # hold bf16 values, so only qm, the states and the scores need hi + lo (BF16_HILO); fp16
         # values are not exact in bf16 (3xBF16 splits everything); float32 inputs keep 3xTF32.
         mode = {torch.bfloat16: BF16_HILO, torch.float16: "bf16x3"}.get(q.dtype, "tf32x3")
-        qm_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        p = precision_for(qm_dtype, mode)
-        gc, hs, ht_kv = gla_forward_states(k, v, g.to(qm_dtype), p, scale=scale, initial_state=h0_kv,
-                                           output_final_state=output_final_state, plan=plan)
-        qm, ht_kk, saved = solve_forward(q, alpha, h0_kk, ridge_ratio, num_iter, plan, operands)
-        o, _ = gla_forward_output(qm, k, v, gc, hs, p, scale=scale, plan=plan)
+        p = precision_for(qm.dtype, mode)
+        o, ht_kv, gc, _ = gla_forward(qm, k, v, g.to(qm.dtype), scale=scale, initial_state=h0_kv,
+                                      output_final_state=output_final_state, plan=plan,
+                                      fp32_precision=mode)
         ctx.save_for_backward(*saved, qm, v, gc, h0_kv)
         ctx.meta = (scale, ridge_ratio, num_iter, bp_lambda, p, plan, g.dtype,
                     None if gk is None else gk.dtype)

@@ -124,40 +124,18 @@ def gla_forward(
     adds ``D * v``; ``z [B,T,H,V]`` gates the output with ``silu(z)``. ``fp32_precision``: see
     :func:`precision_for`."""
     p = precision_for(q.dtype, fp32_precision)
-    gc, hs, ht = gla_forward_states(k, v, g, p, scale=scale, initial_state=initial_state,
-                                    output_final_state=output_final_state, plan=plan, v_scale=v_scale)
-    o, ypre = gla_forward_output(q, k, v, gc, hs, p, scale=scale, plan=plan, v_scale=v_scale, D=D, z=z)
-    return o, ht, gc, ypre
-
-
-def gla_forward_states(
-    k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, p: Precision, *, scale: float,
-    initial_state: torch.Tensor | None, output_final_state: bool, plan: ChunkPlan,
-    v_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The first half of :func:`gla_forward` (it needs no queries): ``gc`` (chunk-local cumsum of
-    ``g``), the chunk-start states ``hs [n_chunks, H, K, V]`` (``p.states``) and the final state or
-    None. ``p``: the queries' :func:`precision_for`."""
-    gc = chunk_local_cumsum(g, BT, cu_seqlens=plan.cu_seqlens, chunk_indices=plan.chunk_indices)
+    cu = plan.cu_seqlens
+    gc = chunk_local_cumsum(g, BT, cu_seqlens=cu, chunk_indices=plan.chunk_indices)
     hs, ht = chunk_state_pass(
         k, v, gc, BT=BT, reverse=False, scale=scale, state_in=initial_state,
-        store_final=output_final_state, states_dtype=p.states, v_scale=v_scale,
-        cu_seqlens=plan.cu_seqlens, chunk_offsets=plan.chunk_offsets, num_chunks=plan.num_chunks,
-        num_seqs=plan.num_seqs, acc=p.acc, dot_dtype=p.dot, precision=p.prec, split=p.split)
-    return gc, hs, ht
-
-
-def gla_forward_output(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, hs: torch.Tensor,
-    p: Precision, *, scale: float, plan: ChunkPlan, v_scale: torch.Tensor | None = None,
-    D: torch.Tensor | None = None, z: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The second half of :func:`gla_forward`: ``(o, ypre)`` from :func:`gla_forward_states`'s
-    ``gc`` and ``hs``."""
-    return chunk_fwd_o(
+        store_final=output_final_state, states_dtype=p.states, v_scale=v_scale, cu_seqlens=cu,
+        chunk_offsets=plan.chunk_offsets, num_chunks=plan.num_chunks, num_seqs=plan.num_seqs,
+        acc=p.acc, dot_dtype=p.dot, precision=p.prec, split=p.split)
+    o, ypre = chunk_fwd_o(
         q, k, v, gc, hs, scale=scale, BT=BT, num_chunks=plan.num_chunks, v_scale=v_scale, D=D, z=z,
-        cu_seqlens=plan.cu_seqlens, chunk_indices=plan.chunk_indices, acc=p.acc, dot_dtype=p.dot,
+        cu_seqlens=cu, chunk_indices=plan.chunk_indices, acc=p.acc, dot_dtype=p.dot,
         precision=p.prec, split=p.split)
+    return o, ht, gc, ypre
 
 
 def gla_backward(
