@@ -474,14 +474,15 @@ def test_aot_specs_registered():
     from gka_kernels.gka import chunk_dh, chunk_dk, chunk_h, fused_recurrent, solve
 
     kernels = {chunk_h.chunk_gka_key_mass_kernel, chunk_h.chunk_gka_fwd_h_kernel, solve.gka_solve_fwd_kernel,
-               solve.gka_solve_bwd_kernel,
+               solve.gka_solve_bwd_kernel, solve.gka_adjoint_rows_kernel,
                chunk_dh.chunk_gka_bwd_ds_kernel, chunk_dh.chunk_gka_bwd_dh_kernel,
                chunk_dk.chunk_gka_bwd_dk_kernel,
                fused_recurrent.fused_recurrent_gka_kernel}
     specs = [s for s in registered_specs() if s.name.startswith("gka.")]
     assert {s.kernel for s in specs} == kernels
     assert all(s.constexprs.get("K") == 128 for s in specs)
-    assert all(s.types["k"] == "*bf16" for s in specs)  # bf16 layers: keys in bf16
+    # bf16 layers: keys in bf16 (queries where a kernel reads no keys)
+    assert all(s.types.get("k", s.types.get("q")) == "*bf16" for s in specs)
 
 
 # ------------------------------------------------------------------ GPU

@@ -31,9 +31,10 @@ instead needs ``y`` as hi + lo (two dots per product): ``y`` is mostly orthogona
 ``1 / a`` times its key-space part), so one rounding of ``y`` puts ``u |y|`` into ``k . y``.
 
 Forward kernel: fro, ``x = A^{-1} q`` and ``qm = q + alpha (x - q)``.
-Backward kernel (implicit differentiation, ``A_t`` symmetric): ``dx = alpha dqm``,
-``dqs = A^{-1} dx`` (same iteration, saved fro), the total ``dq = dqs + (1 - alpha) dqm``,
-``dalpha = (x - q) . dqm``, and per row the scalars the key/decay gradients need:
+Backward (implicit differentiation, ``A_t`` symmetric), two kernels: the adjoint solve
+``dqs = A^{-1} dx``, ``dx = alpha dqm`` (same iteration, saved fro), then a row kernel
+(:func:`gka_adjoint_rows_kernel`) for the total ``dq = dqs + (1 - alpha) dqm``,
+``dalpha = (x - q) . dqm`` and per row the scalars the key/decay gradients need:
 
     c_t    = bp_lambda * a (x_t . dqs_t) / fro_t                (lambda-path weight of H_t)
     dgp_t  = <dH_t, H_t> = -dqs_t . (H_t x_t) - c_t ||H_t||^2    (decay gradient, own-state part)
@@ -49,9 +50,13 @@ as two column halves [BT, BK/2] (``_l``/``_h``) so that each half of ``H_t y_t``
 its update before the other half is formed: one [BT, BK/2] fp32 accumulator is live instead of
 a [BT, BK] one. Per iteration: 8 dots of [64, 64] x [64, 64] (4.2 MFLOP at K = 128). Register use
 is the limit of this kernel: compiled for sm_90 (Triton 3.6, bf16, K = 128) the 4-warp program
-reloads some values from local memory every iteration (136 B of stack in the forward, 10 local
-loads in a loop of 698 instructions per warp), the 8-warp one nothing (0 B) but repeats the
-score dots on both warpgroups; the autotuner chooses between them on the GPU.
+reloads some values from local memory every iteration (168 B of stack in the forward, 216 B in
+the adjoint solve), the 8-warp one nothing (0 B) but repeats the score dots on both warpgroups;
+the autotuner chooses between them on the GPU. At two programs per SM the solves cannot hide the
+latency of their loads and stores: at num_iter 10 on an H200 (ncu, session 17) the forward spent
+42% of its stall samples before the loop (loads and the Frobenius norms) and the adjoint solve,
+which then also formed ``dq`` and the row scalars, 46% after it, mostly waiting on loads and
+spilled registers. That row work is therefore a separate kernel of 96 registers.
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ def _load_chunk(k, gcum, h, h_scale, tok, m_t, i_s, i_h, i_hk,
     ``||H_c||_F^2``, the state's scale ``s_c`` and, in the dot dtype, the key chunk's column halves
     [BT, BH] and the four [BH, BH] blocks of ``(H_c / s_c)^T`` as stored
     (``ht_xy[i, j] = H_c[y j, x i] / s_c``, so that rows(Y @ H_c^T) = (H_c y_t)^T / s_c). The norm
-    is that of the stored (rounded) state."""
+    is that of the stored (rounded) state; the adjoint solve does not use it."""
     o_t = tl.arange(0, BT)
     o_l = tl.arange(0, BH)
     o_h = BH + o_l
@@ -178,19 +183,24 @@ def _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_
 
 
 @triton.jit
-def _adjoint_half(b_s, p_row, o_c, m_t, b_a, x, q, dqm, dq, dqs, K: tl.constexpr, ACC: tl.constexpr):
-    """One column half of the adjoint solution ``b_s``: stores it as ``dqs`` and the total
-    ``dq = dqs + (1 - alpha) dqm``; returns the row dots ``x . dqs``, ``q . dqs`` and
-    ``(x - q) . dqm`` over the half."""
-    store_rows(dqs + p_row, o_c, m_t, b_s, K)
-    b_x = load_rows(x + p_row, o_c, m_t, K, ACC)
-    b_q = load_rows(q + p_row, o_c, m_t, K, ACC)
-    b_sx = tl.sum(b_x * b_s, axis=1)
-    b_sq = tl.sum(b_q * b_s, axis=1)
-    b_g = load_rows(dqm + p_row, o_c, m_t, K, ACC)
-    b_da = tl.sum((b_x - b_q) * b_g, axis=1)
-    store_rows(dq + p_row, o_c, m_t, b_s + (1.0 - b_a[:, None]) * b_g, K)
-    return b_sx, b_sq, b_da
+def _frobenius(b_eg, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh, ACC: tl.constexpr,
+               PREC: tl.constexpr, FRO_PREC: tl.constexpr):
+    """``fro_t = ||H_t||_F`` of every row (``b_eg = exp(G)``; the other operands from
+    :func:`_load_chunk`; the norm of the stored, rounded state):
+
+        ||H_t||^2 = exp(2G) ||H_c||^2 + 2 exp(G) (M @ diag(K H_c K^T)) + rowsum((M @ (K K^T)^2) * M)
+    """
+    b_p = tl.dot(b_kl, b_ht_ll, input_precision=PREC, out_dtype=ACC)
+    b_p = tl.dot(b_kh, b_ht_hl, b_p, input_precision=PREC, out_dtype=ACC)
+    b_khk = tl.sum(b_p * b_kl.to(ACC), axis=1)
+    b_p = tl.dot(b_kl, b_ht_lh, input_precision=PREC, out_dtype=ACC)
+    b_p = tl.dot(b_kh, b_ht_hh, b_p, input_precision=PREC, out_dtype=ACC)
+    b_khk += tl.sum(b_p * b_kh.to(ACC), axis=1)
+    b_khk = b_khk * h_s
+    b_kk = _scores(b_kl, b_kh, b_kl, b_kh, ACC, PREC)
+    b_f3 = tl.dot(b_m, b_kk * b_kk, input_precision=FRO_PREC, out_dtype=ACC) * b_m
+    b_fro2 = b_eg * b_eg * hn2 + 2.0 * b_eg * tl.sum(b_m * b_khk[None, :], axis=1) + tl.sum(b_f3, axis=1)
+    return tl.sqrt(tl.maximum(b_fro2, 0.0))
 
 
 # 4 warps = one warpgroup per 64-row chunk (every dot on one warpgroup, some register spills);
@@ -215,19 +225,7 @@ def gka_solve_fwd_kernel(
     b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
         k, gcum, h, h_scale, tok, m_t, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
     b_eg = tl.exp(b_g)
-
-    # ||H_t||_F^2 = exp(2G) ||H_c||^2 + 2 exp(G) (M @ diag(K H_c K^T)) + rowsum((M @ (K K^T)^2) * M).
-    b_p = tl.dot(b_kl, b_ht_ll, input_precision=PREC, out_dtype=ACC)
-    b_p = tl.dot(b_kh, b_ht_hl, b_p, input_precision=PREC, out_dtype=ACC)
-    b_khk = tl.sum(b_p * b_kl.to(ACC), axis=1)
-    b_p = tl.dot(b_kl, b_ht_lh, input_precision=PREC, out_dtype=ACC)
-    b_p = tl.dot(b_kh, b_ht_hh, b_p, input_precision=PREC, out_dtype=ACC)
-    b_khk += tl.sum(b_p * b_kh.to(ACC), axis=1)
-    b_khk = b_khk * h_s
-    b_kk = _scores(b_kl, b_kh, b_kl, b_kh, ACC, PREC)
-    b_f3 = tl.dot(b_m, b_kk * b_kk, input_precision=FRO_PREC, out_dtype=ACC) * b_m
-    b_fro2 = b_eg * b_eg * hn2 + 2.0 * b_eg * tl.sum(b_m * b_khk[None, :], axis=1) + tl.sum(b_f3, axis=1)
-    b_fro = tl.sqrt(tl.maximum(b_fro2, 0.0))
+    b_fro = _frobenius(b_eg, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh, ACC, PREC, FRO_PREC)
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
     tl.store(fro + tok * H + i_h, b_fro.to(fro.dtype.element_ty), mask=m_t)
 
@@ -235,8 +233,8 @@ def gka_solve_fwd_kernel(
     o_h = BH + o_l
     p_q = q + (tok * H + i_h) * K
     b_yl, b_yh = _chebyshev(load_rows(p_q, o_l, m_t, K, ACC), load_rows(p_q, o_h, m_t, K, ACC),
-                            b_inv, b_eg * h_s, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
-                            ridge, step, c4, num_iter, ACC, DT, PREC)
+                            b_inv, b_eg * h_s, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl,
+                            b_ht_hh, ridge, step, c4, num_iter, ACC, DT, PREC)
     b_yl = b_yl * b_inv[:, None]
     b_yh = b_yh * b_inv[:, None]
     p_x = x + (tok * H + i_h) * K
@@ -256,19 +254,20 @@ def gka_solve_fwd_kernel(
 @autotune(configs=_CONFIGS, key=["K", "H", "HAS_ALPHA", "IS_VARLEN"])
 @triton.jit
 def gka_solve_bwd_kernel(
-    q, k, gcum, h, h_scale, alpha, x, fro, dqm, dq, dqs, dalpha, lam_c, beta, dgp,
-    cu_seqlens, chunk_indices, T, NT, ridge, bp_coef, step, c4, num_iter,
+    k, gcum, h, h_scale, alpha, fro, dqm, dqs, cu_seqlens, chunk_indices, T, NT, ridge, step, c4,
+    num_iter,
     H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     HAS_ALPHA: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACC: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid (chunks, B*H): adjoint solve dqs = A^{-1} (alpha dqm) and the per-row scalars
-    c, beta, dgp of the key/decay gradients (see the module docstring)."""
+    """Grid (chunks, B*H): the adjoint solve dqs = A^{-1} (alpha dqm). The row work on ``dqs``
+    (``dq``, ``dalpha`` and the per-row scalars) is :func:`gka_adjoint_rows_kernel`'s: here it took
+    46% of the stall samples at num_iter 10, mostly waiting on loads and register spills (ncu, H200,
+    session 17)."""
     BH: tl.constexpr = BK // 2
     i_h, i_hk, i_s, tok, m_t = chunk_program(cu_seqlens, chunk_indices, T, NT, H, HKV, BT, IS_VARLEN)
     b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
         k, gcum, h, h_scale, tok, m_t, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
-    b_eg = tl.exp(b_g) * h_s
     b_fro = tl.load(fro + tok * H + i_h, mask=m_t, other=0).to(ACC)
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
 
@@ -281,34 +280,59 @@ def gka_solve_bwd_kernel(
         b_a = tl.full([BT], 1.0, ACC)
     b_rl = load_rows(dqm + p_row, o_l, m_t, K, ACC) * b_a[:, None]
     b_rh = load_rows(dqm + p_row, o_h, m_t, K, ACC) * b_a[:, None]
-    b_sl, b_sh = _chebyshev(b_rl, b_rh, b_inv, b_eg, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl,
-                            b_ht_hh, ridge, step, c4, num_iter, ACC, DT, PREC)
-    if HAS_ALPHA:  # reloaded (as G below): not kept live through the solve
-        b_a = tl.load(alpha + tok * H + i_h, mask=m_t, other=0).to(ACC)
-    # Per column half: dqs, the total dq = dqs + (1 - alpha) dqm, and the row dots x . dqs,
-    # q . dqs and (x - q) . dqm (one half's tiles are dead before the other's are loaded).
-    b_sx, b_sq, b_da = _adjoint_half(b_sl * b_inv[:, None], p_row, o_l, m_t, b_a, x, q, dqm, dq, dqs,
-                                     K, ACC)
-    b_sx2, b_sq2, b_da2 = _adjoint_half(b_sh * b_inv[:, None], p_row, o_h, m_t, b_a, x, q, dqm, dq,
-                                        dqs, K, ACC)
-    b_sx += b_sx2
-    b_sq += b_sq2
+    b_sl, b_sh = _chebyshev(b_rl, b_rh, b_inv, tl.exp(b_g) * h_s, b_m, b_kl, b_kh, b_ht_ll, b_ht_lh,
+                            b_ht_hl, b_ht_hh, ridge, step, c4, num_iter, ACC, DT, PREC)
+    store_rows(dqs + p_row, o_l, m_t, b_sl * b_inv[:, None], K)
+    store_rows(dqs + p_row, o_h, m_t, b_sh * b_inv[:, None], K)
+
+
+@autotune(configs=[triton.Config({"BC": bc}, num_warps=w, num_stages=2) for bc, w in ((32, 4), (64, 4), (32, 8))],
+          key=["K", "H", "HAS_ALPHA", "IS_VARLEN"])
+@triton.jit
+def gka_adjoint_rows_kernel(
+    q, gcum, alpha, x, fro, dqm, dqs, dq, dalpha, lam_c, beta, dgp, cu_seqlens, chunk_indices, T, NT,
+    ridge, bp_coef,
+    H: tl.constexpr, HKV: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    HAS_ALPHA: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+):
+    """Grid (chunks, B*H): from the adjoint solution ``dqs``, the total ``dq = dqs + (1 - alpha) dqm``,
+    ``dalpha = (x - q) . dqm`` and the per-row scalars ``c``, ``beta``, ``dgp`` of the key/decay
+    gradients (see the module docstring). Rows [BT] of a chunk, columns in a loop over [BT, BC]
+    blocks (row dots accumulated in [BT] vectors), so that few registers are live."""
+    i_h, i_hk, i_s, tok, m_t = chunk_program(cu_seqlens, chunk_indices, T, NT, H, HKV, BT, IS_VARLEN)
+    o_s = tok * H + i_h
+    p_row = o_s * K
     if HAS_ALPHA:
-        tl.store(dalpha + tok * H + i_h, (b_da + b_da2).to(dalpha.dtype.element_ty), mask=m_t)
-    # Per-row scalars. x_t is treated as the exact solution of A_t x = q_t (SPEC 5), so
-    # H_t x_t = q_t - lam_t x_t (0 where H_t = 0): no product with H_t is formed here.
+        b_a = tl.load(alpha + o_s, mask=m_t, other=0).to(ACC)
+    else:
+        b_a = tl.full([BT], 1.0, ACC)
+    b_sx = tl.zeros([BT], ACC)
+    b_sq = tl.zeros([BT], ACC)
+    b_da = tl.zeros([BT], ACC)
+    for c0 in range(0, K, BC):
+        o_c = c0 + tl.arange(0, BC)
+        b_s = load_rows(dqs + p_row, o_c, m_t, K, ACC)
+        b_x = load_rows(x + p_row, o_c, m_t, K, ACC)
+        b_q = load_rows(q + p_row, o_c, m_t, K, ACC)
+        b_g = load_rows(dqm + p_row, o_c, m_t, K, ACC)
+        b_sx += tl.sum(b_x * b_s, axis=1)
+        b_sq += tl.sum(b_q * b_s, axis=1)
+        b_da += tl.sum((b_x - b_q) * b_g, axis=1)
+        store_rows(dq + p_row, o_c, m_t, b_s + (1.0 - b_a[:, None]) * b_g, K)
+    if HAS_ALPHA:
+        tl.store(dalpha + o_s, b_da.to(dalpha.dtype.element_ty), mask=m_t)
+    # x_t is treated as the exact solution of A_t x = q_t (SPEC 5), so H_t x_t = q_t - lam_t x_t
+    # (0 where H_t = 0): no product with H_t is formed here.
+    b_fro = tl.load(fro + o_s, mask=m_t, other=0).to(ACC)
     b_shx = tl.where(b_fro > 0, b_sq - ridge * b_fro * b_sx, 0.0)
-    b_c = bp_coef * b_sx * b_inv
+    b_c = bp_coef * b_sx / tl.where(b_fro > 0, b_fro, 1.0)
     b_dgp = -b_shx - b_c * b_fro * b_fro
     o_t = tl.arange(0, BT)
     m_st = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
-    b_g = tl.load(gcum + tok * H + i_h, mask=m_t, other=0).to(ACC)  # reloaded: fewer registers
+    b_g = tl.load(gcum + o_s, mask=m_t, other=0).to(ACC)
     b_e = tl.exp(tl.where(m_st, 2.0 * b_g[None, :] - b_g[:, None], float("-inf")))
-    b_beta = tl.sum(b_e * b_c[None, :], axis=1)
-
-    o_s = tok * H + i_h
     tl.store(lam_c + o_s, b_c.to(lam_c.dtype.element_ty), mask=m_t)
-    tl.store(beta + o_s, b_beta.to(beta.dtype.element_ty), mask=m_t)
+    tl.store(beta + o_s, tl.sum(b_e * b_c[None, :], axis=1).to(beta.dtype.element_ty), mask=m_t)
     tl.store(dgp + o_s, b_dgp.to(dgp.dtype.element_ty), mask=m_t)
 
 
@@ -385,13 +409,16 @@ def gka_solve_bwd(
     beta = torch.empty_like(lam_c)
     dgp = torch.empty_like(lam_c)
     step, c4 = chebyshev_constants(ridge_ratio)
-    gka_solve_bwd_kernel[_grid(NT, B, H, chunk_indices)](
-        q, k, gcum, states.h, states.scale, alpha, x, fro, dqm, dq, dqs, dalpha, lam_c, beta, dgp,
-        cu_seqlens, chunk_indices, T, NT, ridge_ratio, ridge_ratio if bp_lambda else 0.0, step, c4, num_iter,
-        H=H, HKV=k.shape[2], K=K, BT=CHUNK, BK=_padded(K),
-        HAS_ALPHA=alpha is not None, IS_VARLEN=cu_seqlens is not None,
-        ACC=compute_dtype(q.dtype), DT=solve_dot_dtype(q.dtype), PREC=dot_precision(q.dtype),
-    )
+    grid = _grid(NT, B, H, chunk_indices)
+    common = dict(H=H, HKV=k.shape[2], K=K, BT=CHUNK, HAS_ALPHA=alpha is not None,
+                  IS_VARLEN=cu_seqlens is not None, ACC=compute_dtype(q.dtype))
+    gka_solve_bwd_kernel[grid](
+        k, gcum, states.h, states.scale, alpha, fro, dqm, dqs, cu_seqlens, chunk_indices, T, NT,
+        ridge_ratio, step, c4, num_iter, BK=_padded(K), DT=solve_dot_dtype(q.dtype),
+        PREC=dot_precision(q.dtype), **common)
+    gka_adjoint_rows_kernel[grid](
+        q, gcum, alpha, x, fro, dqm, dqs, dq, dalpha, lam_c, beta, dgp, cu_seqlens, chunk_indices, T, NT,
+        ridge_ratio, ridge_ratio if bp_lambda else 0.0, **common)
     return dq, dqs, dalpha, lam_c, beta, dgp
 
 
@@ -401,6 +428,17 @@ _AOT_TYPES = {"q": "*bf16", "k": "*bf16", "gcum": "*fp32", "h": "*fp16", "h_scal
               "T": "i32", "NT": "i32", "ridge": "fp32", "step": "fp32", "c4": "fp32", "num_iter": "i32"}
 _AOT_CONST = {"H": 32, "HKV": 8, "K": 128, "BT": CHUNK, "BK": 128, "HAS_ALPHA": True,
               "ACC": tl.float32, "DT": tl.float16, "PREC": "ieee"}
+register_aot(AotSpec(
+    name="gka.adjoint_rows[bf16,k128,varlen]",
+    kernel=gka_adjoint_rows_kernel,
+    types={**{n: _AOT_TYPES[n] for n in ("q", "gcum", "alpha", "x", "fro", "cu_seqlens", "chunk_indices",
+                                         "T", "NT", "ridge")},
+           "dqm": "*fp32", "dqs": "*fp32", "dq": "*bf16", "dalpha": "*fp32", "lam_c": "*fp32",
+           "beta": "*fp32", "dgp": "*fp32", "bp_coef": "fp32"},
+    constexprs={**{n: _AOT_CONST[n] for n in ("H", "HKV", "K", "BT", "HAS_ALPHA", "ACC")},
+                "BC": 32, "IS_VARLEN": True},
+    num_warps=4, num_stages=2,
+))
 for _w in (4, 8):
     register_aot(AotSpec(
         name=f"gka.solve_fwd[bf16,k128,w{_w}]",
@@ -412,8 +450,7 @@ for _w in (4, 8):
     register_aot(AotSpec(
         name=f"gka.solve_bwd[bf16,k128,w{_w}]",
         kernel=gka_solve_bwd_kernel,
-        types={**_AOT_TYPES, "dqm": "*fp32", "dq": "*bf16", "dqs": "*fp32", "dalpha": "*fp32",
-               "lam_c": "*fp32", "beta": "*fp32", "dgp": "*fp32", "bp_coef": "fp32"},
+        types={n: t for n, t in {**_AOT_TYPES, "dqm": "*fp32", "dqs": "*fp32"}.items() if n not in ("q", "x")},
         constexprs={**_AOT_CONST, "IS_VARLEN": True},
         num_warps=_w, num_stages=1,
     ))
