@@ -50,8 +50,6 @@ the CPU).
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 
 from gka_kernels.common.checks import (
@@ -141,15 +139,12 @@ def recompute_states(saved: tuple, plan: ChunkPlan) -> Pending:
 def solve_backward(
     saved: tuple, plan: ChunkPlan, states: Pending, dqm: torch.Tensor, dht: torch.Tensor | None,
     ridge_ratio: float, num_iter: int, bp_lambda: bool, need_dh0: bool,
-    during_scan: Callable[[], Any] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, Any]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of :func:`solve_forward` (``saved`` is its third output, ``plan`` the same,
     ``states`` from :func:`recompute_states`) for the output gradients ``dqm`` and ``dht`` (or
     None): ``dq`` (q's dtype), the key gradient per *query* head ``[B,T,H,K]`` (float32/64; the
     caller sums each key head's group), ``dgk [B,T,H]`` (float32/64), ``dalpha`` (float32/64 or
-    None), the gradient of the initial ``h_kk`` (or None) and the value of ``during_scan()``: the
-    reverse scan runs on the side stream, and ``during_scan`` (independent work of the caller, or
-    None) is launched on the current stream meanwhile."""
+    None) and the gradient of the initial ``h_kk`` (or None)."""
     q, k, gcum, alpha, h0, x, fro, ht = saved
     cu_seqlens, chunk_indices = plan.cu_seqlens, plan.chunk_indices
     states, _ = states.result()
@@ -160,10 +155,7 @@ def solve_backward(
         dht = dht.contiguous()
     ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, states, need_dh0, cu_seqlens, chunk_indices)
     dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, states, dgp, cu_seqlens, chunk_indices)
-    scan = beside(chunk_gka_bwd_dh, k, gcum, ds, dw, dk_h, dgc, dht, plan.num_seqs, cu_seqlens,
-                  plan.chunk_offsets)
-    overlapped = during_scan() if during_scan is not None else None
-    dh0 = scan.result()
+    dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk_h, dgc, dht, plan.num_seqs, cu_seqlens, plan.chunk_offsets)
     dgk = _reverse_cumsum(dgc, cu_seqlens)
     if dht is not None:
         # <dht, H_T> belongs to the decay gradient of every token of the sequence.
@@ -173,7 +165,7 @@ def solve_backward(
         else:
             lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
             dgk = dgk + torch.repeat_interleave(final_term, lens, dim=0)[None]
-    return dq, dk_h, dgk, dalpha, dh0, overlapped
+    return dq, dk_h, dgk, dalpha, dh0
 
 
 def _group_key_grad(dk_h: torch.Tensor, HKV: int, base: torch.Tensor | None,
@@ -200,7 +192,7 @@ class ChunkGkaSolveFunction(torch.autograd.Function):
     def backward(ctx, dqm, dht):
         ridge_ratio, num_iter, bp_lambda, plan, k_dtype, gk_dtype = ctx.meta
         saved = ctx.saved_tensors
-        dq, dk_h, dgk, dalpha, dh0, _ = solve_backward(
+        dq, dk_h, dgk, dalpha, dh0 = solve_backward(
             saved, plan, recompute_states(saved, plan), dqm, dht, ridge_ratio, num_iter, bp_lambda,
             ctx.needs_input_grad[4])
         k, alpha, h0 = saved[1], saved[3], saved[4]
@@ -217,11 +209,9 @@ class ChunkGkaFunction(torch.autograd.Function):
     heavily) are summed before the one rounding to ``k``'s dtype. With ``gk`` None the decay
     gradients of the readout and of the solve are summed in float32 as well.
 
-    The backward uses two streams (:mod:`gka_kernels.common.streams`): the solve's chunk states are
-    recomputed on the side stream during the readout's two state passes, and the solve's reverse
-    scan runs there during the readout's value-gradient kernel. (The forward runs on one stream:
-    forming the chunk states beside the readout's state pass made long-32k's forward 0.5 ms
-    slower on an H200, session 17.)"""
+    The backward recomputes the solve's chunk states on a side stream
+    (:mod:`gka_kernels.common.streams`) during the readout's two state passes; everything else
+    runs on the current stream."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, gk, alpha, h0_kk, h0_kv, scale, ridge_ratio, num_iter, bp_lambda,
@@ -253,12 +243,12 @@ class ChunkGkaFunction(torch.autograd.Function):
         hs, dhs, dh0_kv = gla_backward_states(
             qm, k, v, gc, do, p, dht=dht_kv.contiguous() if dht_kv is not None else None,
             scale=scale, initial_state=h0_kv, plan=plan)
+        dv, _, _ = gla_backward_dv(qm, k, v, gc, dhs, do, p, scale=scale, plan=plan)
         dqm, dk_readout, dg = gla_backward_dqkg(qm, k, v, gc, hs, dhs, do, p, scale=scale, plan=plan,
                                                 dk_dtype=qm.dtype)
-        del hs
-        dq, dk_h, dgk, dalpha, dh0_kk, (dv, _, _) = solve_backward(
-            saved, plan, states, dqm, dht_kk, ridge_ratio, num_iter, bp_lambda, ctx.needs_input_grad[6],
-            during_scan=lambda: gla_backward_dv(qm, k, v, gc, dhs, do, p, scale=scale, plan=plan))
+        del hs, dhs
+        dq, dk_h, dgk, dalpha, dh0_kk = solve_backward(
+            saved, plan, states, dqm, dht_kk, ridge_ratio, num_iter, bp_lambda, ctx.needs_input_grad[6])
         dk = _group_key_grad(dk_h, k.shape[2], dk_readout, k.dtype)
         if gk_dtype is None:
             dg, dgk = dg + dgk, None
