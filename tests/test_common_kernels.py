@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gka_kernels.common.cumsum import chunk_local_cumsum
+from gka_kernels.common.cumsum import chunk_local_cumsum, sequence_reverse_cumsum
 from gka_kernels.common.split_dot import dot_hi_lo
 from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
 
@@ -37,6 +37,37 @@ def test_chunk_local_cumsum_varlen_restarts_at_sequence_starts():
     out = chunk_local_cumsum(g, 16, cu_seqlens=cu)
     ref = torch.cat([_chunked_cumsum_ref(g[:, a:b], 16, False) for a, b in zip(cu[:-1], cu[1:]) if b > a], 1)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def _sequence_reverse_cumsum_ref(x, parts, final, bounds):
+    """Token loop in float64 over each sequence ``[a, b)`` of the flattened tokens."""
+    total = x.double() + (parts.double().sum(0) if parts is not None else 0)
+    flat = total.reshape(-1, x.shape[-1])
+    out = torch.zeros_like(flat)
+    for n, (a, b) in enumerate(bounds):
+        running = final[n].double().clone() if final is not None else torch.zeros_like(flat[0])
+        for t in range(b - 1, a - 1, -1):
+            running = running + flat[t]
+            out[t] = running
+    return out.reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("with_parts,with_final", [(True, True), (False, False), (True, False)])
+def test_sequence_reverse_cumsum(dtype, varlen, with_parts, with_final):
+    """Sequences longer than one 1024-token block (the carry), a one-token and an empty sequence."""
+    B, T, H = (1, 2600, 3) if varlen else (2, 1300, 3)
+    cu = torch.tensor([0, 1, 1, 1500, 2600], dtype=torch.int32) if varlen else None
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist())) if varlen else [(b * T, (b + 1) * T) for b in range(B)]
+    x = torch.randn(B, T, H, dtype=dtype)
+    parts = torch.randn(4, B, T, H, dtype=dtype) if with_parts else None
+    final = torch.randn(len(bounds), H, dtype=dtype) if with_final else None
+    out = sequence_reverse_cumsum(x, parts, final, cu)
+    assert out.dtype == dtype
+    ref = _sequence_reverse_cumsum_ref(x, parts, final, bounds)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * 40)
 
 
 def test_chunk_indices_and_offsets():

@@ -55,7 +55,7 @@ import torch
 from gka_kernels.common.checks import (
     check_gate, check_head_dim, check_positive_int, check_qkv, check_scale, check_state,
 )
-from gka_kernels.common.cumsum import chunk_local_cumsum
+from gka_kernels.common.cumsum import chunk_local_cumsum, sequence_reverse_cumsum
 from gka_kernels.common.group_sum import group_sum
 from gka_kernels.gka._common import CHUNK, MAX_K
 from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh, chunk_gka_bwd_ds
@@ -155,16 +155,11 @@ def solve_backward(
         dht = dht.contiguous()
     ds, dw = chunk_gka_bwd_ds(k, x, dqs, gcum, lam_c, beta, states, need_dh0, cu_seqlens, chunk_indices)
     dk_h, dgc = chunk_gka_bwd_dk(k, x, dqs, gcum, lam_c, beta, states, dgp, cu_seqlens, chunk_indices)
-    dh0 = chunk_gka_bwd_dh(k, gcum, ds, dw, dk_h, dgc, dht, plan.num_seqs, cu_seqlens, plan.chunk_offsets)
-    dgk = _reverse_cumsum(dgc, cu_seqlens)
-    if dht is not None:
-        # <dht, H_T> belongs to the decay gradient of every token of the sequence.
-        final_term = (dht.to(ht.dtype) * ht).sum((-2, -1))            # [N, H]
-        if cu_seqlens is None:
-            dgk = dgk + final_term[:, None, :]
-        else:
-            lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-            dgk = dgk + torch.repeat_interleave(final_term, lens, dim=0)[None]
+    dh0, dgc_later = chunk_gka_bwd_dh(k, gcum, ds, dw, dk_h, dgc, dht, plan.num_seqs, cu_seqlens,
+                                      plan.chunk_offsets)
+    # <dht, H_T> belongs to the decay gradient of every token of the sequence.
+    final_term = (dht.to(ht.dtype) * ht).sum((-2, -1)) if dht is not None else None   # [N, H]
+    dgk = sequence_reverse_cumsum(dgc, dgc_later, final_term, cu_seqlens)
     return dq, dk_h, dgk, dalpha, dh0
 
 
@@ -259,24 +254,6 @@ class ChunkGkaFunction(torch.autograd.Function):
                 dh0_kk.to(h0_kk.dtype) if dh0_kk is not None else None,
                 dh0_kv.to(h0_kv.dtype) if h0_kv is not None else None,
                 None, None, None, None, None, None)
-
-
-def _reverse_cumsum(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-    """``out[t] = sum_{s >= t, s in the sequence of t} x[s]`` over ``x [B, T, H]`` (float64 sums).
-
-    The scan runs along the last (contiguous) axis of a ``[B, H, T]`` copy, as ``total - prefix + x``:
-    along T of ``[B, T, H]`` (and flipped) torch runs a strided outer-dimension scan, which took
-    0.76 ms of the GKA backward at train-4k on an H200 (profile run 15)."""
-    xd = x.to(torch.float64).transpose(1, 2).contiguous()
-    prefix = xd.cumsum(-1)
-    c = (prefix[..., -1:] - prefix + xd).transpose(1, 2)
-    if cu_seqlens is not None:
-        T = x.shape[1]
-        c_ext = torch.cat([c, c.new_zeros(1, 1, c.shape[2])], 1)
-        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-        ends = torch.repeat_interleave(cu_seqlens[1:].to(torch.int64), lens, output_size=T)
-        c = c - c_ext[:, ends]
-    return c.to(x.dtype)
 
 
 def chunk_gka(

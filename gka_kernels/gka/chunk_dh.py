@@ -294,16 +294,19 @@ def chunk_gka_bwd_dh(
     num_seqs: int,
     cu_seqlens: torch.Tensor | None,
     chunk_offsets: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """The reverse scan: adds the later chunks' part of the key and decay gradients to ``dk`` and
-    ``dgc`` (in place) and returns the gradient of the initial ``h_kk`` (None unless ``dw`` is given).
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The reverse scan: adds the later chunks' part of the key gradient to ``dk`` (in place) and
+    returns the gradient of the initial ``h_kk`` (None unless ``dw`` is given) and the later
+    chunks' part of the decay gradient, ``[P, B, T, H]`` partial sums over the scan's column
+    blocks (their sum over ``P`` completes ``dgc``;
+    :func:`gka_kernels.common.cumsum.sequence_reverse_cumsum` takes them as they are).
 
     Args:
         k: ``[B,T,HKV,K]``; gcum: chunk-local cumsum of ``gk`` ``[B,T,H]``.
         ds, dw: the chunks' contributions ``[n_slots, H, K, K]`` from :func:`chunk_gka_bwd_ds`
             (``dw`` None: no initial-state gradient).
-        dk: ``[B,T,H,K]``, dgc: ``[B,T,H]`` (float32/64) from
-            :func:`gka_kernels.gka.chunk_dk.chunk_gka_bwd_dk`, completed in place.
+        dk: ``[B,T,H,K]`` (float32/64) from :func:`gka_kernels.gka.chunk_dk.chunk_gka_bwd_dk`,
+            completed in place; dgc: its decay gradient ``[B,T,H]`` (shape and dtype only).
         dht: gradient of the final ``h_kk`` ``[N,H,K,K]`` or None.
         cu_seqlens, chunk_offsets: varlen bookkeeping (``gla.chunk.ChunkPlan``) or None.
     """
@@ -321,8 +324,7 @@ def chunk_gka_bwd_dh(
         USE_DHT=dht is not None, STORE_DH0=need_dh0, IS_VARLEN=cu_seqlens is not None,
         ACC=compute_dtype(k.dtype), DX=solve_dot_dtype(k.dtype), PREC=dot_precision(k.dtype),
     )
-    dgc += dgc_part.sum(0)
-    return dh0
+    return dh0, dgc_part
 
 
 for _bkj, _w in ((16, 4), (64, 8)):

@@ -167,7 +167,8 @@ def chunk_gka_bwd_dk(
 
     Returns:
         ``dk [B,T,H,K]`` per query head and ``dGc [B,T,H]`` without the later chunks' part, which
-        :func:`gka_kernels.gka.chunk_dh.chunk_gka_bwd_dh` adds in place (float32/64).
+        :func:`gka_kernels.gka.chunk_dh.chunk_gka_bwd_dh` adds to ``dk`` in place and returns for
+        ``dGc`` (float32/64).
     """
     B, T, HKV, K = k.shape
     H = x.shape[2]
