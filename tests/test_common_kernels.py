@@ -7,6 +7,7 @@ import triton.language as tl
 
 from gka_kernels.common.cumsum import chunk_local_cumsum, sequence_reverse_cumsum
 from gka_kernels.common.split_dot import dot_hi_lo
+from gka_kernels.common.streams import beside
 from gka_kernels.common.varlen import prepare_chunk_indices, prepare_chunk_offsets
 
 pytestmark = pytest.mark.interpreter
@@ -114,3 +115,20 @@ def test_decode_autotune_keys_separate_grid_sizes():
         assert "nh_bucket" in kernel.keys
         assert "nh_bucket" in kernel.fn.arg_names
     assert [grid_bucket(n) for n in (0, 1, 32, 33, 2048)] == [1, 1, 32, 64, 2048]
+
+
+def test_beside_runs_inline_without_cuda_tensors():
+    """On the CPU ``beside`` calls the function at once, on the current stream, and ``result()``
+    returns its value (the GPU tests check the two-stream path bitwise against one stream)."""
+    calls = []
+    x = torch.arange(3.0)
+    pending = beside(lambda t, scale: calls.append(1) or t * scale, x, scale=2.0)
+    assert calls == [1]
+    assert torch.equal(pending.result(), x * 2)
+
+
+@pytest.mark.parametrize("value", ["2", "yes", ""])
+def test_beside_rejects_bad_side_stream_setting(monkeypatch, value):
+    monkeypatch.setenv("GKA_KERNELS_SIDE_STREAM", value)
+    with pytest.raises(ValueError, match="GKA_KERNELS_SIDE_STREAM"):
+        beside(torch.neg, torch.ones(2))

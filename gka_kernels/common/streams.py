@@ -30,8 +30,12 @@ _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def side_stream_enabled() -> bool:
-    """False when ``GKA_KERNELS_SIDE_STREAM=0`` (read at every call)."""
-    return os.environ.get("GKA_KERNELS_SIDE_STREAM", "1") != "0"
+    """``GKA_KERNELS_SIDE_STREAM`` (read at every call): ``1`` (default) or ``0``; any other value is
+    a ``ValueError``."""
+    value = os.environ.get("GKA_KERNELS_SIDE_STREAM", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"GKA_KERNELS_SIDE_STREAM: expected 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -80,8 +84,9 @@ class Pending:
 def beside(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Pending:
     """Run ``fn(*args, **kwargs)`` on the side stream of the device of its first CUDA tensor
     argument, after the work already queued on the current stream (see the module docstring)."""
+    enabled = side_stream_enabled()
     inputs = [t for t in _tensors((args, kwargs)) if t.is_cuda]
-    if not inputs or not side_stream_enabled():
+    if not inputs or not enabled:
         return Pending(fn(*args, **kwargs))
     main = torch.cuda.current_stream(inputs[0].device)
     side = _side_stream(inputs[0].device)

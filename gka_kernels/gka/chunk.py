@@ -10,7 +10,7 @@ forward
   4. readout ``o = scale U^T qm`` = simple GLA with queries ``qm`` (``gka_kernels.gla``).
 
 backward (implicit differentiation, SPEC 5)
-  1. recompute ``H_c``;
+  1. recompute ``H_c`` (on a side stream, beside the readout's backward: :func:`recompute_states`);
   2. adjoint solve ``dqs = A^{-1} alpha dqm`` and per-row scalars (solve backward kernel);
   3. per chunk (parallel): the chunk's contribution to the adjoint of ``H``
      (:mod:`gka_kernels.gka.chunk_dh`), and the key and decay gradients of the chunk's own tokens
@@ -57,16 +57,13 @@ from gka_kernels.common.checks import (
 )
 from gka_kernels.common.cumsum import chunk_local_cumsum, sequence_reverse_cumsum
 from gka_kernels.common.group_sum import group_sum
+from gka_kernels.common.streams import Pending, beside
 from gka_kernels.gka._common import CHUNK, MAX_K
 from gka_kernels.gka.chunk_dh import chunk_gka_bwd_dh, chunk_gka_bwd_ds
 from gka_kernels.gka.chunk_dk import chunk_gka_bwd_dk
 from gka_kernels.gka.chunk_h import chunk_gka_fwd_h
 from gka_kernels.gka.solve import gka_solve_bwd, gka_solve_fwd
-from gka_kernels.common.streams import Pending, beside
-from gka_kernels.gla.chunk import (
-    BT as GLA_CHUNK, BF16_HILO, ChunkPlan, gla_backward_dqkg, gla_backward_dv, gla_backward_states,
-    gla_forward, make_plan, precision_for,
-)
+from gka_kernels.gla.chunk import BT as GLA_CHUNK, BF16_HILO, ChunkPlan, gla_backward, gla_forward, make_plan
 
 # The solve and the readout share one chunk plan (``make_plan``): their chunks must be the same.
 assert CHUNK == GLA_CHUNK, "GKA solve and GLA readout chunk lengths differ"
@@ -205,8 +202,8 @@ class ChunkGkaFunction(torch.autograd.Function):
     gradients of the readout and of the solve are summed in float32 as well.
 
     The backward recomputes the solve's chunk states on a side stream
-    (:mod:`gka_kernels.common.streams`) during the readout's two state passes; everything else
-    runs on the current stream."""
+    (:mod:`gka_kernels.common.streams`) while the readout's backward runs (its two state passes are
+    sequential too); everything else runs on the current stream."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, gk, alpha, h0_kk, h0_kv, scale, ridge_ratio, num_iter, bp_lambda,
@@ -219,40 +216,36 @@ class ChunkGkaFunction(torch.autograd.Function):
         # hold bf16 values, so only qm, the states and the scores need hi + lo (BF16_HILO); fp16
         # values are not exact in bf16 (3xBF16 splits everything); float32 inputs keep 3xTF32.
         mode = {torch.bfloat16: BF16_HILO, torch.float16: "bf16x3"}.get(q.dtype, "tf32x3")
-        p = precision_for(qm.dtype, mode)
         o, ht_kv, gc, _ = gla_forward(qm, k, v, g.to(qm.dtype), scale=scale, initial_state=h0_kv,
                                       output_final_state=output_final_state, plan=plan,
                                       fp32_precision=mode)
         ctx.save_for_backward(*saved, qm, v, gc, h0_kv)
-        ctx.meta = (scale, ridge_ratio, num_iter, bp_lambda, p, plan, g.dtype,
+        ctx.meta = (scale, ridge_ratio, num_iter, bp_lambda, mode, plan, g.dtype,
                     None if gk is None else gk.dtype)
         return o, ht_kk, ht_kv
 
     @staticmethod
     def backward(ctx, do, dht_kk, dht_kv):
-        scale, ridge_ratio, num_iter, bp_lambda, p, plan, g_dtype, gk_dtype = ctx.meta
+        scale, ridge_ratio, num_iter, bp_lambda, mode, plan, g_dtype, gk_dtype = ctx.meta
         *saved, qm, v, gc, h0_kv = ctx.saved_tensors
         k, alpha, h0_kk = saved[1], saved[3], saved[4]
         states = recompute_states(saved, plan)
-        do = do.contiguous()
-        hs, dhs, dh0_kv = gla_backward_states(
-            qm, k, v, gc, do, p, dht=dht_kv.contiguous() if dht_kv is not None else None,
-            scale=scale, initial_state=h0_kv, plan=plan)
-        dv, _, _ = gla_backward_dv(qm, k, v, gc, dhs, do, p, scale=scale, plan=plan)
-        dqm, dk_readout, dg = gla_backward_dqkg(qm, k, v, gc, hs, dhs, do, p, scale=scale, plan=plan,
-                                                dk_dtype=qm.dtype)
-        del hs, dhs
-        dq, dk_h, dgk, dalpha, dh0_kk = solve_backward(
-            saved, plan, states, dqm, dht_kk, ridge_ratio, num_iter, bp_lambda, ctx.needs_input_grad[6])
-        dk = _group_key_grad(dk_h, k.shape[2], dk_readout, k.dtype)
+        readout = gla_backward(qm, k, v, gc, do.contiguous(),
+                               dht=dht_kv.contiguous() if dht_kv is not None else None, scale=scale,
+                               initial_state=h0_kv, plan=plan, fp32_precision=mode, dk_dtype=qm.dtype)
+        dq, dk_h, dgk, dalpha, dh0_kk = solve_backward(saved, plan, states, readout["dq"], dht_kk,
+                                                       ridge_ratio, num_iter, bp_lambda,
+                                                       ctx.needs_input_grad[6])
+        dk = _group_key_grad(dk_h, k.shape[2], readout["dk"], k.dtype)
+        dg = readout["dg"]
         if gk_dtype is None:
             dg, dgk = dg + dgk, None
         else:
             dgk = dgk.to(gk_dtype)
-        return (dq, dk, dv, dg.to(g_dtype), dgk,
+        return (dq, dk, readout["dv"], dg.to(g_dtype), dgk,
                 dalpha.to(alpha.dtype) if alpha is not None else None,
                 dh0_kk.to(h0_kk.dtype) if dh0_kk is not None else None,
-                dh0_kv.to(h0_kv.dtype) if h0_kv is not None else None,
+                readout["dh0"].to(h0_kv.dtype) if h0_kv is not None else None,
                 None, None, None, None, None, None)
 
 

@@ -160,56 +160,23 @@ def gla_backward(
     ``dD`` (with ``D``). ``dk`` is in ``dk_dtype`` (default: k's dtype; the GKA readout asks for
     float32 so that it can add the solve's key gradient before rounding)."""
     p = precision_for(q.dtype, fp32_precision)
-    hs, dhs, dh0 = gla_backward_states(q, k, v, gc, do, p, dht=dht, scale=scale,
-                                       initial_state=initial_state, plan=plan, v_scale=v_scale)
-    dv, dvs, dD = gla_backward_dv(q, k, v, gc, dhs, do, p, scale=scale, plan=plan, v_scale=v_scale, D=D)
-    dq, dk, dg = gla_backward_dqkg(q, k, v, gc, hs, dhs, do, p, scale=scale, plan=plan,
-                                   v_scale=v_scale, dk_dtype=dk_dtype)
+    cu = plan.cu_seqlens
+    common = dict(BT=BT, cu_seqlens=cu, acc=p.acc, dot_dtype=p.dot, precision=p.prec, split=p.split)
+    hs, _ = chunk_state_pass(
+        k, v, gc, reverse=False, scale=scale, state_in=initial_state, store_final=False,
+        states_dtype=p.states, v_scale=v_scale, chunk_offsets=plan.chunk_offsets,
+        num_chunks=plan.num_chunks, num_seqs=plan.num_seqs, **common)
+    dhs, dh0 = chunk_state_pass(
+        q, do, gc, reverse=True, scale=scale, state_in=dht, store_final=initial_state is not None,
+        states_dtype=p.states, chunk_offsets=plan.chunk_offsets, num_chunks=plan.num_chunks,
+        num_seqs=plan.num_seqs, **common)
+    dv, dvs, dD = chunk_bwd_dv(
+        q, k, v, gc, dhs, do, scale=scale, num_chunks=plan.num_chunks, v_scale=v_scale, D=D,
+        chunk_indices=plan.chunk_indices, **common)
+    dq, dk, dg = chunk_bwd_dqkg(
+        q, k, v, gc, hs, dhs, do, scale=scale, num_chunks=plan.num_chunks, v_scale=v_scale,
+        chunk_indices=plan.chunk_indices, dk_dtype=dk_dtype, **common)
     return {"dq": dq, "dk": dk, "dv": dv, "dg": dg, "dh0": dh0, "dvs": dvs, "dD": dD}
-
-
-def _kernel_options(p: Precision, plan: ChunkPlan) -> dict:
-    return dict(BT=BT, cu_seqlens=plan.cu_seqlens, acc=p.acc, dot_dtype=p.dot, precision=p.prec,
-                split=p.split)
-
-
-def gla_backward_states(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, do: torch.Tensor,
-    p: Precision, *, dht: torch.Tensor | None, scale: float, initial_state: torch.Tensor | None,
-    plan: ChunkPlan, v_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The two state passes of :func:`gla_backward`: the chunk-start states ``hs`` again, the
-    gradients ``dhs`` of the chunk-end states (both ``[n_chunks, H, K, V]``) and the initial
-    state's gradient (or None). ``p``: the queries' :func:`precision_for`."""
-    common = dict(chunk_offsets=plan.chunk_offsets, num_chunks=plan.num_chunks, num_seqs=plan.num_seqs,
-                  states_dtype=p.states, scale=scale, **_kernel_options(p, plan))
-    hs, _ = chunk_state_pass(k, v, gc, reverse=False, state_in=initial_state, store_final=False,
-                             v_scale=v_scale, **common)
-    dhs, dh0 = chunk_state_pass(q, do, gc, reverse=True, state_in=dht,
-                                store_final=initial_state is not None, **common)
-    return hs, dhs, dh0
-
-
-def gla_backward_dv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, dhs: torch.Tensor,
-    do: torch.Tensor, p: Precision, *, scale: float, plan: ChunkPlan,
-    v_scale: torch.Tensor | None = None, D: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(dv, dvs, dD)`` of :func:`gla_backward` (see :func:`chunk_bwd_dv`)."""
-    return chunk_bwd_dv(q, k, v, gc, dhs, do, scale=scale, num_chunks=plan.num_chunks,
-                        v_scale=v_scale, D=D, chunk_indices=plan.chunk_indices,
-                        **_kernel_options(p, plan))
-
-
-def gla_backward_dqkg(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gc: torch.Tensor, hs: torch.Tensor,
-    dhs: torch.Tensor, do: torch.Tensor, p: Precision, *, scale: float, plan: ChunkPlan,
-    v_scale: torch.Tensor | None = None, dk_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dg)`` of :func:`gla_backward` (see :func:`chunk_bwd_dqkg`)."""
-    return chunk_bwd_dqkg(q, k, v, gc, hs, dhs, do, scale=scale, num_chunks=plan.num_chunks,
-                          v_scale=v_scale, chunk_indices=plan.chunk_indices, dk_dtype=dk_dtype,
-                          **_kernel_options(p, plan))
 
 
 class ChunkSimpleGLAFunction(torch.autograd.Function):
