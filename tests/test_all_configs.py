@@ -171,7 +171,8 @@ def test_autotuned_kernels_are_found():
     """The sweep sees the autotuned kernels of every mixer (a discovery that finds nothing would
     make the GPU test below pass vacuously)."""
     names = {t.fn.__name__ for t in autotuned_kernels()}
-    assert {"gka_solve_fwd_kernel", "gka_solve_bwd_kernel", "gka_adjoint_rows_kernel", "chunk_gka_bwd_dk_kernel",
+    assert {"gka_solve_fwd_kernel", "gka_solve_bwd_kernel", "gka_adjoint_rows_kernel",
+            "chunk_gka_bwd_dk_kernel",
             "chunk_gka_bwd_dh_kernel", "chunk_fwd_o_kernel", "chunk_state_pass_kernel",
             "chunk_bwd_dqkg_kernel", "chunk_bwd_dv_kernel"} <= names
     assert {"wy_fwd_kernel", "wy_bwd_kernel", "state_fwd_kernel", "output_fwd_kernel"} <= names  # GDN

@@ -60,7 +60,10 @@ def test_sequence_reverse_cumsum(dtype, varlen, with_parts, with_final):
     """Sequences longer than one 1024-token block (the carry), a one-token and an empty sequence."""
     B, T, H = (1, 2600, 3) if varlen else (2, 1300, 3)
     cu = torch.tensor([0, 1, 1, 1500, 2600], dtype=torch.int32) if varlen else None
-    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist())) if varlen else [(b * T, (b + 1) * T) for b in range(B)]
+    if varlen:
+        bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    else:
+        bounds = [(b * T, (b + 1) * T) for b in range(B)]
     x = torch.randn(B, T, H, dtype=dtype)
     parts = torch.randn(4, B, T, H, dtype=dtype) if with_parts else None
     final = torch.randn(len(bounds), H, dtype=dtype) if with_final else None

@@ -225,7 +225,8 @@ def gka_solve_fwd_kernel(
     b_g, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh = _load_chunk(
         k, gcum, h, h_scale, tok, m_t, i_s, i_h, i_hk, H, HKV, K, BT, BH, ACC, DT)
     b_eg = tl.exp(b_g)
-    b_fro = _frobenius(b_eg, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh, ACC, PREC, FRO_PREC)
+    b_fro = _frobenius(b_eg, b_m, hn2, h_s, b_kl, b_kh, b_ht_ll, b_ht_lh, b_ht_hl, b_ht_hh,
+                       ACC, PREC, FRO_PREC)
     b_inv = 1.0 / tl.where(b_fro > 0, b_fro, 1.0)
     tl.store(fro + tok * H + i_h, b_fro.to(fro.dtype.element_ty), mask=m_t)
 
@@ -286,7 +287,8 @@ def gka_solve_bwd_kernel(
     store_rows(dqs + p_row, o_h, m_t, b_sh * b_inv[:, None], K)
 
 
-@autotune(configs=[triton.Config({"BC": bc}, num_warps=w, num_stages=2) for bc, w in ((32, 4), (64, 4), (32, 8))],
+@autotune(configs=[triton.Config({"BC": bc}, num_warps=w, num_stages=2)
+                   for bc, w in ((32, 4), (64, 4), (32, 8))],
           key=["K", "H", "HAS_ALPHA", "IS_VARLEN"])
 @triton.jit
 def gka_adjoint_rows_kernel(
@@ -450,7 +452,8 @@ for _w in (4, 8):
     register_aot(AotSpec(
         name=f"gka.solve_bwd[bf16,k128,w{_w}]",
         kernel=gka_solve_bwd_kernel,
-        types={n: t for n, t in {**_AOT_TYPES, "dqm": "*fp32", "dqs": "*fp32"}.items() if n not in ("q", "x")},
+        types={n: t for n, t in {**_AOT_TYPES, "dqm": "*fp32", "dqs": "*fp32"}.items()
+               if n not in ("q", "x")},
         constexprs={**_AOT_CONST, "IS_VARLEN": True},
         num_warps=_w, num_stages=1,
     ))
