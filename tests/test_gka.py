@@ -536,8 +536,8 @@ def test_gpu_long_sequence_stays_finite(decay):
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_gk,varlen", [(True, False), (False, False), (True, True)])
 def test_gpu_side_stream_matches_one_stream(monkeypatch, with_gk, varlen):
-    """The forward and backward overlap sequential passes on a side stream
-    (``common.streams``): outputs and every gradient must be bitwise those of the one-stream run
+    """The backward recomputes the chunk states on a side stream (``common.streams``) beside the
+    readout's backward: outputs and every gradient must be bitwise those of the one-stream run
     (``GKA_KERNELS_SIDE_STREAM=0``), at a size where the overlapped kernels run concurrently."""
     B, T = (1, 4096) if varlen else (2, 2048)
     cu = torch.tensor([0, 700, 2500, 4096], dtype=torch.int32, device="cuda") if varlen else None
@@ -595,3 +595,38 @@ def test_gpu_backward_cuda_graph_replay():
         assert torch.equal(leaves[n].grad, eager[n].grad), f"d{n} of the replay differs"
     for i, (t, e) in enumerate(zip(h0, eager_h0)):
         assert torch.equal(t.grad, e.grad), f"initial_state[{i}] gradient of the replay differs"
+
+
+_FIRST_CALL_SCRIPT = """
+import torch
+from tests.test_gka import make_inputs, run
+from gka_kernels.gka import chunk_gka
+inputs = make_inputs(1, 320, 4, 2, 128, 128, dtype=torch.bfloat16, device="cuda")
+first = run(chunk_gka, inputs, grads=True, num_iter=10)   # every GKA kernel autotunes here
+second = run(chunk_gka, inputs, grads=True, num_iter=10)
+bad = [n for n in first[2] if not torch.equal(first[2][n], second[2][n])]
+assert not bad, f"gradients of the autotuning call differ: {bad}"
+assert torch.equal(first[0], second[0])
+print("first call == second call")
+"""
+
+
+@pytest.mark.gpu
+def test_gpu_autotuning_call_gives_the_same_gradients():
+    """With autotuning on (the default outside the GPU tests), the first backward times every config
+    of each kernel on the caller's tensors. The reverse scan adds into ``dk`` in place and writes
+    only its own dGc partial rows, so without ``restore_value`` the first call's ``dk`` and ``dgk``
+    would carry every timed run. A fresh process (autotuning is fixed at import) must give the
+    second call's gradients bitwise on its first call."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "GKA_KERNELS_AUTOTUNE": "1",
+           "PYTHONPATH": f"{root}{os.pathsep}" + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", _FIRST_CALL_SCRIPT], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "first call == second call" in result.stdout

@@ -3,8 +3,9 @@
 - ``is_interpreter()``: whether kernels are being decorated for the Triton interpreter
   (``TRITON_INTERPRET=1``, read at decoration time exactly as Triton does).
 - ``autotune(configs, key)``: real autotuning on the GPU; a single config under the interpreter,
-  where multi-config autotuning fails without a driver. Never use it on kernels that write into
-  their inputs (autotuning replays the kernel): those take a fixed config. Where the best config
+  where multi-config autotuning fails without a driver. Autotuning replays the kernel on the
+  caller's tensors: a kernel that writes into its inputs (or writes only part of an output that
+  must start zeroed) names those arguments in ``restore_value``, or takes a fixed config. Where the best config
   depends on how many programs the grid has (splitting a tile only pays when the unsplit grid
   leaves SMs idle), pass ``grid_bucket(programs)`` as an argument and name it in the key.
 - Conventions every kernel follows: loads are cast to float32 right after ``tl.load`` (bf16

@@ -174,12 +174,15 @@ def _chunk_operands(k, gcum, ds, dk, i_t, i_h, i_hk, bos, seq_len, boh, o_t, o_i
 # The next chunk's operands are loaded before this chunk's dot (carried across the iteration) so
 # that the sequential loop does not wait on memory. Narrow blocks give more programs when there are
 # few sequences and heads; every program reads the chunk's full key rows (L2 hits).
+# It adds into ``dk`` in place and writes only the dGc partial rows of its own column blocks, so the
+# autotuner restores both before each timed run and before the real one (``restore_value``).
 @autotune(
     configs=[
         triton.Config({"BKJ": bkj}, num_warps=w, num_stages=1)
         for bkj, w in ((16, 4), (32, 4), (64, 8))
     ],
     key=["K", "H", "IS_VARLEN", "STORE_DH0", "nh_bucket"],
+    restore_value=["dk", "dgc_part"],
 )
 @triton.jit
 def chunk_gka_bwd_dh_kernel(

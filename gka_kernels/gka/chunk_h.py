@@ -22,7 +22,7 @@ no overflow on long undecayed sequences, no loss of relative precision on tiny s
 
 (the key part of ``H_c`` is positive semidefinite, so its entries are bounded by its trace, which
 this recurrence follows; the initial state's part by its largest entry, a host reduction). The
-chunks' key mass ``m_c`` comes from a chunk-parallel kernel (:func:`chunk_gka_key_mass`), so the
+chunks' key mass ``m_c`` comes from a chunk-parallel kernel (:func:`chunk_gka_key_mass_kernel`), so the
 sequential pass adds one loaded scalar per chunk. Forming it there instead cost registers (full key
 rows: 173 instead of 124 on sm_90, half the resident programs) or a cross-warp reduction in the
 sequential loop, and forming the squared norms with torch ops cost 0.24 ms at train-4k on an H200
