@@ -34,20 +34,12 @@
 //     nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/exp_gka_decode_loop bench/exp_gka_decode_loop.cu && /tmp/exp_gka_decode_loop
 // Prints one JSON object.
 #include "../csrc/common.cuh"
+#include "exp_check.cuh"
 
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <vector>
-
-#define CHECK(x)                                                                          \
-  do {                                                                                    \
-    cudaError_t e_ = (x);                                                                 \
-    if (e_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                       \
-    }                                                                                     \
-  } while (0)
 
 constexpr int D = 128;
 constexpr int kMaxIter = 64;
@@ -63,24 +55,70 @@ struct LoopParams {
 };
 
 enum LoopMode { kFull = 0, kExchangeOnly = 1, kMatvecOnly = 2 };
+// How x' reaches the threads: one CTA's barrier, or a cluster of 2 CTAs (each owning half of the
+// rows and storing its new rows into both CTAs' shared memory) that waits on an mbarrier per CTA
+// (two arrivals a phase: its own thread 0 and the peer's, each after its CTA's barrier, the remote
+// one with release at cluster scope) or on a cluster barrier.
+enum Exchange { kCta = 0, kClusterMbarrier = 1, kClusterBarrier = 2 };
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint32_t peer_addr(uint32_t a, uint32_t rank) {
+  uint32_t r;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+  return r;
+}
+__device__ __forceinline__ void st_cluster(uint32_t a, float v) {
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(a), "f"(v) : "memory");
+}
+__device__ __forceinline__ void arrive_remote(uint32_t bar) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void arrive_local(uint32_t bar) {
+  asm volatile("{ .reg .b64 st; mbarrier.arrive.shared::cta.b64 st, [%0]; }" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void wait_parity(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{ .reg .pred done;\n"
+      "WAIT: mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT; }" ::"r"(bar), "r"(parity) : "memory");
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
 
 // THREADS threads, each holding HR rows x (32 / CL) float4 of H; CL lanes share a row (float4
-// index CL j + lane % CL of a row); NA partial sums per row (chains the FMAs can overlap).
-template <int THREADS, int HR, int CL, int NA, int MODE = kFull>
+// index CL j + lane % CL of a row); NA partial sums per row (chains the FMAs can overlap). With a
+// cluster exchange, CTA s of the pair owns rows [64 s, 64 s + 64).
+template <int THREADS, int HR, int CL, int NA, int MODE = kFull, int EXCHANGE = kCta>
 __global__ void __launch_bounds__(THREADS) chebyshev_loop_kernel(const LoopParams p) {
-  constexpr int HC = 32 / CL;
-  static_assert((THREADS / 32) * (32 / CL) * HR == D, "the threads must cover the 128 rows");
+  constexpr int HC = 32 / CL, S = EXCHANGE == kCta ? 1 : 2;
+  static_assert((THREADS / 32) * (32 / CL) * HR * S == D, "the CTAs must cover the 128 rows");
+  static_assert(MODE == kFull || S == 1, "loops are taken apart in one CTA only");
   __shared__ __align__(16) float qs[D];
   __shared__ __align__(16) float xbuf[2][D];
+  __shared__ __align__(8) unsigned long long bar;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int cg = lane % CL, hrow0 = (warp * (32 / CL) + lane / CL) * HR;
+  const uint32_t rank = S > 1 ? cluster_rank() : 0u, peer = rank ^ 1u;
+  const int cg = lane % CL, hrow0 = (D / S) * rank + (warp * (32 / CL) + lane / CL) * HR;
   float4 Hm[HR][HC];
 #pragma unroll
   for (int i = 0; i < HR; ++i)
 #pragma unroll
     for (int j = 0; j < HC; ++j) Hm[i][j] = reinterpret_cast<const float4*>(p.h + (hrow0 + i) * D)[CL * j + cg];
   for (int i = tid; i < D; i += THREADS) qs[i] = p.q[i];
-  __syncthreads();
+  const uint32_t bar_local = smem_addr(&bar), bar_peer = S > 1 ? peer_addr(bar_local, peer) : 0u;
+  if (EXCHANGE == kClusterMbarrier && tid == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 2;" ::"r"(bar_local) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  if (S > 1) {
+    gka::cluster_arrive();
+    gka::cluster_wait();
+  } else {
+    __syncthreads();
+  }
 
   const int own_row = hrow0 + gka::butterfly_first<HR, CL, 1>(lane);
   const bool writer = (cg % (CL / HR > 1 ? CL / HR : 1)) == 0;
@@ -118,115 +156,35 @@ __global__ void __launch_bounds__(THREADS) chebyshev_loop_kernel(const LoopParam
     x = xn;
     if (MODE != kMatvecOnly) {
       float* xo = xbuf[it & 1];
-      if (writer) xo[own_row] = x;
-      __syncthreads();
+      if (writer) {
+        xo[own_row] = x;
+        if (S > 1) st_cluster(peer_addr(smem_addr(xo + own_row), peer), x);
+      }
+      if (EXCHANGE == kClusterBarrier) {
+        gka::cluster_arrive();
+        gka::cluster_wait();
+      } else {
+        __syncthreads();
+        if (EXCHANGE == kClusterMbarrier) {
+          if (tid == 0) {
+            arrive_local(bar_local);
+            arrive_remote(bar_peer);
+          }
+          wait_parity(bar_local, it & 1);
+        }
+      }
       xin = xo;
     }
     ymul = 1.f;
   }
   __syncthreads();
   const long long stop = clock64();
-  if (writer) p.x[blockIdx.x * D + own_row] = x;
+  if (writer) p.x[blockIdx.x / S * D + own_row] = x;
   if (tid == 0) p.cycles[blockIdx.x] = stop - start;
-}
-
-// Cluster of 2: CTA s computes rows [64 s, 64 s + 64) of H x and sends them to both CTAs' x buffers.
-// Exchange by mbarrier (one per CTA, two arrivals a phase: its own thread 0 and the peer's, each
-// after its CTA's barrier) or, with CLUSTER_BARRIER, by barrier.cluster.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ uint32_t peer_addr(uint32_t a, uint32_t rank) {
-  uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ void st_cluster(uint32_t a, float v) {
-  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(a), "f"(v) : "memory");
-}
-__device__ __forceinline__ void arrive_remote(uint32_t bar) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void arrive_local(uint32_t bar) {
-  asm volatile("{ .reg .b64 st; mbarrier.arrive.shared::cta.b64 st, [%0]; }" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void wait_parity(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{ .reg .pred done;\n"
-      "WAIT: mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT; }" ::"r"(bar), "r"(parity) : "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-
-template <bool CLUSTER_BARRIER>
-__global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(256) chebyshev_split2_kernel(const LoopParams p) {
-  constexpr int HR = 2, CL = 8, HC = 4;
-  __shared__ __align__(16) float qs[D];
-  __shared__ __align__(16) float xbuf[2][D];
-  __shared__ __align__(8) unsigned long long bar;
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const uint32_t rank = cluster_rank(), peer = rank ^ 1u;
-  const int cg = lane % CL, hrow0 = 64 * rank + (warp * 4 + lane / CL) * HR;
-  float4 Hm[HR][HC];
-#pragma unroll
-  for (int i = 0; i < HR; ++i)
-#pragma unroll
-    for (int j = 0; j < HC; ++j) Hm[i][j] = reinterpret_cast<const float4*>(p.h + (hrow0 + i) * D)[CL * j + cg];
-  for (int i = tid; i < D; i += 256) qs[i] = p.q[i];
-  const uint32_t bar_local = smem_addr(&bar), bar_peer = peer_addr(bar_local, peer);
-  if (tid == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 2;" ::"r"(bar_local) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  if (S > 1) {  // the peer may still write into this CTA's shared memory
+    gka::cluster_arrive();
+    gka::cluster_wait();
   }
-  gka::cluster_arrive();
-  gka::cluster_wait();
-
-  const int own_row = hrow0 + gka::butterfly_first<HR, CL, 1>(lane);
-  const bool writer = (cg % (CL / HR)) == 0;
-  const float qr = qs[own_row];
-  float x = p.gamma * qr, xprev = 0.f, ymul = p.gamma;
-  const float* xin = qs;
-  const long long start = clock64();
-  for (int it = 0; it < p.num_iter; ++it) {
-    const float ca = p.cheb[it][0], cb = p.cheb[it][1] * p.inv_fro, ce = p.cheb[it][2];
-    float acc[HR] = {0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < HC; ++j) {
-      const float4 xv = reinterpret_cast<const float4*>(xin)[CL * j + cg];
-#pragma unroll
-      for (int i = 0; i < HR; ++i) acc[i] = gka::dot4(Hm[i][j], xv, acc[i]);
-    }
-    gka::butterfly_reduce<HR, CL, 1>(acc);
-    const float r = fmaf(acc[0], ymul, -qr);
-    const float xn = fmaf(ca, x, -fmaf(cb, r, ce * xprev));
-    xprev = x;
-    x = xn;
-    float* xo = xbuf[it & 1];
-    if (writer) {
-      xo[own_row] = x;
-      st_cluster(peer_addr(smem_addr(xo + own_row), peer), x);
-    }
-    if (CLUSTER_BARRIER) {
-      gka::cluster_arrive();
-      gka::cluster_wait();
-    } else {
-      __syncthreads();
-      if (tid == 0) {
-        arrive_local(bar_local);
-        arrive_remote(bar_peer);
-      }
-      wait_parity(bar_local, it & 1);
-    }
-    xin = xo;
-    ymul = 1.f;
-  }
-  const long long stop = clock64();
-  if (writer) p.x[blockIdx.x / 2 * D + own_row] = x;
-  if (tid == 0) p.cycles[blockIdx.x] = stop - start;
-  gka::cluster_arrive();  // the peer may still write into this CTA's shared memory
-  gka::cluster_wait();
 }
 
 // float64 host loop of the same recurrence.
@@ -250,6 +208,11 @@ std::vector<double> reference(const std::vector<float>& h, const std::vector<flo
     ymul = 1.0;
   }
   return x;
+}
+
+// n CTAs of 256 threads in clusters of 2.
+void launch_pair(void (*kernel)(LoopParams), int n, const LoopParams& p) {
+  gka::launch_cluster_kernel(kernel, dim3(n), 256, 0, nullptr, 2, p);
 }
 
 struct Result {
@@ -340,8 +303,10 @@ int main() {
         run_layout([](int n, const LoopParams& lp) { chebyshev_loop_kernel<256, 4, 8, 1><<<n, 256>>>(lp); }, 1, p, ctas, h, q),
         run_layout([](int n, const LoopParams& lp) { chebyshev_loop_kernel<128, 8, 8, 1><<<n, 128>>>(lp); }, 1, p, ctas, h, q),
         run_layout([](int n, const LoopParams& lp) { chebyshev_loop_kernel<128, 1, 1, 8><<<n, 128>>>(lp); }, 1, p, ctas, h, q),
-        run_layout([](int n, const LoopParams& lp) { chebyshev_split2_kernel<false><<<n, 256>>>(lp); }, 2, p, ctas, h, q),
-        run_layout([](int n, const LoopParams& lp) { chebyshev_split2_kernel<true><<<n, 256>>>(lp); }, 2, p, ctas, h, q),
+        run_layout([](int n, const LoopParams& lp) { launch_pair(chebyshev_loop_kernel<256, 2, 8, 1, kFull, kClusterMbarrier>, n, lp); },
+                   2, p, ctas, h, q),
+        run_layout([](int n, const LoopParams& lp) { launch_pair(chebyshev_loop_kernel<256, 2, 8, 1, kFull, kClusterBarrier>, n, lp); },
+                   2, p, ctas, h, q),
         run_layout([](int n, const LoopParams& lp) { chebyshev_loop_kernel<256, 4, 8, 1, kExchangeOnly><<<n, 256>>>(lp); }, 1, p,
                    ctas, h, q, false),
         run_layout([](int n, const LoopParams& lp) { chebyshev_loop_kernel<256, 4, 8, 1, kMatvecOnly><<<n, 256>>>(lp); }, 1, p,
