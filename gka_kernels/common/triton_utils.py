@@ -5,9 +5,10 @@
 - ``autotune(configs, key)``: real autotuning on the GPU; a single config under the interpreter,
   where multi-config autotuning fails without a driver. Autotuning replays the kernel on the
   caller's tensors: a kernel that writes into its inputs (or writes only part of an output that
-  must start zeroed) names those arguments in ``restore_value``, or takes a fixed config. Where the best config
-  depends on how many programs the grid has (splitting a tile only pays when the unsplit grid
-  leaves SMs idle), pass ``grid_bucket(programs)`` as an argument and name it in the key.
+  must start zeroed) names those arguments in ``restore_value``, or takes a fixed config. Where
+  the best config depends on how many programs the grid has (splitting a tile only pays when the
+  unsplit grid leaves SMs idle), pass ``grid_bucket(programs)`` as an argument and name it in the
+  key.
 - Conventions every kernel follows: loads are cast to float32 right after ``tl.load`` (bf16
   arithmetic is wrong under the interpreter and imprecise on the GPU); offsets that can exceed
   2^31 are formed from ``tl.int64`` values (``program_id(...).to(tl.int64)`` and 64-bit strides).
